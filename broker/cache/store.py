@@ -1,0 +1,183 @@
+"""One entry per service, and at most one upstream fetch in flight per service.
+
+An entry keeps the last credential Azure gave us and what happened since; its
+`State` is derived from those facts, never stored. A failed fetch leaves a still
+valid credential in place: it is served, and the entry reports `stale`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from broker.cache.policy import Policy
+from broker.errors import NotReadyError, UnknownServiceError, UpstreamError
+from broker.log import forget_secret, get_logger
+from broker.models import AccessToken, Clock, State, system_clock
+from broker.providers import TokenProvider
+
+log = get_logger("broker.cache")
+
+_COLD_WAIT_S = 30.0  # how long a client waits for a first fetch before getting 503
+
+
+@dataclass(slots=True)
+class Entry:
+    """A service's cached credential and the record of its refreshes."""
+
+    service: str
+    provider: TokenProvider
+    token: AccessToken | None = None
+    obtained_at: float | None = None
+    last_success_at: float | None = None
+    last_error: UpstreamError | None = None
+    last_error_at: float | None = None
+    failures: int = 0
+    next_attempt_at: float | None = None
+    generation: int = 0  # bumped whenever `token` changes; lets readers cache renderings
+    inflight: asyncio.Task[AccessToken] | None = None
+
+
+class Store:
+    """The in-memory cache of every service's credential."""
+
+    def __init__(
+        self,
+        providers: Iterable[TokenProvider],
+        policy: Policy | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.policy = policy or Policy()
+        self.clock = clock
+        self._entries = {p.service: Entry(p.service, p) for p in providers}
+        self._listeners: list[Callable[[Entry], None]] = []
+
+    def on_result(self, listener: Callable[[Entry], None]) -> None:
+        """Call `listener` after every fetch, successful or not."""
+        self._listeners.append(listener)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def entry(self, service: str) -> Entry:
+        try:
+            return self._entries[service]
+        except KeyError:
+            raise UnknownServiceError(f"no service named {service!r} is configured") from None
+
+    def state(self, entry: Entry) -> State:
+        if self.usable(entry):
+            if entry.last_error is not None:
+                return State.STALE
+            return State.REFRESHING if entry.inflight else State.FRESH
+        if entry.token is not None:
+            return State.EXPIRED
+        if entry.last_error is not None:
+            return State.FAILED
+        return State.REFRESHING
+
+    def usable(self, entry: Entry) -> bool:
+        if entry.token is None or entry.obtained_at is None:
+            return False
+        return self.policy.servable(entry.token, entry.obtained_at, self.clock())
+
+    def refresh_by(self, entry: Entry) -> float | None:
+        if entry.token is None or entry.obtained_at is None:
+            return None
+        return self.policy.refresh_by(entry.token, entry.obtained_at)
+
+    async def credential(self, service: str) -> Entry:
+        """The entry with a servable credential, waiting for a first fetch if one is due."""
+        entry = self.entry(service)
+        if self.usable(entry):
+            return entry
+        if entry.inflight is None and entry.last_error is None:
+            self.fetch(service)
+        if entry.inflight is not None:
+            with contextlib.suppress(UpstreamError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(entry.inflight), _COLD_WAIT_S)
+            if self.usable(entry):
+                return entry
+        raise self._not_ready(entry)
+
+    def fetch(self, service: str) -> asyncio.Task[AccessToken]:
+        """Start a fetch, or join the one in flight; the task's outcome is recorded."""
+        entry = self.entry(service)
+        if entry.inflight is None:
+            entry.inflight = asyncio.create_task(self._fetch(entry), name=f"fetch:{service}")
+            entry.inflight.add_done_callback(_consume)
+        return entry.inflight
+
+    async def _fetch(self, entry: Entry) -> AccessToken:
+        try:
+            token = await entry.provider.fetch()
+        except UpstreamError as exc:
+            self._record_failure(entry, exc)
+            raise
+        except Exception as exc:  # a bug must cost one refresh, never the daemon
+            log.exception("token.fetch_crashed", service=entry.service)
+            error = UpstreamError(f"internal error while fetching: {type(exc).__name__}")
+            self._record_failure(entry, error)
+            raise error from None
+        finally:
+            entry.inflight = None
+        self._record_success(entry, token)
+        return token
+
+    def _record_success(self, entry: Entry, token: AccessToken) -> None:
+        now = self.clock()
+        old = entry.token
+        changed = old is None or old.value != token.value
+        entry.token, entry.obtained_at, entry.last_success_at = token, now, now
+        entry.last_error, entry.last_error_at, entry.failures = None, None, 0
+        if changed:
+            entry.generation += 1
+            if old is not None:
+                forget_secret(old.value)
+        log.info(
+            "token.refreshed",
+            service=entry.service,
+            auth=token.auth.value,
+            changed=changed,
+            expires_in_s=None if token.expires_on is None else round(token.expires_on - now, 1),
+        )
+        self._notify(entry)
+
+    def _record_failure(self, entry: Entry, exc: UpstreamError) -> None:
+        entry.last_error, entry.last_error_at = exc, self.clock()
+        entry.failures += 1
+        log.warning(
+            "token.refresh_failed",
+            service=entry.service,
+            error=exc.message,
+            status=exc.status,
+            aad_code=exc.aad_code,
+            retryable=exc.retryable,
+            failures=entry.failures,
+            serving=self.usable(entry),
+        )
+        self._notify(entry)
+
+    def _notify(self, entry: Entry) -> None:
+        for listener in self._listeners:
+            listener(entry)
+
+    def _not_ready(self, entry: Entry) -> NotReadyError:
+        now = self.clock()
+        wait = 1.0
+        if entry.next_attempt_at is not None:
+            wait = max(1.0, entry.next_attempt_at - now)
+        if entry.last_error is not None:
+            reason = f"no valid credential for {entry.service!r}: {entry.last_error.message}"
+        else:
+            reason = f"no credential for {entry.service!r} yet; the first fetch is under way"
+        return NotReadyError(reason, retry_after=wait)
+
+
+def _consume(task: asyncio.Task[AccessToken]) -> None:
+    """Mark a fetch's exception as seen: it is recorded on the entry, not lost."""
+    if not task.cancelled():
+        task.exception()

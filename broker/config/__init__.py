@@ -1,0 +1,73 @@
+"""The configuration: one TOML file, parsed once into frozen objects.
+
+`load_config` reads and validates the whole file and raises `ConfigError` with every
+problem it found, each naming the file, the line, the key and the fix.
+
+    model.py     the frozen value objects and the built-in cloud profiles
+    reader.py    typed reads of TOML values that record problems with their lines
+    schema.py    the sections: listen, log, cloud, refresh, service
+    identity.py  identities and their secret sources
+    render.py    the effective configuration with secrets masked
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from broker.config.model import (
+    CLOUDS,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_SOCKET_PATH,
+    DEFAULT_TCP_HOST,
+    DEFAULT_TCP_PORT,
+    AuthMode,
+    CloudProfile,
+    Config,
+    IdentityConfig,
+    IdentityKind,
+    ListenConfig,
+    LogConfig,
+    LogFormat,
+    RefreshConfig,
+    Secret,
+    ServiceConfig,
+    TcpListener,
+    UnixListener,
+)
+from broker.config.render import render_effective
+from broker.config.schema import parse
+
+
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and freeze the configuration at `path`.
+
+    Raises `ConfigError` with every problem found, in file order, and nothing else for a
+    bad file. Relative paths in the file are taken from the file's own directory.
+    """
+    return parse(path, os.environ if environ is None else environ)
+
+
+__all__ = [
+    "CLOUDS",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_SOCKET_PATH",
+    "DEFAULT_TCP_HOST",
+    "DEFAULT_TCP_PORT",
+    "AuthMode",
+    "CloudProfile",
+    "Config",
+    "IdentityConfig",
+    "IdentityKind",
+    "ListenConfig",
+    "LogConfig",
+    "LogFormat",
+    "RefreshConfig",
+    "Secret",
+    "ServiceConfig",
+    "TcpListener",
+    "UnixListener",
+    "load_config",
+    "render_effective",
+]

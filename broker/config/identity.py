@@ -1,0 +1,196 @@
+"""The `[identity.NAME]` tables: who the broker signs in as, and where its secret lives.
+
+Secrets are read here, once, at load time, into `Secret`s; a federated token file is only
+checked, because the credential re-reads it on every sign-in. No problem ever quotes a
+secret: file problems carry the OS's reason, never the content.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from broker.config.model import IdentityConfig, Secret
+from broker.config.reader import Sources, Table, quote
+
+SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
+CREDENTIAL_KEYS = (*SECRET_KEYS, "certificate_file", "federated_token_file")
+PASSWORD_KEYS = ("certificate_password_file", "certificate_password_env")
+FEDERATED_ENV = "AZURE_FEDERATED_TOKEN_FILE"
+_FEDERATED_REFERENCES = (f"${FEDERATED_ENV}", f"${{{FEDERATED_ENV}}}")  # only these expand
+
+_TENANT = re.compile(r"[A-Za-z0-9._-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NEVER_INLINE = (
+    "the broker never reads a secret from its configuration file: put it in a file "
+    "(client_secret_file), an environment variable (client_secret_env) or a systemd "
+    "credential (client_secret_credential)"
+)
+_HINTS = {"client_secret": _NEVER_INLINE, "certificate_password": _NEVER_INLINE}
+
+
+def identities(root: Table, sources: Sources) -> dict[str, IdentityConfig]:
+    """Every identity of the file, by name, in file order."""
+    section = root.table("identity")
+    found = section.tables("identities are named tables: write [identity.NAME] above their keys")
+    if not section.data:
+        root.problem(
+            "identity",
+            "no identity is defined",
+            "add an [identity.NAME] table with tenant_id, client_id and one credential "
+            f"({', '.join(CREDENTIAL_KEYS)})",
+        )
+    return {name: _identity(name, table, sources) for name, table in found}
+
+
+def _identity(name: str, table: Table, sources: Sources) -> IdentityConfig:
+    table.known("tenant_id", "client_id", *CREDENTIAL_KEYS, *PASSWORD_KEYS, hints=_HINTS)
+    tenant = table.required_text("tenant_id", "the Entra directory (tenant) ID, a GUID")
+    if tenant and not _TENANT.fullmatch(tenant):
+        table.problem(
+            "tenant_id",
+            f"tenant_id {quote(tenant)} is not a tenant ID or domain",
+            "copy the Directory (tenant) ID of the app registration, a GUID",
+        )
+    client = table.required_text("client_id", "the Application (client) ID of the principal")
+    given = [key for key in CREDENTIAL_KEYS if table.has(key)]
+    if len(given) != 1:
+        table.problem(
+            given[1] if given else None,
+            f"{given[0]} and {given[1]} are both set" if given else "no credential is set",
+            f"keep exactly one of {', '.join(CREDENTIAL_KEYS)}",
+        )
+        return IdentityConfig(name, tenant, client, "secret")
+    if given[0] == "certificate_file":
+        return _certificate(IdentityConfig(name, tenant, client, "certificate"), table, sources)
+    for key in (k for k in PASSWORD_KEYS if table.has(k)):
+        table.problem(key, f"{key} is only used with certificate_file", f"remove {key}")
+    if given[0] == "federated_token_file":
+        path = _federated_token_file(table, sources)
+        source = f"federated token file {path}"
+        return IdentityConfig(name, tenant, client, "federated", None, source, None, None, path)
+    secret, source = _secret(table, given[0], sources)
+    return IdentityConfig(name, tenant, client, "secret", secret, source)
+
+
+def _certificate(base: IdentityConfig, table: Table, sources: Sources) -> IdentityConfig:
+    path = table.file_path("certificate_file", sources.base)
+    content = table.readable("certificate_file", path) if path else None
+    pem = path is not None and path.suffix.lower() not in (".pfx", ".p12")
+    if pem and content is not None and not _is_key_and_certificate(content):
+        table.problem(
+            "certificate_file",
+            f"{path} does not hold both a PEM private key and a PEM certificate",
+            "give one PEM file with the key and the certificate (cat key.pem cert.pem), "
+            "or a .pfx/.p12 file",
+        )
+    password, password_source = None, ""
+    if all(table.has(key) for key in PASSWORD_KEYS):
+        table.problem(
+            "certificate_password_env",
+            "certificate_password_file and certificate_password_env are both set",
+            "keep one of them",
+        )
+    elif key := next((k for k in PASSWORD_KEYS if table.has(k)), None):
+        password, password_source = _secret(table, key, sources)
+    source = f"certificate {path}" + (f", password from {password_source}" if password else "")
+    return IdentityConfig(
+        base.name,
+        base.tenant_id,
+        base.client_id,
+        "certificate",
+        secret_source=source,
+        certificate_file=path,
+        certificate_password=password,
+    )
+
+
+def _is_key_and_certificate(pem: bytes) -> bool:
+    return b"PRIVATE KEY-----" in pem and b"-----BEGIN CERTIFICATE-----" in pem
+
+
+def _secret(table: Table, key: str, sources: Sources) -> tuple[Secret | None, str]:
+    """The secret `key` (a *_file, *_env or *_credential key) points at, and where it was."""
+    what = "certificate password" if key.startswith("certificate") else "client secret"
+    if key.endswith("_env"):
+        return _secret_from_env(table, key, what, sources)
+    if key.endswith("_file"):
+        path = table.file_path(key, sources.base)
+        return (_secret_from_file(table, key, what, path) if path else None), f"file {path}"
+    name = table.required_text(key, "the name given to LoadCredential= in the systemd unit")
+    directory = sources.environ.get("CREDENTIALS_DIRECTORY")
+    if name in (".", "..") or "/" in name:
+        table.problem(
+            key,
+            f"{key} must be a credential name, not a path",
+            "use the NAME of LoadCredential=NAME:/path, or client_secret_file for a path",
+        )
+    elif name and not directory:
+        table.problem(
+            key,
+            f"{key} needs $CREDENTIALS_DIRECTORY, which is not set",
+            f"run the broker as a systemd service with LoadCredential={name}:/path/to/secret, "
+            "or use client_secret_file",
+        )
+    elif name and directory:
+        secret = _secret_from_file(table, key, what, Path(directory) / name)
+        return secret, f"systemd credential {name}"
+    return None, f"systemd credential {name}"
+
+
+def _secret_from_env(
+    table: Table, key: str, what: str, sources: Sources
+) -> tuple[Secret | None, str]:
+    variable = table.required_text(key, "the name of an environment variable")
+    if variable and not _ENV_NAME.fullmatch(variable):
+        # not echoed: operators sometimes paste the secret itself where its variable belongs
+        table.problem(
+            key,
+            f"{key} is not an environment variable name (letters, digits and _)",
+            f"give the name of the variable that holds the {what}, not the {what} itself",
+        )
+        return None, "env"
+    value = sources.environ.get(variable, "").rstrip()
+    if value or not variable:
+        return (Secret(value) if value else None), f"env {variable}"
+    state = "is empty" if variable in sources.environ else "is not set"
+    table.problem(
+        key,
+        f"environment variable {variable} {state}",
+        f"set {variable} to the {what} in the broker's environment "
+        "(systemd: EnvironmentFile=), or use a file",
+    )
+    return None, f"env {variable}"
+
+
+def _secret_from_file(table: Table, key: str, what: str, path: Path) -> Secret | None:
+    content = table.readable(key, path)
+    if content is None:
+        return None
+    try:
+        value = content.decode("utf-8").rstrip()
+    except UnicodeDecodeError:
+        table.problem(key, f"{path} is not UTF-8 text", f"write the {what} into it as plain text")
+        return None
+    if not value:
+        table.problem(key, f"{path} is empty", f"write the {what} into it")
+        return None
+    return Secret(value)
+
+
+def _federated_token_file(table: Table, sources: Sources) -> Path | None:
+    if table.data.get("federated_token_file") not in _FEDERATED_REFERENCES:
+        path = table.file_path("federated_token_file", sources.base)
+    elif value := sources.environ.get(FEDERATED_ENV, ""):
+        path = sources.base / value
+    else:
+        table.problem(
+            "federated_token_file",
+            f"federated_token_file is ${FEDERATED_ENV}, which is not set",
+            f"run in a pod with Azure workload identity enabled (it sets {FEDERATED_ENV}), "
+            "or give the token file's path",
+        )
+        return None
+    if path is not None:
+        table.readable("federated_token_file", path)
+    return path

@@ -1,0 +1,163 @@
+"""The configuration's frozen value objects and the built-in cloud profiles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_CONFIG_PATH = Path("/etc/token-broker/broker.toml")
+DEFAULT_SOCKET_PATH = Path("/run/token-broker/broker.sock")
+DEFAULT_TCP_HOST = "127.0.0.1"
+DEFAULT_TCP_PORT = 8765
+
+AuthMode = Literal["auto", "token", "key"]
+LogFormat = Literal["auto", "json", "console"]
+IdentityKind = Literal["secret", "certificate", "federated"]
+
+
+class Secret:
+    """A secret string that never shows itself in repr, str or format."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class UnixListener:
+    enabled: bool = True
+    path: Path = DEFAULT_SOCKET_PATH
+    mode: int = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class TcpListener:
+    enabled: bool = True
+    host: str = DEFAULT_TCP_HOST
+    port: int = DEFAULT_TCP_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    unix: UnixListener = field(default_factory=UnixListener)
+    tcp: TcpListener = field(default_factory=TcpListener)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: LogFormat = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class CloudProfile:
+    """Every Azure host the broker talks to; nothing else is ever hard-coded."""
+
+    name: str
+    authority_host: str
+    resource_manager: str
+    region_api: str  # template with "{region}", e.g. "https://{region}.api.azureml.ms"
+    ca_bundle: Path | None = None
+
+    @property
+    def arm_scope(self) -> str:
+        return f"{self.resource_manager.rstrip('/')}/.default"
+
+    def region_base(self, region: str) -> str:
+        return self.region_api.format(region=region).rstrip("/")
+
+
+CLOUDS: Mapping[str, CloudProfile] = {
+    "AzureCloud": CloudProfile(
+        "AzureCloud",
+        "https://login.microsoftonline.com",
+        "https://management.azure.com",
+        "https://{region}.api.azureml.ms",
+    ),
+    "AzureChinaCloud": CloudProfile(
+        "AzureChinaCloud",
+        "https://login.chinacloudapi.cn",
+        "https://management.chinacloudapi.cn",
+        "https://{region}.api.ml.azure.cn",
+    ),
+    "AzureUSGovernment": CloudProfile(
+        "AzureUSGovernment",
+        "https://login.microsoftonline.us",
+        "https://management.usgovcloudapi.net",
+        "https://{region}.api.ml.azure.us",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshConfig:
+    """How early and how often credentials are renewed."""
+
+    margin_s: float = 60.0  # refresh this long before Azure's refreshAfter
+    jitter_s: float = 10.0  # spread refreshes randomly over this much earlier time
+    lifetime_fraction: float = 0.5  # when refreshAfter is unusable: refresh at this share of life
+    key_interval_s: float = 3600.0  # re-list keys this often to pick up rotations
+    clock_skew_s: float = 30.0  # stop serving a token this long before its expiry
+    retry_min_s: float = 1.0  # first retry after a failed refresh
+    retry_max_s: float = 300.0  # retries back off up to this
+    timeout_s: float = 30.0  # bound on each upstream call
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """A service principal: tenant, client id and exactly one credential."""
+
+    name: str
+    tenant_id: str
+    client_id: str
+    kind: IdentityKind
+    client_secret: Secret | None = None
+    secret_source: str = ""  # where the secret came from, for check-config: "file /x", "env VAR"
+    certificate_file: Path | None = None
+    certificate_password: Secret | None = None
+    federated_token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One Azure ML web service that local clients ask for by `name`."""
+
+    name: str
+    identity: str
+    subscription_id: str
+    resource_group: str
+    workspace: str
+    web_service: str
+    region: str | None = None
+    auth: AuthMode = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    cloud: CloudProfile
+    identities: Mapping[str, IdentityConfig]
+    services: tuple[ServiceConfig, ...]
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+
+    def service(self, name: str) -> ServiceConfig | None:
+        return next((s for s in self.services if s.name == name), None)

@@ -1,0 +1,381 @@
+"""How the configuration is read: typed look-ups that collect problems instead of raising.
+
+`broker.config.schema` says which keys exist and what they mean; this module says how a
+value is read, where in the file it was written, and how to tell the operator it is wrong.
+Every look-up records a `ConfigProblem` and returns a harmless default, so that one run
+reports every mistake in the file at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import stat
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.errors import ConfigProblem
+
+KeyPath = tuple[str | int, ...]  # ("service", 0, "auth"): array indices are 0-based here
+
+_KEY_PART = re.compile(r"""\s*(?:([A-Za-z0-9_-]+)|"((?:[^"\\]|\\.)*)"|'([^']*)')\s*""")
+_TYPES: Mapping[str, tuple[type, ...]] = {
+    "a string": (str,),
+    "a boolean": (bool,),
+    "an integer": (int,),
+    "a number": (int, float),
+    "a table": (dict,),
+}
+
+
+def dotted(path: KeyPath) -> str:
+    """`("service", 1, "auth")` as operators count it: `service[2].auth`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part + 1}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def quote(value: str) -> str:
+    """A string as a TOML basic string, safe to show on one line.
+
+    A JSON string is a TOML basic string, except that TOML also escapes DEL.
+    """
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def describe(value: object) -> str:
+    """What a TOML value is, for "expected X, got Y" messages."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({quote(value if len(value) <= 40 else value[:37] + '...')})"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return "a date or time"
+
+
+def closest(word: str, choices: Collection[str]) -> str | None:
+    """The choice `word` was most likely meant to be, ignoring case, if any is close."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    found = difflib.get_close_matches(word.lower(), list(by_lower), n=1)
+    return by_lower[found[0]] if found else None
+
+
+class LineIndex:
+    """Where each key and table header first appears in the raw TOML text.
+
+    A best-effort scanner, not a parser: it follows `[table]` and `[[array]]` headers and
+    `key =` lines, which is what operators write; keys it cannot place (inside inline
+    tables, say) get the line of the nearest enclosing key or header it did find.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[KeyPath, int] = {}
+        self._arrays: dict[KeyPath, int] = {}
+        table: KeyPath = ()
+        in_multiline_string = False
+        for number, line in enumerate(text.splitlines(), start=1):
+            delimiters = line.count('"""') + line.count("'''")
+            if in_multiline_string:
+                in_multiline_string = delimiters % 2 == 0
+                continue
+            in_multiline_string = delimiters % 2 == 1
+            table = self._scan(line.lstrip(), number, table)
+
+    def _scan(self, line: str, number: int, table: KeyPath) -> KeyPath:
+        if line.startswith("[["):
+            parsed = _key_parts(line, 2)
+            if parsed is None or not line.startswith("]]", parsed[1]):
+                return table
+            base = (*self._resolve(parsed[0][:-1]), parsed[0][-1])
+            self._arrays[base] = self._arrays.get(base, -1) + 1
+            table = (*base, self._arrays[base])
+        elif line.startswith("["):
+            parsed = _key_parts(line, 1)
+            if parsed is None or not line.startswith("]", parsed[1]):
+                return table
+            table = self._resolve(parsed[0])
+        else:
+            parsed = _key_parts(line, 0)
+            if parsed is None or not line.startswith("=", parsed[1]):
+                return table
+            self._note((*table, *parsed[0]), number)
+            return table
+        self._note(table, number)
+        return table
+
+    def _note(self, path: KeyPath, number: int) -> None:
+        # [listen.unix] also places [listen], which may never get a header of its own
+        for end in range(1, len(path) + 1):
+            self._lines.setdefault(path[:end], number)
+
+    def _resolve(self, parts: list[str]) -> KeyPath:
+        path: list[str | int] = []
+        for part in parts:
+            path.append(part)
+            index = self._arrays.get(tuple(path))
+            if index is not None:
+                path.append(index)
+        return tuple(path)
+
+    def line_of(self, path: KeyPath) -> int | None:
+        """The line of `path`, or of its nearest enclosing key or table that was found."""
+        for end in range(len(path), 0, -1):
+            if path[:end] in self._lines:
+                return self._lines[path[:end]]
+        return None
+
+
+def _key_parts(line: str, pos: int) -> tuple[list[str], int] | None:
+    parts: list[str] = []
+    while match := _KEY_PART.match(line, pos):
+        bare, basic, literal = match.groups()
+        parts.append(bare if bare is not None else basic if basic is not None else literal)
+        pos = match.end()
+        if not line.startswith(".", pos):
+            return parts, pos
+        pos += 1
+    return None
+
+
+class Problems:
+    """Every problem found in one file, each placed at its key and line."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: LineIndex | None = None
+        self.items: list[ConfigProblem] = []
+
+    def add(self, path: KeyPath, message: str, fix: str, *, line: int | None = None) -> None:
+        if line is None and self.lines is not None:
+            line = self.lines.line_of(path)
+        self.items.append(ConfigProblem(self.file, dotted(path), message, fix, line))
+
+    def in_file_order(self) -> list[ConfigProblem]:
+        return sorted(self.items, key=lambda p: (p.line is None, p.line or 0))
+
+
+class Unreadable(Exception):
+    """A file named by the configuration cannot be read; `message` is safe to show."""
+
+    def __init__(self, path: Path, reason: str, *, missing: bool = False) -> None:
+        super().__init__(f"cannot read {path}: {reason}")
+        self.message = f"cannot read {path}: {reason}"
+        self.missing = missing
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of the regular file at `path`, or `Unreadable` saying why not."""
+    try:
+        # stat first: opening a FIFO or a device could block the loader forever
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise Unreadable(path, "not a regular file")
+        return path.read_bytes()
+    except OSError as exc:
+        missing = isinstance(exc, FileNotFoundError)
+        raise Unreadable(path, exc.strerror or type(exc).__name__, missing=missing) from exc
+    except ValueError as exc:  # a NUL character in the path
+        raise Unreadable(path, "the path is not valid") from exc
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of the file at `path`; the reason never quotes the content."""
+    try:
+        return read_file(path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Unreadable(path, "not UTF-8 text") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """Where relative paths and environment variables named by the file are resolved."""
+
+    base: Path  # the configuration file's directory
+    environ: Mapping[str, str]
+
+
+class Table:
+    """One TOML table being read; its look-ups record problems and return defaults."""
+
+    def __init__(self, data: Mapping[str, object], path: KeyPath, problems: Problems) -> None:
+        self.data = data
+        self.path = path
+        self.problems = problems
+
+    @property
+    def where(self) -> str:
+        """How the operator finds this table in the file."""
+        if self.path and isinstance(self.path[-1], int):
+            return f"[[{dotted(self.path[:-1])}]] number {self.path[-1] + 1}"
+        return f"[{dotted(self.path)}]" if self.path else "the top of the file"
+
+    def problem(self, key: str | None, message: str, fix: str) -> None:
+        self.problems.add(self.path if key is None else (*self.path, key), message, fix)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def known(self, *keys: str, hints: Mapping[str, str] | None = None) -> None:
+        """Report every key of the table that is not one of `keys`."""
+        for key in self.data:
+            if key in keys:
+                continue
+            fix = (hints or {}).get(key)
+            if fix is None:
+                near = closest(key, keys)
+                guess = f' (did you mean "{near}"?)' if near else ""
+                fix = f"remove it, or check the spelling{guess}; known keys here: {', '.join(keys)}"
+            self.problem(key, f"unknown key {quote(key)}", fix)
+
+    def typed(self, key: str, expected: str) -> object | None:
+        """The value of `key` if it has the `expected` type; None when absent or wrong."""
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        kinds = _TYPES[expected]
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if isinstance(value, kinds) and not wrong_bool:
+            return value
+        self.problem(
+            key, f"expected {expected}, got {describe(value)}", _type_fix(key, expected, value)
+        )
+        return None
+
+    def table(self, key: str) -> Table:
+        value = self.typed(key, "a table")
+        return Table(value if isinstance(value, dict) else {}, (*self.path, key), self.problems)
+
+    def tables(self, fix: str) -> list[tuple[str, Table]]:
+        """Every sub-table, by name; other values are reported with `fix`."""
+        found: list[tuple[str, Table]] = []
+        for key, value in self.data.items():
+            if isinstance(value, dict):
+                found.append((key, Table(value, (*self.path, key), self.problems)))
+            else:
+                self.problem(key, f"expected a table, got {describe(value)}", fix)
+        return found
+
+    def array_of_tables(self, key: str, fix: str) -> list[Table]:
+        value = self.data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            self.problem(key, f"expected [[{key}]] tables, got {describe(value)}", fix)
+            return []
+        return [Table(item, (*self.path, key, i), self.problems) for i, item in enumerate(value)]
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.typed(key, "a boolean")
+        return value if isinstance(value, bool) else default
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.typed(key, "an integer")
+        if not isinstance(value, int):
+            return default
+        if not low <= value <= high:
+            self.problem(
+                key,
+                f"{key} must be from {low} to {high}, got {value}",
+                f"use a value in {low}..{high}",
+            )
+            return default
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.typed(key, "a number")
+        if not isinstance(value, int | float):
+            return default
+        if not math.isfinite(value):
+            self.problem(
+                key,
+                f"{key} must be a finite number, got {value}",
+                f"write a number of seconds, e.g. {key} = {default:g}",
+            )
+            return default
+        return float(value)
+
+    def text(self, key: str, default: str) -> str:
+        value = self.typed(key, "a string")
+        return value if isinstance(value, str) else default
+
+    def optional_text(self, key: str) -> str | None:
+        value = self.typed(key, "a string")
+        return value if isinstance(value, str) else None
+
+    def required_text(self, key: str, meaning: str) -> str:
+        """A non-empty string; "" (with a problem recorded) when it is missing or empty."""
+        value = self.typed(key, "a string")
+        if key not in self.data:
+            self.problem(
+                key,
+                f"missing required key {quote(key)} ({meaning})",
+                f'add {key} = "…" under {self.where}',
+            )
+        elif isinstance(value, str) and not value.strip():
+            self.problem(key, f"{key} is empty", f"give {key} its value: {meaning}")
+        return value.strip() if isinstance(value, str) else ""
+
+    def choice(self, key: str, choices: Collection[str], default: str, what: str = "") -> str:
+        """One of `choices`; `what` names the setting in messages (default: the key)."""
+        value = self.typed(key, "a string")
+        if not isinstance(value, str):
+            return default
+        if value not in choices:
+            near = closest(value, choices)
+            guess = f' (did you mean "{near}"?)' if near else ""
+            self.problem(
+                key,
+                f"{quote(value)} is not a known {what or key}",
+                f"use one of: {', '.join(choices)}{guess}",
+            )
+            return default
+        return value
+
+    def file_path(self, key: str, base: Path, default: Path | None = None) -> Path | None:
+        """A path, relative ones taken from the configuration file's directory."""
+        value = self.typed(key, "a string")
+        if not isinstance(value, str):
+            return default
+        if not value:
+            self.problem(key, f"{key} is empty", f"give the path of a file, or remove {key}")
+            return default
+        return base / value
+
+    def readable(self, key: str, path: Path) -> bytes | None:
+        """The content of the file `key` names; None, with a problem, when it is unreadable."""
+        try:
+            return read_file(path)
+        except Unreadable as exc:
+            self.problem(key, exc.message, "make it readable by the broker's user, or fix the path")
+            return None
+
+
+def _type_fix(key: str, expected: str, value: object) -> str:
+    if isinstance(value, str) and expected in ("an integer", "a number") and _is_number(value):
+        return f"write {key} = {value.strip()} without quotes"
+    if isinstance(value, str) and expected == "a boolean" and value.lower() in ("true", "false"):
+        return f"write {key} = {value.lower()} without quotes"
+    if expected == "a string" and isinstance(value, bool | int | float):
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        return f"write {key} = {quote(shown)} with quotes"
+    if expected == "a table":
+        return f"write {key} as a [table] of keys, or remove it"
+    return f"give {key} {expected}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

@@ -1,0 +1,78 @@
+"""`check-config`'s output: the effective configuration as TOML, every secret masked."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+
+from broker.config.model import Config, IdentityConfig, RefreshConfig, ServiceConfig
+from broker.config.reader import quote
+
+_MASK = "********"
+_Value = str | bool | int | float
+
+
+def render_effective(config: Config) -> str:
+    """The effective configuration as TOML, every secret masked."""
+    unix, tcp, cloud = config.listen.unix, config.listen.tcp, config.cloud
+    hosts = ("name", "authority_host", "resource_manager", "region_api")
+    cloud_values: dict[str, _Value] = {key: getattr(cloud, key) for key in hosts}
+    if cloud.ca_bundle is not None:
+        cloud_values["ca_bundle"] = str(cloud.ca_bundle)
+    blocks: list[tuple[str, dict[str, _Value]]] = [
+        (
+            "[listen.unix]",
+            {"enabled": unix.enabled, "path": str(unix.path), "mode": f"{unix.mode:04o}"},
+        ),
+        ("[listen.tcp]", {"enabled": tcp.enabled, "host": tcp.host, "port": tcp.port}),
+        ("[log]", {"format": config.log.format, "level": config.log.level}),
+        ("[cloud]", cloud_values),
+        ("[refresh]", {f.name: getattr(config.refresh, f.name) for f in fields(RefreshConfig)}),
+    ]
+    blocks += [
+        (f"[identity.{_key(name)}]", _identity_values(i)) for name, i in config.identities.items()
+    ]
+    blocks += [("[[service]]", _service_values(service)) for service in config.services]
+    lines = [f"# Effective configuration of {config.path}; secrets are never shown."]
+    for header, values in blocks:
+        lines += ["", header, *(f"{_key(k)} = {_literal(v)}" for k, v in values.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _identity_values(identity: IdentityConfig) -> dict[str, _Value]:
+    values: dict[str, _Value] = {
+        "tenant_id": identity.tenant_id,
+        "client_id": identity.client_id,
+        "kind": identity.kind,
+        "credential": identity.secret_source,
+    }
+    if identity.client_secret is not None:
+        values["client_secret"] = _MASK
+    if identity.certificate_file is not None:
+        values["certificate_file"] = str(identity.certificate_file)
+    if identity.certificate_password is not None:
+        values["certificate_password"] = _MASK
+    if identity.federated_token_file is not None:
+        values["federated_token_file"] = str(identity.federated_token_file)
+    return values
+
+
+def _service_values(service: ServiceConfig) -> dict[str, _Value]:
+    values: dict[str, _Value] = {}
+    for f in fields(ServiceConfig):
+        value = getattr(service, f.name)
+        if value is not None:  # region: absent means discovered from the workspace
+            values[f.name] = value
+    return values
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else quote(key)
+
+
+def _literal(value: _Value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return quote(value)

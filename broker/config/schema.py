@@ -1,0 +1,371 @@
+"""What the configuration file may say: every section, its keys, and what makes them valid.
+
+`parse` is the body of `broker.config.load_config`; it reads with `broker.config.reader`,
+collects every problem, and raises one `ConfigError` at the end.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from string import Formatter
+from types import MappingProxyType
+from typing import cast
+from urllib.parse import urlsplit
+
+from broker.config.identity import identities
+from broker.config.model import (
+    CLOUDS,
+    DEFAULT_SOCKET_PATH,
+    DEFAULT_TCP_HOST,
+    DEFAULT_TCP_PORT,
+    AuthMode,
+    CloudProfile,
+    Config,
+    ListenConfig,
+    LogConfig,
+    LogFormat,
+    RefreshConfig,
+    ServiceConfig,
+    TcpListener,
+    UnixListener,
+)
+from broker.config.reader import (
+    LineIndex,
+    Problems,
+    Sources,
+    Table,
+    Unreadable,
+    describe,
+    quote,
+    read_text,
+)
+from broker.errors import ConfigError
+
+TOP_KEYS = ("listen", "log", "cloud", "refresh", "identity", "service")
+SERVICE_KEYS = tuple(f.name for f in fields(ServiceConfig))
+CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_AZURE_NAMES = ("subscription_id", "resource_group", "workspace", "web_service")
+_ZERO_ALLOWED = frozenset({"margin_s", "jitter_s", "clock_skew_s"})
+_OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_URL_SEGMENT = re.compile(r"[^/?#\s]+")  # Azure names travel as URL path segments
+_REGION = re.compile(r"[a-z0-9]+")
+_TOML_AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)")
+_HOST_MEANINGS = {
+    "authority_host": "the Entra ID sign-in host, e.g. https://login.microsoftonline.com",
+    "resource_manager": "the Azure Resource Manager host, e.g. https://management.azure.com",
+    "region_api": "the regional Azure ML API, e.g. https://{region}.api.azureml.ms",
+}
+
+
+def parse(path: Path, environ: Mapping[str, str]) -> Config:
+    """Read and validate the file at `path`; raise `ConfigError` with every problem."""
+    problems = Problems(str(path))
+    document = _read_document(path, problems)
+    if document is None:
+        raise ConfigError(problems.items)
+    root = Table(document, (), problems)
+    root.known(*TOP_KEYS)
+    sources = Sources(path.parent, environ)
+    listen = _listen(root.table("listen"), sources)
+    log = _log(root.table("log"))
+    cloud = _cloud(root.table("cloud"), sources)
+    refresh = _refresh(root.table("refresh"))
+    by_name = identities(root, sources)
+    services = _services(root, list(by_name))
+    if problems.items:
+        raise ConfigError(problems.in_file_order())
+    return Config(path, cloud, MappingProxyType(by_name), services, listen, log, refresh)
+
+
+def _read_document(path: Path, problems: Problems) -> dict[str, object] | None:
+    try:
+        text = read_text(path)
+    except Unreadable as exc:
+        fix = (
+            "create it, or pass another file with -c PATH"
+            if exc.missing
+            else "make it a UTF-8 file the broker's user can read, or pass another with -c PATH"
+        )
+        problems.add((), exc.message, fix)
+        return None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        at = _TOML_AT.search(str(exc))
+        line = int(at.group(1)) if at and at.group(1) else max(len(text.splitlines()), 1)
+        column = f" (column {at.group(2)})" if at and at.group(2) else ""
+        problems.add(
+            (),
+            f"TOML syntax error: {_TOML_AT.sub('', str(exc))}{column}",
+            'fix the TOML on that line: strings need quotes ("…"), tables are [name], '
+            "and each key is written key = value",
+            line=line,
+        )
+        return None
+    problems.lines = LineIndex(text)
+    return document
+
+
+def _listen(table: Table, sources: Sources) -> ListenConfig:
+    table.known("unix", "tcp")
+    unix_table, tcp_table = table.table("unix"), table.table("tcp")
+    unix_table.known("enabled", "path", "mode")
+    tcp_table.known("enabled", "host", "port")
+    unix = UnixListener(
+        unix_table.flag("enabled", True),
+        unix_table.file_path("path", sources.base) or DEFAULT_SOCKET_PATH,
+        _socket_mode(unix_table, UnixListener().mode),
+    )
+    tcp = TcpListener(
+        tcp_table.flag("enabled", True),
+        _loopback_host(tcp_table),
+        tcp_table.integer("port", DEFAULT_TCP_PORT, 0, 65535),
+    )
+    if not unix.enabled and not tcp.enabled:
+        table.problem(
+            None,
+            "both listeners are disabled, so no client could reach the broker",
+            "set enabled = true under [listen.unix] or [listen.tcp]",
+        )
+    return ListenConfig(unix, tcp)
+
+
+def _socket_mode(table: Table, default: int) -> int:
+    raw = table.data.get("mode")
+    if raw is None:
+        return default
+    if isinstance(raw, str) and _OCTAL_MODE.fullmatch(raw):
+        mode = int(raw.removeprefix("0o"), 8)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        mode = raw
+    else:
+        table.problem(
+            "mode",
+            f'expected an octal permission mode such as "0660", got {describe(raw)}',
+            'write mode = "0660" (octal digits in quotes) or mode = 0o660',
+        )
+        return default
+    problem = _mode_problem(mode, raw)
+    if problem is None:
+        return mode
+    table.problem("mode", problem, 'use read and write bits for owner and group only: "0660"')
+    return default
+
+
+def _mode_problem(mode: int, raw: object) -> str | None:
+    if not 0 <= mode <= 0o777 and isinstance(raw, int):
+        return (
+            f"mode = {raw} is not a permission mode: TOML reads it as the decimal {raw} "
+            '(write octal as "0660" or 0o660)'
+        )
+    if not 0 <= mode <= 0o777:
+        return f"{quote(str(raw))} is not a permission mode (no setuid, setgid or sticky bits)"
+    if mode & 0o007:
+        return f"mode {mode:04o} lets other users use the socket, which serves live credentials"
+    if mode & 0o111:
+        return f"mode {mode:04o} sets execute bits, which mean nothing on a socket"
+    return None
+
+
+def _loopback_host(table: Table) -> str:
+    host = table.text("host", DEFAULT_TCP_HOST)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        table.problem(
+            "host",
+            f"{quote(host)} is not a loopback address; the broker serves live credentials "
+            "and must never listen beyond this machine",
+            'use host = "127.0.0.1", "::1" or "localhost"; containers can share the pod '
+            "network or mount the Unix socket instead",
+        )
+    return host if loopback else DEFAULT_TCP_HOST
+
+
+def _log(table: Table) -> LogConfig:
+    table.known("format", "level")
+    log_format = cast(
+        LogFormat, table.choice("format", ("auto", "json", "console"), "auto", "log format")
+    )
+    return LogConfig(log_format, table.choice("level", LOG_LEVELS, "info", "log level"))
+
+
+def _cloud(table: Table, sources: Sources) -> CloudProfile:
+    table.known("name", *CUSTOM_HOSTS, "ca_bundle")
+    name = table.choice("name", (*CLOUDS, "custom"), "AzureCloud", "cloud")
+    if name == "custom":
+        authority, manager, region_api = (_https_url(table, key) for key in CUSTOM_HOSTS)
+        ca_bundle = table.file_path("ca_bundle", sources.base)
+        if ca_bundle is not None:
+            table.readable("ca_bundle", ca_bundle)
+        return CloudProfile("custom", authority, manager, region_api, ca_bundle)
+    if table.data.get("name", name) == name:  # else the bad name was reported already
+        for key in (k for k in (*CUSTOM_HOSTS, "ca_bundle") if table.has(k)):
+            table.problem(
+                key,
+                f'{key} is only used with name = "custom"',
+                f'remove it to use the hosts of {name}, or set name = "custom" and give '
+                "authority_host, resource_manager and region_api",
+            )
+    return CLOUDS[name]
+
+
+def _https_url(table: Table, key: str) -> str:
+    url = table.required_text(key, _HOST_MEANINGS[key])
+    if not url:
+        return url
+    if key == "region_api" and not _is_region_template(url):
+        table.problem(
+            key,
+            f'region_api must contain "{{region}}" and no other braces, got {quote(url)}',
+            f"write {_HOST_MEANINGS[key]}",
+        )
+    elif not _is_https_url(url.replace("{region}", "eastus")):
+        table.problem(
+            key,
+            f"{key} must be an https:// URL, got {quote(url)}",
+            f"write {_HOST_MEANINGS[key]}",
+        )
+    return url
+
+
+def _is_region_template(url: str) -> bool:
+    try:
+        found = [(name, spec, conv) for _, name, spec, conv in Formatter().parse(url)]
+    except ValueError:  # unbalanced braces
+        return False
+    placeholders = [field for field in found if field[0] is not None]
+    return bool(placeholders) and all(field == ("region", "", None) for field in placeholders)
+
+
+def _is_https_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme == "https" and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed [IPv6 literal
+        return False
+
+
+def _refresh(table: Table) -> RefreshConfig:
+    names = [f.name for f in fields(RefreshConfig)]
+    table.known(*names)
+    defaults = RefreshConfig()
+    values: dict[str, float] = {}
+    for name in names:
+        default = float(getattr(defaults, name))
+        value = values[name] = table.number(name, default)
+        if value < 0 or (value == 0 and name not in _ZERO_ALLOWED):
+            least = "zero or more" if name in _ZERO_ALLOWED else "more than zero"
+            table.problem(
+                name,
+                f"{name} must be {least}, got {value:g}",
+                f"use a positive number of seconds, or remove it for the default ({default:g})",
+            )
+            values[name] = default
+    fraction, low, high = values["lifetime_fraction"], values["retry_min_s"], values["retry_max_s"]
+    if not 0 < fraction < 1:
+        table.problem(
+            "lifetime_fraction",
+            f"lifetime_fraction must be between 0 and 1, got {fraction:g}",
+            "use a fraction such as 0.5, to refresh halfway through a token's life",
+        )
+    if high < low:
+        table.problem(
+            "retry_max_s",
+            f"retry_max_s ({high:g}) is less than retry_min_s ({low:g})",
+            "raise retry_max_s or lower retry_min_s",
+        )
+    return RefreshConfig(**values)
+
+
+def _services(root: Table, identity_names: list[str]) -> tuple[ServiceConfig, ...]:
+    tables = root.array_of_tables(
+        "service", "write each service as a [[service]] table, with double brackets"
+    )
+    if "service" not in root.data:
+        root.problem(
+            "service",
+            "no service is defined",
+            "add a [[service]] table with name, subscription_id, resource_group, workspace "
+            "and web_service",
+        )
+    services: list[ServiceConfig] = []
+    first_use: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        service = _service(table, identity_names)
+        if service.name in first_use:
+            table.problem(
+                "name",
+                f"service name {quote(service.name)} is already used by "
+                f"service[{first_use[service.name] + 1}]",
+                "give each service its own name: clients ask for it in /v1/token/NAME",
+            )
+        elif service.name:
+            first_use[service.name] = index
+        services.append(service)
+    return tuple(services)
+
+
+def _service(table: Table, identity_names: list[str]) -> ServiceConfig:
+    table.known(*SERVICE_KEYS)
+    name = table.required_text("name", "the name clients use in /v1/token/NAME")
+    if name and (not _SERVICE_NAME.fullmatch(name) or not name.strip(".")):
+        table.problem(
+            "name",
+            f"service name {quote(name)} cannot be used in a URL",
+            "use 1 to 64 letters, digits, '.', '_' or '-' (not only dots)",
+        )
+    subscription, group, workspace, web_service = (_azure_name(table, key) for key in _AZURE_NAMES)
+    region = table.optional_text("region")
+    if region is not None and not _REGION.fullmatch(region):
+        table.problem(
+            "region",
+            f"region {quote(region)} is not an Azure region name",
+            'write it in lowercase without spaces, like "eastus", or remove it to discover it',
+        )
+    auth = cast(AuthMode, table.choice("auth", ("auto", "token", "key"), "auto", "auth mode"))
+    identity = _service_identity(table, identity_names)
+    return ServiceConfig(
+        name, identity, subscription, group, workspace, web_service, region or None, auth
+    )
+
+
+def _azure_name(table: Table, key: str) -> str:
+    value = table.required_text(key, f"the {key.replace('_', ' ')} in Azure")
+    if value and not _URL_SEGMENT.fullmatch(value):
+        table.problem(
+            key,
+            f"{key} {quote(value)} cannot contain '/', '?', '#' or spaces",
+            "copy the name exactly as the Azure portal shows it",
+        )
+    return value
+
+
+def _service_identity(table: Table, identity_names: list[str]) -> str:
+    known = ", ".join(identity_names)
+    name = table.optional_text("identity")
+    if name is None and not table.has("identity") and len(identity_names) > 1:
+        table.problem(
+            "identity",
+            "identity is not set and several identities are defined",
+            f'add identity = "NAME" with one of: {known}',
+        )
+    if name is None:
+        return identity_names[0] if len(identity_names) == 1 else ""
+    if identity_names and name not in identity_names:
+        table.problem(
+            "identity",
+            f"no identity named {quote(name)}",
+            f"define [identity.{name}] or use one of: {known}",
+        )
+    return name

@@ -1,0 +1,194 @@
+"""The service principal's Entra ID token, acquired by MSAL off the event loop.
+
+MSAL is synchronous (it uses `requests`), so every call runs in a worker thread.
+It reports OAuth errors as a dict and transport or 5xx failures as exceptions;
+both become one `UpstreamError` here, with the AADSTS code kept and secrets never.
+MSAL keeps its own token cache for the client-credentials grant; we do not add one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import msal
+import requests
+
+from broker.config import CloudProfile, IdentityConfig
+from broker.errors import SignInError, UnavailableError, UpstreamError
+from broker.log import get_logger, register_secret, scrub
+from broker.models import AccessToken, AuthKind
+
+log = get_logger("broker.credentials")
+
+_AADSTS = re.compile(r"\b(AADSTS\d+)\b")
+# AADSTS codes that a retry can heal (throttling, service trouble, clock skew).
+_TRANSIENT_AADSTS = frozenset({"AADSTS50196", "AADSTS90033", "AADSTS50058", "AADSTS500133"})
+
+
+class Credential(Protocol):
+    """Anything that hands out an Entra ID access token for a scope."""
+
+    async def get_token(self, scope: str) -> AccessToken: ...
+
+
+def http_session(cloud: CloudProfile) -> requests.Session:
+    """A requests session trusting exactly the cloud profile's CA.
+
+    `trust_env` is off so REQUESTS_CA_BUNDLE or a proxy variable in the daemon's
+    environment cannot silently replace the CA we were told to trust.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(cloud.ca_bundle) if cloud.ca_bundle else True
+    return session
+
+
+class ServicePrincipalCredential:
+    """One identity of the configuration, signed in through MSAL."""
+
+    def __init__(
+        self,
+        identity: IdentityConfig,
+        cloud: CloudProfile,
+        session: requests.Session | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.identity = identity
+        self._cloud = cloud
+        self._session = session or http_session(cloud)
+        self._timeout_s = timeout_s
+        self._app: msal.ConfidentialClientApplication | None = None
+        self._lock = asyncio.Lock()
+
+    async def get_token(self, scope: str) -> AccessToken:
+        async with self._lock:  # MSAL's app is not built for concurrent first use
+            return await asyncio.to_thread(self._acquire, scope)
+
+    def _acquire(self, scope: str) -> AccessToken:
+        try:
+            app = self._application()
+            result = app.acquire_token_for_client(scopes=[scope])
+        except UpstreamError:
+            raise
+        except (requests.RequestException, ValueError, OSError) as exc:
+            raise self._transport_error(exc) from None
+        except Exception as exc:  # MSAL raises its own MsalServiceError and friends
+            raise self._transport_error(exc) from None
+        return self._token_from(result, scope)
+
+    def _application(self) -> msal.ConfidentialClientApplication:
+        if self._app is None:
+            identity = self.identity
+            self._app = msal.ConfidentialClientApplication(
+                identity.client_id,
+                client_credential=self._client_credential(),
+                authority=f"{self._cloud.authority_host.rstrip('/')}/{identity.tenant_id}",
+                instance_discovery=False,
+                http_client=self._session,
+                timeout=self._timeout_s,
+            )
+        return self._app
+
+    def _client_credential(self) -> Any:
+        identity = self.identity
+        if identity.kind == "secret" and identity.client_secret is not None:
+            secret = identity.client_secret.reveal()
+            register_secret(secret)
+            return secret
+        if identity.kind == "certificate" and identity.certificate_file is not None:
+            return _certificate_credential(identity)
+        if identity.kind == "federated" and identity.federated_token_file is not None:
+            return {"client_assertion": _FederatedAssertion(identity.federated_token_file)}
+        raise SignInError(f"identity {identity.name!r} has no usable credential")
+
+    def _token_from(self, result: dict[str, Any] | None, scope: str) -> AccessToken:
+        if not result or "access_token" not in result:
+            raise self._sign_in_error(result or {}, scope)
+        value = str(result["access_token"])
+        register_secret(value)
+        expires_in = float(result.get("expires_in", 0))
+        refresh_in = result.get("refresh_in")
+        now = time.time()
+        return AccessToken(
+            value=value,
+            auth=AuthKind.ENTRA,
+            expires_on=now + expires_in,
+            refresh_after=now + float(refresh_in) if refresh_in else None,
+            token_type=str(result.get("token_type", "Bearer")),
+        )
+
+    def _sign_in_error(self, result: dict[str, Any], scope: str) -> UpstreamError:
+        description = scrub(str(result.get("error_description") or result.get("error") or ""))
+        first_line = description.splitlines()[0] if description else "no description"
+        match = _AADSTS.search(description)
+        code = match.group(1) if match else None
+        message = (
+            f"sign-in of identity {self.identity.name!r} "
+            f"(client {self.identity.client_id}, tenant {self.identity.tenant_id}) "
+            f"for scope {scope} failed: {result.get('error', 'error')}: {first_line}"
+        )
+        if code in _TRANSIENT_AADSTS:
+            return UnavailableError(message, aad_code=code, route="entra.token")
+        return SignInError(message + _sign_in_hint(code), aad_code=code, route="entra.token")
+
+    def _transport_error(self, exc: BaseException) -> UpstreamError:
+        detail = scrub(f"{type(exc).__name__}: {exc}")
+        return UnavailableError(
+            f"cannot reach Entra ID at {self._cloud.authority_host} for identity "
+            f"{self.identity.name!r}: {detail}",
+            route="entra.token",
+        )
+
+
+def _sign_in_hint(code: str | None) -> str:
+    hints = {
+        "AADSTS7000215": " — the client secret is wrong; put the secret's value (not its ID) "
+        "in the configured source",
+        "AADSTS7000222": " — the client secret has expired; create a new one",
+        "AADSTS700016": " — check client_id and tenant_id of the identity",
+        "AADSTS90002": " — check tenant_id of the identity",
+        "AADSTS700027": " — the certificate is not registered on the application",
+        "AADSTS70021": " — no federated credential on the application matches the token's "
+        "issuer and subject",
+        "AADSTS700024": " — the federated token file holds an expired token",
+    }
+    return hints.get(code or "", "")
+
+
+def _certificate_credential(identity: IdentityConfig) -> dict[str, Any]:
+    assert identity.certificate_file is not None
+    path = identity.certificate_file
+    password = identity.certificate_password.reveal() if identity.certificate_password else None
+    if path.suffix.lower() in {".pfx", ".p12"}:
+        credential: dict[str, Any] = {"private_key_pfx_path": str(path), "public_certificate": True}
+        if password:
+            credential["passphrase"] = password
+        return credential
+    pem = path.read_text(encoding="ascii")
+    credential = {"private_key": pem, "public_certificate": pem}
+    if password:
+        credential["passphrase"] = password
+    return credential
+
+
+class _FederatedAssertion:
+    """Reads the projected workload-identity token afresh on every acquisition."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __call__(self) -> str:
+        try:
+            token = self._path.read_text(encoding="ascii").strip()
+        except OSError as exc:
+            raise SignInError(
+                f"cannot read federated token file {self._path}: {exc.strerror}"
+            ) from None
+        if not token:
+            raise SignInError(f"federated token file {self._path} is empty")
+        register_secret(token)
+        return token

@@ -1,0 +1,141 @@
+"""Structured logs: JSON off a terminal, readable console on one, secrets never.
+
+Redaction runs last before rendering, after exceptions are formatted, and removes
+secrets three ways: by key (`access_token=…`), by shape (JWTs, `Bearer …`, PEM
+blocks) and by value (every credential the broker holds is registered with
+`register_secret`, since web-service keys have no recognisable shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+MASK = "[REDACTED]"
+
+_SECRET_KEYS = re.compile(
+    r"(secret|password|passphrase|token|assertion|authorization|api[_-]?key|"
+    r"primary_?key|secondary_?key|credential_value|private_key)",
+    re.IGNORECASE,
+)
+# Fields whose names look secret but hold only metadata.
+_SAFE_KEYS = frozenset(
+    {"token_type", "expires_in_s", "refresh_in_s", "token_kind", "secret_source", "event"}
+)
+_SHAPES = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # JWT
+    r"|(?i:bearer)\s+[^\s\"',;]+"  # Authorization header values
+    r"|-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----",  # PEM blocks
+    re.DOTALL,
+)
+
+
+class SecretRegistry:
+    """Values that must never be printed; thread-safe since MSAL runs in threads."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, value: str) -> None:
+        if len(value) < 6:  # too short to search for without masking ordinary words
+            return
+        with self._lock:
+            if value not in self._values:
+                self._values.add(value)
+                self._pattern = None
+
+    def discard(self, value: str) -> None:
+        with self._lock:
+            if value in self._values:
+                self._values.discard(value)
+                self._pattern = None
+
+    def scrub(self, text: str) -> str:
+        text = _SHAPES.sub(MASK, text)
+        pattern = self._compiled()
+        return pattern.sub(MASK, text) if pattern else text
+
+    def _compiled(self) -> re.Pattern[str] | None:
+        with self._lock:
+            if self._pattern is None and self._values:
+                alternatives = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile("|".join(re.escape(v) for v in alternatives))
+            return self._pattern
+
+
+SECRETS = SecretRegistry()
+
+
+def register_secret(value: str) -> None:
+    """Mark a value as secret everywhere logs or errors might show it."""
+    SECRETS.add(value)
+
+
+def forget_secret(value: str) -> None:
+    SECRETS.discard(value)
+
+
+def scrub(text: str) -> str:
+    """The text with every known and every secret-shaped value masked."""
+    return SECRETS.scrub(text)
+
+
+def _redact_value(key: str, value: Any) -> Any:
+    if key not in _SAFE_KEYS and _SECRET_KEYS.search(key) and value not in (None, ""):
+        return MASK
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(key, v) for v in value]
+    return value
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: mask secrets by key, shape and known value."""
+    for key in list(event_dict):
+        event_dict[key] = _redact_value(key, event_dict[key])
+    return event_dict
+
+
+def _processors(json_output: bool) -> Iterable[Any]:
+    yield structlog.contextvars.merge_contextvars
+    yield structlog.processors.add_log_level
+    yield structlog.processors.TimeStamper(fmt="iso", utc=True)
+    if json_output:
+        yield structlog.processors.dict_tracebacks
+    else:
+        yield structlog.processors.format_exc_info
+    yield redact
+    if json_output:
+        yield structlog.processors.JSONRenderer()
+    else:
+        yield structlog.dev.ConsoleRenderer(colors=False)
+
+
+def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Set up structlog once per process; `fmt` is auto, json or console."""
+    out = stream or sys.stderr
+    json_output = fmt == "json" or (fmt == "auto" and not out.isatty())
+    structlog.configure(
+        processors=list(_processors(json_output)),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
+    return logger

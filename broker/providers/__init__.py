@@ -1,0 +1,9 @@
+"""What we fetch: one module per upstream kind, and `upstream` where HTTP errors are translated."""
+
+from __future__ import annotations
+
+from broker.providers.azureml_v1 import WebServiceProvider, Workspaces
+from broker.providers.base import TokenProvider
+from broker.providers.upstream import Upstream
+
+__all__ = ["TokenProvider", "Upstream", "WebServiceProvider", "Workspaces"]

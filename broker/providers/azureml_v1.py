@@ -1,0 +1,293 @@
+"""Azure ML v1 web services (AKS and ACI deployments): tokens and keys from MMS.
+
+First contact finds the workspace's regional Model Management Service (from the
+configured region, or through ARM and the workspace's discovery URL) and describes
+the service to learn its compute type and auth modes; both are cached. Then each
+fetch is one `POST …/token` or `POST …/listkeys` with the principal's ARM token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from broker.config import CloudProfile, ServiceConfig
+from broker.credentials import Credential
+from broker.errors import (
+    MalformedResponseError,
+    PermissionDeniedError,
+    UnsupportedAuthError,
+    UpstreamError,
+)
+from broker.log import get_logger, register_secret
+from broker.models import AccessToken, AuthKind
+from broker.providers.upstream import Reply, Upstream
+
+log = get_logger("broker.providers.azureml_v1")
+
+API_VERSION = "2024-04-01"
+_WORKSPACE = (
+    "/subscriptions/{sub}/resourceGroups/{rg}"
+    "/providers/Microsoft.MachineLearningServices/workspaces/{ws}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    """What `describe` told us about a web service."""
+
+    compute_type: str
+    auth_enabled: bool
+    aad_auth_enabled: bool
+    scoring_uri: str | None
+
+    @classmethod
+    def parse(cls, body: Any, service: str) -> Description:
+        if not isinstance(body, dict) or not isinstance(body.get("computeType"), str):
+            raise MalformedResponseError(
+                f"mms.describe: the description of {service!r} lacks computeType",
+                route="mms.describe",
+            )
+        uri = body.get("scoringUri")
+        return cls(
+            compute_type=body["computeType"],
+            auth_enabled=body.get("authEnabled") is True,
+            aad_auth_enabled=body.get("aadAuthEnabled") is True,
+            scoring_uri=uri if isinstance(uri, str) else None,
+        )
+
+
+def choose_auth(config: ServiceConfig, desc: Description) -> AuthKind:
+    """Token or key, by the configuration and Azure's rules for web services."""
+    where = f"web service {config.web_service!r} in workspace {config.workspace!r}"
+    if desc.auth_enabled and desc.aad_auth_enabled:
+        raise UnsupportedAuthError(
+            f"{where} has both key and token auth enabled; Azure ML allows only one "
+            "(token auth and key auth cannot both be enabled) — disable one on the service"
+        )
+    wants_token = config.auth == "token" or (config.auth == "auto" and desc.aad_auth_enabled)
+    if wants_token:
+        if desc.compute_type.upper() != "AKS":
+            raise UnsupportedAuthError(
+                f"{where} runs on {desc.compute_type}; token auth exists only for AKS "
+                'deployments (ACI does not support it) — set auth = "key" and enable keys'
+            )
+        if not desc.aad_auth_enabled:
+            raise UnsupportedAuthError(
+                f"{where} does not have token auth enabled — enable it "
+                '(token_auth_enabled=True) or set auth = "key"'
+            )
+        return AuthKind.TOKEN
+    if not desc.auth_enabled:
+        raise UnsupportedAuthError(
+            f"{where} has key auth disabled"
+            + (" (the ACI default)" if desc.compute_type.upper() == "ACI" else "")
+            + " — enable it (auth_enabled=True) or use token auth on AKS"
+        )
+    return AuthKind.KEY
+
+
+WorkspaceKey = tuple[str, str, str]
+
+
+class Workspaces:
+    """Each workspace's regional MMS base URL, discovered once and shared by its services."""
+
+    def __init__(self) -> None:
+        self._bases: dict[WorkspaceKey, asyncio.Task[str]] = {}
+
+    async def mms_base(
+        self, key: WorkspaceKey, discover: Callable[[], Coroutine[Any, Any, str]]
+    ) -> str:
+        task = self._bases.get(key)
+        if task is None or (task.done() and task.exception() is not None):
+            task = self._bases[key] = asyncio.create_task(discover())
+        return await asyncio.shield(task)
+
+
+class WebServiceProvider:
+    """Fetches one v1 web service's token or key."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        cloud: CloudProfile,
+        credential: Credential,
+        upstream: Upstream,
+        workspaces: Workspaces | None = None,
+    ) -> None:
+        self._config = config
+        self._cloud = cloud
+        self._credential = credential
+        self._upstream = upstream
+        self._workspaces = workspaces or Workspaces()
+        self._mms_base: str | None = None
+        self._description: Description | None = None
+        self.auth: AuthKind | None = None
+
+    @property
+    def service(self) -> str:
+        return self._config.name
+
+    @property
+    def scoring_uri(self) -> str | None:
+        return self._description.scoring_uri if self._description else None
+
+    async def fetch(self) -> AccessToken:
+        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        auth = await self._auth(arm_token)
+        if auth is AuthKind.TOKEN:
+            return await self._token(arm_token)
+        return await self._keys(arm_token)
+
+    async def _auth(self, arm_token: str) -> AuthKind:
+        if self.auth is None:
+            self._description = await self._describe(arm_token)
+            self.auth = choose_auth(self._config, self._description)
+            log.info(
+                "service.described",
+                service=self.service,
+                compute_type=self._description.compute_type,
+                auth=self.auth.value,
+            )
+        return self.auth
+
+    def _workspace_path(self) -> str:
+        c = self._config
+        return _WORKSPACE.format(sub=c.subscription_id, rg=c.resource_group, ws=c.workspace)
+
+    async def _service_url(self, arm_token: str) -> str:
+        if self._mms_base is None:
+            c = self._config
+            key = (c.subscription_id.lower(), c.resource_group.lower(), c.workspace.lower())
+            self._mms_base = await self._workspaces.mms_base(key, lambda: self._find_mms(arm_token))
+        return (
+            f"{self._mms_base}/modelmanagement/v1.0{self._workspace_path()}"
+            f"/services/{self._config.web_service}"
+        )
+
+    async def _find_mms(self, arm_token: str) -> str:
+        if self._config.region:
+            return self._cloud.region_base(self._config.region)
+        url = (
+            f"{self._cloud.resource_manager.rstrip('/')}{self._workspace_path()}"
+            f"?api-version={API_VERSION}"
+        )
+        workspace = await self._call("GET", url, "arm.workspace", arm_token)
+        discovery_url = _field(workspace.body, ("properties", "discoveryUrl"), "arm.workspace")
+        discovery = await self._call("GET", discovery_url, "discovery", None)
+        base = _field(discovery.body, ("modelmanagement",), "discovery").rstrip("/")
+        log.info("workspace.discovered", service=self.service, mms=base)
+        return base
+
+    async def _describe(self, arm_token: str) -> Description:
+        reply = await self._call(
+            "GET", await self._service_url(arm_token), "mms.describe", arm_token
+        )
+        return Description.parse(reply.body, self.service)
+
+    async def _token(self, arm_token: str) -> AccessToken:
+        url = await self._service_url(arm_token) + "/token"
+        reply = await self._call("POST", url, "mms.token", arm_token)
+        return parse_token(reply.body)
+
+    async def _keys(self, arm_token: str) -> AccessToken:
+        url = await self._service_url(arm_token) + "/listkeys"
+        reply = await self._call("POST", url, "mms.listkeys", arm_token)
+        primary = reply.body.get("primaryKey") if isinstance(reply.body, dict) else None
+        if not isinstance(primary, str) or not primary.strip():
+            raise MalformedResponseError("mms.listkeys: the answer has no primaryKey")
+        secondary = reply.body.get("secondaryKey")
+        if isinstance(secondary, str) and secondary:
+            register_secret(secondary)
+        register_secret(primary)
+        return _valid(lambda: AccessToken(primary, AuthKind.KEY, None), "mms.listkeys")
+
+    async def _call(self, method: str, url: str, route: str, bearer: str | None) -> Reply:
+        try:
+            return await self._upstream.call(
+                method, url, route=route, bearer=bearer, what=self._role_hint(route)
+            )
+        except PermissionDeniedError as exc:
+            raise PermissionDeniedError(
+                f"{exc.message}. The principal {self._principal()} lacks the Reader role on "
+                f"workspace {self._config.workspace!r} (resource group "
+                f"{self._config.resource_group!r}) — grant Reader on the workspace",
+                status=exc.status,
+                route=route,
+            ) from None
+        except UpstreamError as exc:
+            if self._description is not None and exc.status == 404:
+                self.auth = None  # the service may have been redeployed: describe again
+            raise
+
+    def _role_hint(self, route: str) -> str:
+        if route.startswith("mms.") or route == "arm.workspace":
+            return f"service {self.service!r}"
+        return ""
+
+    def _principal(self) -> str:
+        identity = getattr(self._credential, "identity", None)
+        client_id = getattr(identity, "client_id", None)
+        return f"{client_id}" if client_id else "of this identity"
+
+
+def parse_token(body: Any) -> AccessToken:
+    """A web-service token from MMS's answer, or `MalformedResponseError`; never half of one."""
+    if not isinstance(body, dict):
+        raise MalformedResponseError("mms.token: the answer is not a JSON object")
+    value = body.get("accessToken")
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedResponseError("mms.token: the answer has no accessToken")
+    register_secret(value)
+    expiry = _epoch(body.get("expiryOn"))
+    if expiry is None:
+        expiry = _jwt_exp(value)
+    if expiry is None:
+        raise MalformedResponseError("mms.token: the answer has no usable expiryOn")
+    refresh = _epoch(body.get("refreshAfter"))
+    token_type = body.get("tokenType") if isinstance(body.get("tokenType"), str) else "Bearer"
+    return _valid(
+        lambda: AccessToken(value, AuthKind.TOKEN, expiry, refresh, str(token_type)), "mms.token"
+    )
+
+
+def _valid(build: Callable[[], AccessToken], route: str) -> AccessToken:
+    try:
+        token: AccessToken = build()
+    except ValueError as exc:
+        raise MalformedResponseError(f"{route}: {exc}", route=route) from None
+    return token
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _jwt_exp(value: str) -> float | None:
+    """A JWT's `exp`, read without verification: the last resort for an expiry."""
+    try:
+        claims = jwt.decode(value, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return _epoch(claims.get("exp"))
+
+
+def _field(body: Any, path: tuple[str, ...], route: str) -> str:
+    node = body
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, str) or not node:
+        raise MalformedResponseError(f"{route}: the answer lacks {'.'.join(path)}", route=route)
+    return node

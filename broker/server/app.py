@@ -1,0 +1,58 @@
+"""The aiohttp application: routes, and the one middleware that renders errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from broker.cache import Store
+from broker.errors import LocalRequestError
+from broker.log import get_logger
+from broker.server import routes
+from broker.server.keys import STORE
+
+log = get_logger("broker.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(status: int, code: str, message: str) -> web.Response:
+    body = json.dumps({"error": code, "message": message}).encode()
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal and failure becomes `{"error", "message"}` with the right status."""
+    try:
+        return await handler(request)
+    except LocalRequestError as exc:
+        response = error_body(exc.status, exc.code, exc.message)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
+        response = error_body(exc.status, code, exc.reason)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("request.crashed", route=request.path)
+        return error_body(500, "internal", "internal error; see the broker's log")
+
+
+def make_app(store: Store) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], handler_args={"access_log": None})
+    app[STORE] = store
+    app[routes.RENDERED] = {}
+    app.router.add_get("/v1/token/{service}", routes.token)
+    app.router.add_get("/v1/services", routes.services)
+    app.router.add_get("/v1/services/{service}", routes.service)
+    app.router.add_get("/healthz", routes.healthz)
+    app.router.add_get("/readyz", routes.readyz)
+    return app

@@ -1,0 +1,126 @@
+"""The Unix socket and the loopback TCP listener, bound by us, served by aiohttp.
+
+We bind the Unix socket ourselves: aiohttp's UnixSite would create it with the
+umask's mode and asyncio would silently replace a live broker's socket file. Here
+the file gets its mode before `listen()`, a live broker on the path is refused,
+a stale file is replaced, and the file is removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from broker.config import ListenConfig
+from broker.errors import BrokerError
+from broker.log import get_logger
+
+log = get_logger("broker.listeners")
+
+_BACKLOG = 512
+
+
+class AlreadyRunningError(BrokerError):
+    """Raised when another broker already answers on the configured socket."""
+
+
+class ListenError(BrokerError):
+    """Raised when a listener cannot be bound (address in use, no permission)."""
+
+
+def bind_unix(path: Path, mode: int) -> socket.socket:
+    """A listening Unix socket at `path` with `mode`, refusing to replace a live one."""
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise ListenError(
+                f"{path} exists and is not a socket; remove it or choose another path"
+            )
+        if _answers(path):
+            raise AlreadyRunningError(f"another broker is already listening on {path}")
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777)  # no moment where the file is wider than `mode`
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    path.chmod(mode)
+    sock.listen(_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+class Listeners:
+    """Both listeners of one application, started and stopped together."""
+
+    def __init__(self, app: web.Application, config: ListenConfig) -> None:
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._config = config
+        self.unix_path: Path | None = None
+        self.tcp_address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        try:
+            await self._start_sites()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_sites(self) -> None:
+        unix, tcp = self._config.unix, self._config.tcp
+        if unix.enabled:
+            sock = bind_unix(unix.path, unix.mode)
+            self.unix_path = unix.path
+            await web.SockSite(self._runner, sock).start()
+        if tcp.enabled:
+            sock = bind_tcp(tcp.host, tcp.port)
+            host, port = sock.getsockname()[:2]
+            self.tcp_address = (host, port)
+            await web.SockSite(self._runner, sock).start()
+        log.info(
+            "listeners.started",
+            unix=str(self.unix_path) if self.unix_path else None,
+            tcp=f"{self.tcp_address[0]}:{self.tcp_address[1]}" if self.tcp_address else None,
+        )
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_path.unlink()
+            self.unix_path = None

@@ -1,0 +1,124 @@
+"""Handlers of the local API; they raise `LocalRequestError`, the middleware answers.
+
+A token's response body is rendered once per credential change and reused, so the
+hot path is a dictionary lookup and a write.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from broker import __version__
+from broker.cache import Entry, Store
+from broker.errors import BadRequestError
+from broker.server.keys import STORE
+
+_JSON = "application/json"
+
+
+class _Rendered:
+    """The JSON body and the header line of one credential, built once."""
+
+    __slots__ = ("generation", "header", "json")
+
+    def __init__(self, store: Store, entry: Entry) -> None:
+        token = entry.token
+        assert token is not None
+        self.generation = entry.generation
+        self.json = json.dumps(
+            {
+                "service": entry.service,
+                "token_type": token.token_type,
+                "access_token": token.value,
+                "expires_on": _int(token.expires_on),
+                "refresh_by": _int(store.refresh_by(entry)),
+                "auth": token.auth.value,
+            }
+        ).encode()
+        self.header = f"{token.token_type} {token.value}\n".encode()
+
+
+RENDERED = web.AppKey("rendered", dict[str, _Rendered])
+
+
+def _render(request: web.Request, store: Store, entry: Entry) -> _Rendered:
+    cache = request.app[RENDERED]
+    cached = cache.get(entry.service)
+    if cached is None or cached.generation != entry.generation:
+        cached = cache[entry.service] = _Rendered(store, entry)
+    return cached
+
+
+async def token(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "header"):
+        raise BadRequestError(f"format must be json or header, not {fmt[:40]!r}")
+    entry = await store.credential(request.match_info["service"])
+    rendered = _render(request, store, entry)
+    if fmt == "header":
+        return web.Response(body=rendered.header, content_type="text/plain")
+    return web.Response(body=rendered.json, content_type=_JSON)
+
+
+async def services(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    return web.json_response({"services": [describe(store, e) for e in store.entries]})
+
+
+async def service(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    return web.json_response(describe(store, store.entry(request.match_info["service"])))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    waiting = [e.service for e in store.entries if not store.usable(e)]
+    if waiting:
+        body = {"status": "not_ready", "waiting_for": waiting}
+        return web.json_response(body, status=503, headers={"Retry-After": "1"})
+    return web.json_response({"status": "ready"})
+
+
+def describe(store: Store, entry: Entry) -> dict[str, Any]:
+    """A service's state for `/v1/services`: times and errors, never a secret."""
+    token = entry.token
+    error = entry.last_error
+    return {
+        "service": entry.service,
+        "state": store.state(entry).value,
+        "auth": token.auth.value if token else None,
+        "usable": store.usable(entry),
+        "scoring_uri": entry.provider.scoring_uri,
+        "expires_on": _iso(token.expires_on if token else None),
+        "refresh_by": _iso(store.refresh_by(entry)),
+        "last_refresh": _iso(entry.last_success_at),
+        "next_attempt": _iso(entry.next_attempt_at),
+        "failures": entry.failures,
+        "last_error": None
+        if error is None
+        else {
+            "message": error.message,
+            "status": error.status,
+            "aad_code": error.aad_code,
+            "at": _iso(entry.last_error_at),
+        },
+    }
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _int(epoch: float | None) -> int | None:
+    return None if epoch is None else int(epoch)

@@ -1,0 +1,64 @@
+"""Logs never show a secret: by key, by shape, or by registered value."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import structlog
+
+from broker import log
+
+pytestmark = pytest.mark.timeout(5)
+
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLWJ5dGVz"
+PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----"
+
+
+@pytest.fixture
+def lines() -> io.StringIO:
+    stream = io.StringIO()
+    log.configure("json", "debug", stream=stream)
+    yield stream
+    structlog.reset_defaults()
+
+
+def test_secret_keys_are_masked(lines: io.StringIO) -> None:
+    """Fields named like secrets are masked whatever they hold."""
+    log.get_logger("t").info(
+        "x", client_secret="abc123xyz", access_token="plain", token_type="Bearer"
+    )
+    record = json.loads(lines.getvalue())
+    assert record["client_secret"] == log.MASK and record["access_token"] == log.MASK
+    assert record["token_type"] == "Bearer"
+
+
+def test_secret_shapes_are_masked_inside_text(lines: io.StringIO) -> None:
+    """JWTs, Bearer values and PEM blocks are masked inside any string, nested or not."""
+    log.get_logger("t").info("x", error=f"got {JWT} and Bearer abcdefgh", extra={"pem": PEM})
+    text = lines.getvalue()
+    assert JWT not in text and "abcdefgh" not in text and "MIIEvQIBADANBg" not in text
+
+
+def test_registered_values_are_masked(lines: io.StringIO) -> None:
+    """A key with no recognisable shape is masked once registered, and in tracebacks too."""
+    log.register_secret("plain-looking-key-0001")
+    try:
+        raise ValueError("bad key plain-looking-key-0001")
+    except ValueError:
+        log.get_logger("t").exception("failed", note="plain-looking-key-0001")
+    assert "plain-looking-key-0001" not in lines.getvalue()
+    log.forget_secret("plain-looking-key-0001")
+    assert log.scrub("plain-looking-key-0001") == "plain-looking-key-0001"
+
+
+def test_console_format_is_redacted_too() -> None:
+    """The console renderer gets the same redaction as JSON."""
+    stream = io.StringIO()
+    log.configure("console", "info", stream=stream)
+    try:
+        log.get_logger("t").info("x", password="hunter22", detail=JWT)
+    finally:
+        structlog.reset_defaults()
+    assert "hunter22" not in stream.getvalue() and JWT not in stream.getvalue()
