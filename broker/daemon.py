@@ -64,6 +64,7 @@ class Daemon:
         )
 
     async def stop(self) -> None:
+        """Stop serving, then stop refreshing; safe to call more than once."""
         await self.listeners.stop()
         await self.refresher.stop()
         await self.upstream.close()

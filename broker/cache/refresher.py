@@ -40,7 +40,8 @@ class Refresher:
             self._store.fetch(entry.service)
 
     async def stop(self) -> None:
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
         pending = [e.inflight for e in self._store.entries if e.inflight is not None]
         for task in pending:
             task.cancel()

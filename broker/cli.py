@@ -1,0 +1,220 @@
+"""The `token-broker` command: run the daemon, ask it for tokens, check a configuration.
+
+Only this module calls `sys.exit` (through `main`'s return value), with these codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from broker import __version__, log
+from broker.config import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH, load_config, render_effective
+from broker.errors import BrokerError, ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the broker refused, failed, or could not be reached
+EXIT_CONFIG = 2  # the configuration or the command line is wrong
+
+_DESCRIPTION = """\
+Keeps Azure ML web-service tokens and keys fresh and serves them to local programs
+over a Unix socket and loopback HTTP.
+
+quick start, with no Azure account:  token-broker demo
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="token-broker",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"token-broker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config_help = f"configuration file (default {DEFAULT_CONFIG_PATH}, or $TOKEN_BROKER_CONFIG)"
+    run = sub.add_parser("run", help="run the daemon until SIGTERM or SIGINT")
+    run.add_argument("-c", "--config", type=Path, help=config_help)
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration and print it with secrets masked (exit 2 if invalid)",
+    )
+    check.add_argument("-c", "--config", type=Path, help=config_help)
+
+    token = sub.add_parser("token", help="print a service's credential from a running broker")
+    token.add_argument("service", help="the service's name in the configuration")
+    token.add_argument(
+        "--header", action="store_true", help="print the bare 'Bearer …' header value"
+    )
+    _client_options(token)
+
+    status = sub.add_parser("status", help="a table of services and their states")
+    status.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    _client_options(status)
+
+    emulator = sub.add_parser(
+        "emulator", help="serve the built-in emulator of Entra ID and Azure ML (for trials)"
+    )
+    emulator.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    emulator.add_argument("--port", type=int, default=8443, help="HTTPS port (default 8443)")
+    emulator.add_argument(
+        "--ca-dir", type=Path, default=Path("emulator-ca"), help="where to write the CA"
+    )
+
+    demo = sub.add_parser("demo", help="emulator + broker + a client, end to end, no Azure account")
+    demo.add_argument(
+        "--lifetime", type=float, default=12.0, help="token lifetime in seconds (default 12)"
+    )
+    return parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=Path(os.environ.get("TOKEN_BROKER_SOCKET", DEFAULT_SOCKET_PATH)),
+        help="the broker's Unix socket (default $TOKEN_BROKER_SOCKET or %(default)s)",
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("TOKEN_BROKER_URL"),
+        help="the broker's loopback URL instead, e.g. http://127.0.0.1:8765",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command.replace("-", "_")
+    handler = globals()[f"_cmd_{command}"]
+    try:
+        code: int = handler(args)
+    except ConfigError as exc:
+        print(f"token-broker: invalid configuration\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return code
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config is not None:
+        return Path(args.config)
+    return Path(os.environ.get("TOKEN_BROKER_CONFIG", DEFAULT_CONFIG_PATH))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from broker.daemon import serve
+
+    config = load_config(_config_path(args))
+    log.configure(config.log.format, config.log.level)
+    try:
+        asyncio.run(serve(config))
+    except BrokerError as exc:
+        log.get_logger("broker.cli").error("broker.start_failed", error=str(exc))
+        print(f"token-broker: {log.scrub(str(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args))
+    print(render_effective(config), end="")
+    print(
+        f"# {config.path}: valid — {len(config.identities)} identities, "
+        f"{len(config.services)} services",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    path = f"/v1/token/{args.service}" + ("?format=header" if args.header else "")
+    status, body = asyncio.run(_get(args, path))
+    if status != 200:
+        return _refused(body)
+    if args.header:
+        print(body.decode().rstrip("\n"))
+    else:
+        print(body.decode())
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status, body = asyncio.run(_get(args, "/v1/services"))
+    if status != 200:
+        return _refused(body)
+    services = json.loads(body)["services"]
+    if args.json:
+        print(json.dumps(services, indent=2))
+        return EXIT_OK
+    print(_table(services))
+    return EXIT_OK
+
+
+def _table(services: list[dict[str, Any]]) -> str:
+    columns = ("service", "state", "auth", "expires_on", "refresh_by", "failures")
+    rows = [[str(s.get(c) if s.get(c) is not None else "-") for c in columns] for s in services]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    errors = [f"{s['service']}: {s['last_error']['message']}" for s in services if s["last_error"]]
+    return "\n".join([*lines, "", *errors] if errors else lines)
+
+
+def _refused(body: bytes) -> int:
+    try:
+        message = json.loads(body)["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode(errors="replace")[:200]
+    print(f"token-broker: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+async def _get(args: argparse.Namespace, path: str) -> tuple[int, bytes]:
+    if args.url:
+        connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
+        base = args.url.rstrip("/")
+    else:
+        connector = aiohttp.UnixConnector(path=str(args.socket))
+        base = "http://localhost"
+    timeout = aiohttp.ClientTimeout(total=60)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.get(base + path, headers={"Metadata": "true"}) as resp,
+        ):
+            return resp.status, await resp.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        where = args.url or args.socket
+        detail = json.dumps(
+            {"message": f"cannot reach the broker at {where}: {exc}; is it running?"}
+        )
+        return 0, detail.encode()
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    from broker.emulator import run_emulator
+    from broker.emulator.seed import demo_state
+
+    try:
+        asyncio.run(run_emulator(args.host, args.port, args.ca_dir, demo_state()))
+    except OSError as exc:
+        print(f"token-broker: cannot start the emulator: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from broker.demo import run_demo
+
+    return EXIT_OK if asyncio.run(run_demo(lifetime_s=args.lifetime)) else EXIT_FAILURE

@@ -1,0 +1,68 @@
+"""How ARM and MMS decide who is calling: the Entra token in `Authorization: Bearer …`.
+
+The token must be signed by the emulator's Entra key, be unexpired by the emulator's
+clock, and carry the resource manager as its audience (with or without trailing slash).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import jwt
+from aiohttp import web
+
+from broker.emulator.context import site_of, state_of
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The service principal an accepted Entra token speaks for."""
+
+    app_id: str
+    object_id: str
+    tenant_id: str
+
+
+class TokenRejected(Exception):
+    """The bearer token is missing, forged, for another audience, or expired."""
+
+
+def bearer_token(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def arm_caller(request: web.Request) -> Caller:
+    """The caller of an ARM or MMS request; raises `TokenRejected` saying why not."""
+    token = bearer_token(request)
+    if token is None:
+        raise TokenRejected("The 'Authorization' header is missing or is not a Bearer token.")
+    base = site_of(request).base_url
+    try:
+        claims = state_of(request).token_key.verify(token, audience=[base, base + "/"])
+    except jwt.InvalidAudienceError as exc:
+        raise TokenRejected(
+            f"The access token has an invalid audience; expected '{base}'."
+        ) from exc
+    except jwt.InvalidTokenError as exc:
+        raise TokenRejected("The access token is invalid: its signature does not verify.") from exc
+    _check_expiry(float(claims["exp"]), state_of(request).clock())
+    try:
+        return Caller(str(claims["appid"]), str(claims["oid"]), str(claims["tid"]))
+    except KeyError as exc:
+        raise TokenRejected("The access token lacks the appid, oid or tid claim.") from exc
+
+
+def _check_expiry(exp: float, now: float) -> None:
+    if exp <= now:
+        raise TokenRejected(
+            f"The access token expiry UTC time '{_utc(exp)}' is earlier than "
+            f"current UTC time '{_utc(now)}'."
+        )
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%m/%d/%Y %H:%M:%S")

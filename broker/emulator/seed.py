@@ -1,0 +1,46 @@
+"""The demo cloud: one tenant, one service principal with a (fake) secret and Reader on
+one workspace in eastus, and two web services — `fraud-aks` (AKS, token auth, short-lived
+tokens so refreshes are visible) and `churn-aci` (ACI, key auth).
+
+Every value here is a demo-only fake that exists nowhere but in the emulator.
+"""
+
+from __future__ import annotations
+
+from broker.emulator.state import EmulatorState
+
+TENANT_ID = "00000000-0000-0000-0000-0000000000aa"
+CLIENT_ID = "11111111-1111-1111-1111-111111111111"
+CLIENT_SECRET = "demo-client-secret"  # noqa: S105 - a fake the emulator alone accepts
+SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000001"
+RESOURCE_GROUP = "demo-rg"
+WORKSPACE = "demo-ws"
+REGION = "eastus"
+TOKEN_SERVICE = "fraud-aks"  # noqa: S105 - a service name, not a password
+KEY_SERVICE = "churn-aci"
+
+
+def demo_state(*, token_lifetime_s: float = 20.0, refresh_after_s: float = 8.0) -> EmulatorState:
+    """A fresh state holding the demo cloud; the token lifetimes apply to `fraud-aks`."""
+    state = EmulatorState()
+    state.add_client(TENANT_ID, CLIENT_ID, secret=CLIENT_SECRET)
+    workspace = (SUBSCRIPTION_ID, RESOURCE_GROUP, WORKSPACE)
+    state.add_workspace(*workspace, region=REGION)
+    state.grant_role(CLIENT_ID, *workspace, role="Reader")
+    state.add_web_service(
+        *workspace,
+        TOKEN_SERVICE,
+        compute_type="AKS",
+        auth_enabled=False,
+        aad_auth_enabled=True,
+        token_lifetime_s=token_lifetime_s,
+        refresh_after_s=refresh_after_s,
+    )
+    state.add_web_service(
+        *workspace,
+        KEY_SERVICE,
+        compute_type="ACI",
+        auth_enabled=True,
+        aad_auth_enabled=False,
+    )
+    return state

@@ -1,0 +1,118 @@
+"""The command line: check-config, token and status against a running broker, and `run`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, main
+from broker.emulator import Emulator
+from tests.conftest import CLIENT_SECRET, config_text
+from tests.e2e.conftest import StartBroker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_check_config_prints_masked_configuration(
+    emulator: Emulator, short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid file is printed back with its secret masked, exit 0."""
+    path = short_dir / "broker.toml"
+    path.write_text(config_text(emulator, short_dir))
+    assert main(["check-config", "-c", str(path)]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert "[[service]]" in out and "valid" in err
+    assert CLIENT_SECRET not in out + err
+
+
+def test_broken_config_exits_2_without_traceback(short_dir: Path) -> None:
+    """A broken file gets file, key and fix on stderr and exit code 2, from the real command."""
+    path = short_dir / "broker.toml"
+    path.write_text('[listen.tcp]\nport = "eighty"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == EXIT_CONFIG
+    assert "Traceback" not in result.stderr
+    assert str(path) in result.stderr and "port" in result.stderr
+
+
+def test_missing_config_file_exits_2(short_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A configuration path that does not exist is named in the error, exit 2."""
+    assert main(["run", "-c", str(short_dir / "absent.toml")]) == EXIT_CONFIG
+    assert "absent.toml" in capsys.readouterr().err
+
+
+async def test_token_and_status_commands(
+    start_broker: StartBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`token` prints the JSON or the header line, `status` a table, over the socket and TCP."""
+    broker = await start_broker()
+    await broker.settled()
+    sock = str(broker.daemon.unix_path)
+    host, port = broker.daemon.tcp_address or ("", 0)
+    assert await asyncio.to_thread(main, ["token", "fraud", "--socket", sock]) == EXIT_OK
+    body = json.loads(capsys.readouterr().out)
+    assert body["service"] == "fraud"
+    url = f"http://{host}:{port}"
+    assert await asyncio.to_thread(main, ["token", "fraud", "--header", "--url", url]) == EXIT_OK
+    assert capsys.readouterr().out == f"Bearer {body['access_token']}\n"
+    assert await asyncio.to_thread(main, ["status", "--socket", sock]) == EXIT_OK
+    table = capsys.readouterr().out
+    assert "fraud" in table and "churn" in table and "fresh" in table
+    assert body["access_token"] not in table
+
+
+async def test_token_command_reports_refusal(
+    start_broker: StartBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown service or an unreachable broker is a message and exit 1."""
+    broker = await start_broker()
+    sock = str(broker.daemon.unix_path)
+    assert await asyncio.to_thread(main, ["token", "nope", "--socket", sock]) == EXIT_FAILURE
+    assert "nope" in capsys.readouterr().err
+    missing = str(Path(sock).with_name("absent.sock"))
+    assert await asyncio.to_thread(main, ["token", "fraud", "--socket", missing]) == EXIT_FAILURE
+    assert "cannot reach the broker" in capsys.readouterr().err
+
+
+async def test_run_serves_and_stops_on_sigterm(emulator: Emulator, short_dir: Path) -> None:
+    """`token-broker run` serves a token, exits 0 on SIGTERM, and removes its socket."""
+    path = short_dir / "broker.toml"
+    path.write_text(config_text(emulator, short_dir))
+    sock = short_dir / "broker.sock"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "run",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    started = False
+    while not started:
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert line, "the daemon exited before it started"
+        started = b"listeners.started" in line
+    code = await asyncio.to_thread(main, ["token", "fraud", "--socket", str(sock)])
+    assert code == EXIT_OK
+    proc.send_signal(signal.SIGTERM)
+    rest = await asyncio.wait_for(proc.stderr.read(), 20)
+    assert await asyncio.wait_for(proc.wait(), 20) == 0
+    assert b"broker.stopped" in rest
+    assert not sock.exists()

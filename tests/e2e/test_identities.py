@@ -1,0 +1,140 @@
+"""Every credential kind signs in against the emulator's Entra ID through real MSAL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from broker.emulator import Emulator
+from broker.emulator import seed as demo
+from tests.conftest import config_text
+from tests.e2e.conftest import StartBroker
+
+pytestmark = pytest.mark.timeout(30)
+
+CERT_CLIENT = "22222222-2222-2222-2222-222222222222"
+FED_CLIENT = "33333333-3333-3333-3333-333333333333"
+ONLY_FRAUD = {"fraud": demo.TOKEN_SERVICE}
+
+
+def self_signed() -> tuple[bytes, bytes, rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-broker-test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM), key, cert
+
+
+def register(emulator: Emulator, client_id: str, **credential: object) -> None:
+    emulator.state.add_client(demo.TENANT_ID, client_id, **credential)
+    emulator.state.grant_role(client_id, demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE)
+
+
+def identity_block(client_id: str, credential_line: str) -> str:
+    return f'tenant_id = "{demo.TENANT_ID}"\nclient_id = "{client_id}"\n{credential_line}\n'
+
+
+async def token_via(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, client_id: str, line: str
+) -> dict:
+    text = config_text(emulator, short_dir, services=ONLY_FRAUD, identity=line)
+    text = text.replace(f'client_id = "{demo.CLIENT_ID}"', f'client_id = "{client_id}"')
+    broker = await start_broker(text)
+    reply = await broker.client().get("/v1/token/fraud")
+    detail = (await broker.client().get("/v1/services/fraud")).json()
+    assert reply.status == 200, detail
+    return reply.json()
+
+
+async def test_certificate_pem(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """A PEM file with key and certificate signs a client assertion that Entra accepts."""
+    key_pem, cert_pem, _, _ = self_signed()
+    register(emulator, CERT_CLIENT, certificate_pem=cert_pem.decode())
+    path = short_dir / "sp.pem"
+    path.write_bytes(key_pem + cert_pem)
+    path.chmod(0o600)
+    body = await token_via(
+        start_broker, emulator, short_dir, CERT_CLIENT, f'certificate_file = "{path}"'
+    )
+    assert body["auth"] == "token"
+
+
+async def test_certificate_pfx_with_password(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """A password-protected PFX signs in too."""
+    _, cert_pem, key, cert = self_signed()
+    register(emulator, CERT_CLIENT, certificate_pem=cert_pem.decode())
+    pfx = pkcs12.serialize_key_and_certificates(
+        b"sp", key, cert, None, serialization.BestAvailableEncryption(b"pfx-password")
+    )
+    path = short_dir / "sp.pfx"
+    path.write_bytes(pfx)
+    password = short_dir / "pfx-password"
+    password.write_text("pfx-password\n")
+    line = f'certificate_file = "{path}"\ncertificate_password_file = "{password}"'
+    body = await token_via(start_broker, emulator, short_dir, CERT_CLIENT, line)
+    assert body["auth"] == "token"
+
+
+async def test_unregistered_certificate_is_refused(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """A certificate Entra does not know yields AADSTS700027, not a crash."""
+    _, registered, _, _ = self_signed()
+    other_key, other_cert, _, _ = self_signed()
+    register(emulator, CERT_CLIENT, certificate_pem=registered.decode())
+    path = short_dir / "sp.pem"
+    path.write_bytes(other_key + other_cert)
+    text = config_text(
+        emulator, short_dir, services=ONLY_FRAUD, identity=f'certificate_file = "{path}"'
+    )
+    broker = await start_broker(text.replace(demo.CLIENT_ID, CERT_CLIENT))
+    await broker.settled()
+    error = (await broker.client().get("/v1/services/fraud")).json()["last_error"]
+    assert error["aad_code"] == "AADSTS700027"
+
+
+async def test_federated_token_is_reread_on_every_sign_in(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """The federated token file is read afresh for each sign-in, as Kubernetes rotates it."""
+    subject = "system:serviceaccount:ml:scorer"
+    register(emulator, FED_CLIENT, federated_subject=subject)
+    path = short_dir / "azure-identity-token"
+    path.write_text(emulator.state.mint_federated_token("system:serviceaccount:ml:someone-else"))
+    text = config_text(
+        emulator, short_dir, services=ONLY_FRAUD, identity=f'federated_token_file = "{path}"'
+    )
+    broker = await start_broker(text.replace(demo.CLIENT_ID, FED_CLIENT))
+    await broker.settled()
+    error = (await broker.client().get("/v1/services/fraud")).json()["last_error"]
+    assert error["aad_code"] == "AADSTS70021"
+
+    path.write_text(emulator.state.mint_federated_token(subject))
+    emulator.state.clear_faults()
+    await broker.daemon.store.fetch("fraud")
+    assert (await broker.client().get("/v1/token/fraud")).status == 200

@@ -1,0 +1,51 @@
+"""No client secret, token or key ever reaches a log line, an error body or a status answer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from broker.emulator import Emulator
+from broker.emulator import seed as demo
+from tests.conftest import CLIENT_SECRET
+from tests.e2e.conftest import StartBroker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_no_secret_in_any_output(
+    start_broker: StartBroker, emulator: Emulator, logs: io.StringIO, short_dir: Path
+) -> None:
+    """Known secret values pushed through success and failure paths appear in no output."""
+    broker = await start_broker()
+    outputs: list[str] = []
+    secrets = [CLIENT_SECRET]
+    for listener in ("unix", "tcp"):
+        client = broker.client(listener)
+        for service in ("fraud", "churn"):
+            secrets.append((await client.get(f"/v1/token/{service}")).json()["access_token"])
+        for path in ("/v1/services", "/v1/services/fraud", "/healthz", "/readyz", "/v1/token/x"):
+            outputs.append((await client.get(path)).text)
+    secrets += emulator.state.current_keys(
+        demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE, demo.KEY_SERVICE
+    )
+    credential = next(iter(broker.daemon.providers.values()))._credential
+    secrets.append((await credential.get_token(broker.daemon.config.cloud.arm_scope)).value)
+
+    emulator.state.fail("mms.token", status=500, body=json.dumps({"echo": secrets[1]}))
+    emulator.state.fail("mms.listkeys", status=400, body=json.dumps({"message": secrets[2]}))
+    for service in ("fraud", "churn"):
+        await asyncio.wait([broker.daemon.store.fetch(service)])
+        outputs.append((await broker.client().get(f"/v1/services/{service}")).text)
+    broker.clock.advance(3600)
+    outputs.append((await broker.client().get("/v1/token/fraud")).text)
+    outputs.append(logs.getvalue())
+
+    assert logs.getvalue().count("token.refreshed") >= 2
+    everything = "\n".join(outputs)
+    for secret in secrets:
+        assert secret not in everything

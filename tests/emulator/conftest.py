@@ -1,0 +1,138 @@
+"""Fixtures for the emulator's own tests: a movable clock, a populated emulator served on
+a real HTTPS socket, and an aiohttp client that trusts only the emulator's CA."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from broker.emulator import Emulator, EmulatorState
+
+TENANT = "00000000-0000-0000-0000-00000000cafe"
+CLIENT = "22222222-2222-2222-2222-222222222222"
+SECRET = "test-secret-value"
+SUB = "00000000-0000-0000-0000-000000000042"
+RG = "rg-test"
+WS = "ws-test"
+REGION = "westeurope"
+AKS = "svc-aks"
+ACI = "svc-aci"
+MMS_PATH = (
+    f"/regions/{REGION}/modelmanagement/v1.0/subscriptions/{SUB}/resourceGroups/{RG}"
+    f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
+)
+
+
+class FakeClock:
+    """A clock that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def state(clock: FakeClock) -> EmulatorState:
+    state = EmulatorState(clock=clock)
+    state.add_client(TENANT, CLIENT, secret=SECRET)
+    state.add_workspace(SUB, RG, WS, region=REGION)
+    state.grant_role(CLIENT, SUB, RG, WS)
+    state.add_web_service(SUB, RG, WS, AKS, token_lifetime_s=60.0, refresh_after_s=30.0)
+    state.add_web_service(
+        SUB, RG, WS, ACI, compute_type="ACI", auth_enabled=True, aad_auth_enabled=False
+    )
+    return state
+
+
+@pytest.fixture
+async def emu(state: EmulatorState, tmp_path: Path) -> AsyncIterator[Emulator]:
+    async with Emulator(state=state, ca_dir=tmp_path / "ca") as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def http(emu: Emulator) -> AsyncIterator[aiohttp.ClientSession]:
+    context = ssl.create_default_context(cafile=str(emu.ca_path))
+    connector = aiohttp.TCPConnector(ssl=context)
+    async with aiohttp.ClientSession(base_url=emu.base_url, connector=connector) as session:
+        yield session
+
+
+@pytest.fixture
+async def arm_token(http: aiohttp.ClientSession, emu: Emulator) -> str:
+    return await entra_token(http, emu.resource_manager)
+
+
+async def entra_token(
+    http: aiohttp.ClientSession,
+    resource: str,
+    *,
+    tenant: str = TENANT,
+    client_id: str = CLIENT,
+    secret: str = SECRET,
+) -> str:
+    """An access token for `resource`, by the client-credentials grant with a secret."""
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": client_id,
+        "client_secret": secret,
+        "scope": f"{resource}/.default",
+    }
+    async with http.post(f"/{tenant}/oauth2/v2.0/token", data=form) as resp:
+        body: dict[str, Any] = await resp.json()
+        assert resp.status == 200, body
+        return str(body["access_token"])
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="session")
+def certificate() -> tuple[str, str]:
+    """A self-signed certificate and its private key (PEM), for client assertions."""
+    return make_certificate()
+
+
+def make_certificate() -> tuple[str, str]:
+    """A self-signed certificate and its private key, both PEM."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-broker-test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
