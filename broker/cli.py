@@ -62,13 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON instead")
     _client_options(status)
 
-    emulator = sub.add_parser(
-        "emulator", help="serve the built-in emulator of Entra ID and Azure ML (for trials)"
-    )
-    emulator.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
-    emulator.add_argument("--port", type=int, default=8443, help="HTTPS port (default 8443)")
-    emulator.add_argument(
-        "--ca-dir", type=Path, default=Path("emulator-ca"), help="where to write the CA"
+    sub.add_parser(
+        "emulator",
+        help="serve the built-in emulator of Entra ID and Azure ML (see: emulator --help)",
+        add_help=False,
     )
 
     demo = sub.add_parser("demo", help="emulator + broker + a client, end to end, no Azure account")
@@ -93,7 +90,12 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "emulator":
+        args.options = extra  # the emulator parses its own options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     command = args.command.replace("-", "_")
     handler = globals()[f"_cmd_{command}"]
     try:
@@ -203,15 +205,13 @@ async def _get(args: argparse.Namespace, path: str) -> tuple[int, bytes]:
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
-    from broker.emulator import run_emulator
-    from broker.emulator.seed import demo_state
+    from broker.emulator.__main__ import main as emulator_main
 
     try:
-        asyncio.run(run_emulator(args.host, args.port, args.ca_dir, demo_state()))
+        return emulator_main(args.options, prog="token-broker emulator")
     except OSError as exc:
         print(f"token-broker: cannot start the emulator: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
-    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ class Daemon:
     def __init__(self, config: Config, *, clock: Clock = system_clock) -> None:
         self.config = config
         self.upstream = Upstream(config.cloud, timeout_s=config.refresh.timeout_s)
-        credentials = {
+        self.credentials = credentials = {
             name: ServicePrincipalCredential(
                 identity, config.cloud, timeout_s=config.refresh.timeout_s
             )
@@ -68,6 +68,8 @@ class Daemon:
         await self.listeners.stop()
         await self.refresher.stop()
         await self.upstream.close()
+        for credential in self.credentials.values():
+            credential.close()
         log.info("broker.stopped")
 
     async def __aenter__(self) -> Daemon:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from broker import log
 from broker.emulator import Emulator
@@ -128,3 +134,40 @@ def write_config(short_dir: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+@dataclass(frozen=True)
+class SelfSigned:
+    """A throw-away certificate and its RSA key, for client-assertion sign-ins."""
+
+    key: rsa.RSAPrivateKey
+    cert: x509.Certificate
+
+    @property
+    def cert_pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    @property
+    def key_pem(self) -> str:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+
+
+def self_signed() -> SelfSigned:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-broker-test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    return SelfSigned(key, cert)

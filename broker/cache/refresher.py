@@ -39,13 +39,21 @@ class Refresher:
         for entry in self._store.entries:
             self._store.fetch(entry.service)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop scheduling; let fetches under way finish within `grace_s`, then cancel them.
+
+        Waiting matters because MSAL runs in worker threads that a cancelled task
+        cannot stop: they would outlive the event loop.
+        """
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
         pending = [e.inflight for e in self._store.entries if e.inflight is not None]
-        for task in pending:
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=grace_s)
+        for task in late:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def _run(self, service: str) -> None:
         # A failure is recorded and logged by the store, and _reschedule sets the retry.

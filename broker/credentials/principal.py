@@ -35,13 +35,31 @@ class Credential(Protocol):
     async def get_token(self, scope: str) -> AccessToken: ...
 
 
-def http_session(cloud: CloudProfile) -> requests.Session:
-    """A requests session trusting exactly the cloud profile's CA.
+class _BoundedSession(requests.Session):
+    """A requests session whose every call has a timeout.
+
+    MSAL passes its own timeout to the token request but not to every call (the
+    OpenID discovery in its constructor has none), and a call without one can
+    hang a worker thread forever on a peer that accepted but never answers.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout_s
+        return super().request(method, url, **kwargs)
+
+
+def http_session(cloud: CloudProfile, timeout_s: float = 30.0) -> requests.Session:
+    """A requests session trusting exactly the cloud profile's CA, with bounded calls.
 
     `trust_env` is off so REQUESTS_CA_BUNDLE or a proxy variable in the daemon's
     environment cannot silently replace the CA we were told to trust.
     """
-    session = requests.Session()
+    session = _BoundedSession(timeout_s)
     session.trust_env = False
     session.verify = str(cloud.ca_bundle) if cloud.ca_bundle else True
     return session
@@ -59,10 +77,14 @@ class ServicePrincipalCredential:
     ) -> None:
         self.identity = identity
         self._cloud = cloud
-        self._session = session or http_session(cloud)
+        self._session = session or http_session(cloud, timeout_s)
         self._timeout_s = timeout_s
         self._app: msal.ConfidentialClientApplication | None = None
         self._lock = asyncio.Lock()
+
+    def close(self) -> None:
+        """Close MSAL's pooled HTTPS connections."""
+        self._session.close()
 
     async def get_token(self, scope: str) -> AccessToken:
         async with self._lock:  # MSAL's app is not built for concurrent first use

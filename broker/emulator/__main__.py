@@ -17,8 +17,8 @@ from broker.emulator.server import Emulator, run_emulator
 from broker.emulator.state import EmulatorState
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m broker.emulator") -> int:
+    args = _parser(prog).parse_args(argv)
     state = seed.demo_state(
         token_lifetime_s=args.token_lifetime, refresh_after_s=args.refresh_after
     )
@@ -26,9 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m broker.emulator",
+        prog=prog,
         description="Serve a fake Entra ID + Azure ML (the demo cloud) over HTTPS.",
     )
     parser.add_argument(

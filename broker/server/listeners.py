@@ -34,6 +34,16 @@ class ListenError(BrokerError):
 
 def bind_unix(path: Path, mode: int) -> socket.socket:
     """A listening Unix socket at `path` with `mode`, refusing to replace a live one."""
+    try:
+        return _bind_unix(path, mode)
+    except OSError as exc:
+        raise ListenError(
+            f"cannot create the socket {path}: {exc.strerror or exc}; check that the directory "
+            "exists and that the broker's user may write to it"
+        ) from None
+
+
+def _bind_unix(path: Path, mode: int) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not path.is_socket():
             raise ListenError(
@@ -47,13 +57,13 @@ def bind_unix(path: Path, mode: int) -> socket.socket:
     old_umask = os.umask(0o777)  # no moment where the file is wider than `mode`
     try:
         sock.bind(str(path))
-    except OSError as exc:
+        path.chmod(mode)
+        sock.listen(_BACKLOG)
+    except OSError:
         sock.close()
-        raise ListenError(f"cannot bind {path}: {exc.strerror}") from None
+        raise
     finally:
         os.umask(old_umask)
-    path.chmod(mode)
-    sock.listen(_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -78,7 +88,7 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(_BACKLOG)
     sock.setblocking(False)
     return sock

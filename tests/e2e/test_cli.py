@@ -48,6 +48,42 @@ def test_broken_config_exits_2_without_traceback(short_dir: Path) -> None:
     assert str(path) in result.stderr and "port" in result.stderr
 
 
+BROKEN = {
+    "unknown key": ("[listen.tcp]\nprot = 1\n", "listen.tcp.prot", 'did you mean "port"'),
+    "wrong type": ('[listen.tcp]\nport = "8765"\n', "listen.tcp.port", "integer"),
+    "missing identity": ('identity = "ghost"', "service[1].identity", "ghost"),
+    "two credentials": ('client_secret_env = "X"', "identity.main", "keep exactly one"),
+    "duplicate service": ("DUPLICATE", "service[3].name", "already used"),
+    "unreadable secret file": ("MISSING_SECRET", "identity.main.client_secret_file", "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_each_broken_config_case_exits_2(
+    case: str, emulator: Emulator, short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each broken-configuration case names the file, the key and the fix, exit code 2."""
+    change, key, phrase = BROKEN[case]
+    text = config_text(emulator, short_dir)
+    if change == "DUPLICATE":
+        text += text[text.index("[[service]]") :]
+    elif change == "MISSING_SECRET":
+        text = text.replace("client-secret", "no-such-secret-file")
+    elif change.startswith("[listen.tcp]"):
+        text = text.replace('[listen.tcp]\nhost = "127.0.0.1"\nport = 0\n', change)
+    elif change.startswith("identity"):
+        text = text.replace("[[service]]\n", f"[[service]]\n{change}\n", 1)
+    else:
+        text = text.replace("[identity.main]\n", f"[identity.main]\n{change}\n")
+    path = short_dir / "broker.toml"
+    path.write_text(text)
+    assert main(["check-config", "-c", str(path)]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert str(path) in err and f"[{key}" in err and phrase in err, err
+    assert "Traceback" not in err and CLIENT_SECRET not in err
+
+
 def test_missing_config_file_exits_2(short_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A configuration path that does not exist is named in the error, exit 2."""
     assert main(["run", "-c", str(short_dir / "absent.toml")]) == EXIT_CONFIG

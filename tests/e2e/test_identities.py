@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
-from tests.conftest import config_text
+from tests.conftest import config_text, self_signed
 from tests.e2e.conftest import StartBroker
 
 pytestmark = pytest.mark.timeout(30)
@@ -22,28 +18,6 @@ pytestmark = pytest.mark.timeout(30)
 CERT_CLIENT = "22222222-2222-2222-2222-222222222222"
 FED_CLIENT = "33333333-3333-3333-3333-333333333333"
 ONLY_FRAUD = {"fraud": demo.TOKEN_SERVICE}
-
-
-def self_signed() -> tuple[bytes, bytes, rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-broker-test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM), key, cert
 
 
 def register(emulator: Emulator, client_id: str, **credential: object) -> None:
@@ -71,10 +45,10 @@ async def test_certificate_pem(
     start_broker: StartBroker, emulator: Emulator, short_dir: Path
 ) -> None:
     """A PEM file with key and certificate signs a client assertion that Entra accepts."""
-    key_pem, cert_pem, _, _ = self_signed()
-    register(emulator, CERT_CLIENT, certificate_pem=cert_pem.decode())
+    pair = self_signed()
+    register(emulator, CERT_CLIENT, certificate_pem=pair.cert_pem)
     path = short_dir / "sp.pem"
-    path.write_bytes(key_pem + cert_pem)
+    path.write_text(pair.key_pem + pair.cert_pem)
     path.chmod(0o600)
     body = await token_via(
         start_broker, emulator, short_dir, CERT_CLIENT, f'certificate_file = "{path}"'
@@ -86,10 +60,10 @@ async def test_certificate_pfx_with_password(
     start_broker: StartBroker, emulator: Emulator, short_dir: Path
 ) -> None:
     """A password-protected PFX signs in too."""
-    _, cert_pem, key, cert = self_signed()
-    register(emulator, CERT_CLIENT, certificate_pem=cert_pem.decode())
+    pair = self_signed()
+    register(emulator, CERT_CLIENT, certificate_pem=pair.cert_pem)
     pfx = pkcs12.serialize_key_and_certificates(
-        b"sp", key, cert, None, serialization.BestAvailableEncryption(b"pfx-password")
+        b"sp", pair.key, pair.cert, None, serialization.BestAvailableEncryption(b"pfx-password")
     )
     path = short_dir / "sp.pfx"
     path.write_bytes(pfx)
@@ -104,11 +78,10 @@ async def test_unregistered_certificate_is_refused(
     start_broker: StartBroker, emulator: Emulator, short_dir: Path
 ) -> None:
     """A certificate Entra does not know yields AADSTS700027, not a crash."""
-    _, registered, _, _ = self_signed()
-    other_key, other_cert, _, _ = self_signed()
-    register(emulator, CERT_CLIENT, certificate_pem=registered.decode())
+    other = self_signed()
+    register(emulator, CERT_CLIENT, certificate_pem=self_signed().cert_pem)
     path = short_dir / "sp.pem"
-    path.write_bytes(other_key + other_cert)
+    path.write_text(other.key_pem + other.cert_pem)
     text = config_text(
         emulator, short_dir, services=ONLY_FRAUD, identity=f'certificate_file = "{path}"'
     )

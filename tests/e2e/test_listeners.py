@@ -12,6 +12,7 @@ from broker.config import load_config
 from broker.daemon import Daemon
 from broker.emulator import Emulator
 from broker.server import AlreadyRunningError, ListenError
+from broker.server.listeners import bind_unix
 from tests.conftest import config_text
 from tests.e2e.conftest import StartBroker
 
@@ -75,3 +76,12 @@ async def test_non_socket_file_in_the_way_is_not_deleted(
     with pytest.raises(ListenError, match="not a socket"):
         await start_broker()
     assert (short_dir / "broker.sock").read_text() == "precious"
+
+
+def test_unusable_socket_path_is_a_clear_error(short_dir: Path) -> None:
+    """A socket path the broker cannot create is a ListenError naming the path, not a crash."""
+    too_long = short_dir / ("x" * 120) / "broker.sock"
+    with pytest.raises(ListenError, match="cannot create the socket"):
+        bind_unix(too_long, 0o660)
+    with pytest.raises(ListenError, match="cannot create the socket"):
+        bind_unix(Path("/proc/no-such-dir/broker.sock"), 0o660)

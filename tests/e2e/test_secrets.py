@@ -33,7 +33,7 @@ async def test_no_secret_in_any_output(
     secrets += emulator.state.current_keys(
         demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE, demo.KEY_SERVICE
     )
-    credential = next(iter(broker.daemon.providers.values()))._credential
+    credential = broker.daemon.credentials["main"]
     secrets.append((await credential.get_token(broker.daemon.config.cloud.arm_scope)).value)
 
     emulator.state.fail("mms.token", status=500, body=json.dumps({"echo": secrets[1]}))

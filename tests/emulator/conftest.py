@@ -3,7 +3,6 @@ a real HTTPS socket, and an aiohttp client that trusts only the emulator's CA.""
 
 from __future__ import annotations
 
-import datetime as dt
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -12,12 +11,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from broker.emulator import Emulator, EmulatorState
+from tests.conftest import self_signed
 
 TENANT = "00000000-0000-0000-0000-00000000cafe"
 CLIENT = "22222222-2222-2222-2222-222222222222"
@@ -117,22 +113,5 @@ def certificate() -> tuple[str, str]:
 
 def make_certificate() -> tuple[str, str]:
     """A self-signed certificate and its private key, both PEM."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-broker-test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+    pair = self_signed()
+    return pair.cert_pem, pair.key_pem
