@@ -32,6 +32,10 @@ _TRANSIENT_AADSTS = frozenset({"AADSTS50196", "AADSTS90033", "AADSTS50058", "AAD
 class Credential(Protocol):
     """Anything that hands out an Entra ID access token for a scope."""
 
+    @property
+    def principal(self) -> str:
+        """Who signs in, for messages: the client id, never a secret."""
+
     async def get_token(self, scope: str) -> AccessToken: ...
 
 
@@ -81,6 +85,10 @@ class ServicePrincipalCredential:
         self._timeout_s = timeout_s
         self._app: msal.ConfidentialClientApplication | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def principal(self) -> str:
+        return self.identity.client_id
 
     def close(self) -> None:
         """Close MSAL's pooled HTTPS connections."""

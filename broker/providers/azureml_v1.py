@@ -201,7 +201,9 @@ class WebServiceProvider:
         reply = await self._call("POST", url, "mms.listkeys", arm_token)
         primary = reply.body.get("primaryKey") if isinstance(reply.body, dict) else None
         if not isinstance(primary, str) or not primary.strip():
-            raise MalformedResponseError("mms.listkeys: the answer has no primaryKey")
+            raise MalformedResponseError(
+                "mms.listkeys: the answer has no primaryKey", route="mms.listkeys"
+            )
         secondary = reply.body.get("secondaryKey")
         if isinstance(secondary, str) and secondary:
             register_secret(secondary)
@@ -215,8 +217,8 @@ class WebServiceProvider:
             )
         except PermissionDeniedError as exc:
             raise PermissionDeniedError(
-                f"{exc.message}. The principal {self._principal()} lacks the Reader role on "
-                f"workspace {self._config.workspace!r} (resource group "
+                f"{exc.message}. The principal {self._credential.principal} lacks the "
+                f"Reader role on workspace {self._config.workspace!r} (resource group "
                 f"{self._config.resource_group!r}) — grant Reader on the workspace",
                 status=exc.status,
                 route=route,
@@ -230,11 +232,6 @@ class WebServiceProvider:
         if route.startswith("mms.") or route == "arm.workspace":
             return f"service {self.service!r}"
         return ""
-
-    def _principal(self) -> str:
-        identity = getattr(self._credential, "identity", None)
-        client_id = getattr(identity, "client_id", None)
-        return f"{client_id}" if client_id else "of this identity"
 
 
 def parse_token(body: Any) -> AccessToken:
