@@ -2,7 +2,8 @@
 
 This is the only module that knows all the layers. Listeners start first so that
 `/healthz` answers while the first fetches are still under way (or while Azure is
-down); the refresher starts next and fetches every service at once.
+down); the refresher starts next and fetches every service. `reload` applies a new
+configuration to the running daemon without dropping what still holds.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import asyncio
 import signal
 from pathlib import Path
 
-from broker.cache import Policy, Refresher, Store
-from broker.config import Config
+from broker import log as logging_setup
+from broker.cache import PersistedCache, Policy, Refresher, Saver, Store, fingerprint
+from broker.config import Config, IdentityConfig, ServiceConfig, load_config
 from broker.credentials import ServicePrincipalCredential
+from broker.errors import ConfigError
 from broker.log import get_logger
 from broker.models import Clock, system_clock
-from broker.providers import Upstream, WebServiceProvider, Workspaces
+from broker.providers import Throttles, Upstream, WebServiceProvider, Workspaces
 from broker.server import Listeners, make_app
 
 log = get_logger("broker.daemon")
+
+STOP_GRACE_S = 5.0  # how long requests and fetches under way may take to finish on stop
 
 
 class Daemon:
@@ -27,23 +32,63 @@ class Daemon:
 
     def __init__(self, config: Config, *, clock: Clock = system_clock) -> None:
         self.config = config
+        self.clock = clock
         self.upstream = Upstream(config.cloud, timeout_s=config.refresh.timeout_s)
-        self.credentials = credentials = {
-            name: ServicePrincipalCredential(
-                identity, config.cloud, timeout_s=config.refresh.timeout_s
-            )
-            for name, identity in config.identities.items()
-        }
-        workspaces = Workspaces()
-        self.providers = {
-            s.name: WebServiceProvider(
-                s, config.cloud, credentials[s.identity], self.upstream, workspaces
-            )
-            for s in config.services
-        }
-        self.store = Store(self.providers.values(), Policy(config.refresh), clock)
+        self.workspaces = Workspaces()
+        self.throttles = Throttles(clock)
+        self.credentials: dict[str, ServicePrincipalCredential] = {}
+        self.store = Store(
+            [],
+            Policy(config.refresh),
+            clock,
+            max_concurrency=config.refresh.max_concurrency,
+            client_refresh_window_s=config.refresh.client_refresh_window_s,
+        )
+        for service in config.services:
+            self.store.add(self._provider(service))
         self.refresher = Refresher(self.store)
-        self.listeners = Listeners(make_app(self.store), config.listen)
+        self.saver: Saver | None = None
+        if config.cache.enabled and config.cache.key is not None:
+            cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
+            self.saver = Saver(self.store, cache, self._fingerprint)
+        self.listeners = Listeners(make_app(self.store), config.listen, STOP_GRACE_S)
+
+    def _fingerprint(self, name: str) -> str | None:
+        """What a service's credential is for: a saved one is restored only for the same."""
+        service = self.config.service(name)
+        if service is None:
+            return None
+        identity = self.config.identities[service.identity]
+        return fingerprint(
+            self.config.cloud.resource_manager,
+            identity.tenant_id,
+            identity.client_id,
+            service.subscription_id,
+            service.resource_group,
+            service.workspace,
+            service.web_service,
+            service.region or "",
+            service.auth,
+        )
+
+    def _credential(self, name: str) -> ServicePrincipalCredential:
+        if name not in self.credentials:
+            self.credentials[name] = ServicePrincipalCredential(
+                self.config.identities[name],
+                self.config.cloud,
+                timeout_s=self.config.refresh.timeout_s,
+            )
+        return self.credentials[name]
+
+    def _provider(self, service: ServiceConfig) -> WebServiceProvider:
+        return WebServiceProvider(
+            service,
+            self.config.cloud,
+            self._credential(service.identity),
+            self.upstream,
+            self.workspaces,
+            self.throttles,
+        )
 
     @property
     def unix_path(self) -> Path | None:
@@ -54,6 +99,8 @@ class Daemon:
         return self.listeners.tcp_address
 
     async def start(self) -> None:
+        if self.saver is not None:
+            self.saver.restore()
         await self.listeners.start()
         self.refresher.start()
         log.info(
@@ -64,9 +111,11 @@ class Daemon:
         )
 
     async def stop(self) -> None:
-        """Stop serving, then stop refreshing; safe to call more than once."""
+        """Stop accepting, let what is under way finish within a grace period, release all."""
         await self.listeners.stop()
-        await self.refresher.stop()
+        await self.refresher.stop(STOP_GRACE_S)
+        if self.saver is not None:
+            await self.saver.close()
         await self.upstream.close()
         for credential in self.credentials.values():
             credential.close()
@@ -79,17 +128,137 @@ class Daemon:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def reload(self, config: Config) -> None:
+        """Apply a new configuration: fetch new services, forget removed ones, keep the rest.
+
+        A service whose definition is unchanged keeps its credential and its schedule.
+        One whose identity changed keeps serving its credential while it signs in again
+        at once. One whose Azure coordinates changed starts from nothing. Listener
+        changes need a restart and are reported, not applied.
+        """
+        old = self.config
+        if config.listen != old.listen:
+            log.warning("config.listen_needs_restart", config=str(config.path))
+        cloud_changed = config.cloud != old.cloud
+        changed_identities = {
+            name
+            for name, identity in old.identities.items()
+            if cloud_changed or config.identities.get(name) != identity
+        }
+        self.config = config
+        self._swap_shared_parts(cloud_changed, changed_identities)
+        summary = self._apply_services(old, config, changed_identities)
+        self.store.policy = Policy(config.refresh)
+        self.store.client_refresh_window_s = config.refresh.client_refresh_window_s
+        if config.log != old.log:
+            logging_setup.configure(config.log.format, config.log.level)
+        log.info("config.reloaded", config=str(config.path), **summary)
+
+    def _swap_shared_parts(self, cloud_changed: bool, identities: set[str]) -> None:
+        for name in identities:
+            credential = self.credentials.pop(name, None)
+            if credential is not None:
+                credential.close()
+        if cloud_changed:
+            stale, self.upstream = self.upstream, Upstream(self.config.cloud)
+            self.workspaces = Workspaces()
+            asyncio.get_running_loop().create_task(stale.close())
+
+    def _apply_services(
+        self, old: Config, new: Config, changed_identities: set[str]
+    ) -> dict[str, list[str]]:
+        summary: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "kept": []}
+        wanted = {s.name for s in new.services}
+        for service in old.services:
+            if service.name not in wanted:
+                self.refresher.forget(service.name)
+                self.store.remove(service.name)
+                summary["removed"].append(service.name)
+        for service in new.services:
+            before = old.service(service.name)
+            verdict = _compare(before, service, changed_identities, old, new)
+            summary[verdict].append(service.name)
+            if verdict == "kept":
+                continue
+            if before is not None and _same_target(before, service):
+                # The same Azure service under another identity: keep serving its
+                # credential, and sign in with the new identity at once.
+                self.store.add(self._provider(service), self.store.entry(service.name))
+                self.store.fetch(service.name)
+                continue
+            self.refresher.forget(service.name)
+            self.store.remove(service.name)
+            self.store.add(self._provider(service))
+            self.refresher.track(service.name)
+        return summary
+
+
+def _same_target(a: ServiceConfig, b: ServiceConfig) -> bool:
+    return (a.subscription_id, a.resource_group, a.workspace, a.web_service, a.region, a.auth) == (
+        b.subscription_id,
+        b.resource_group,
+        b.workspace,
+        b.web_service,
+        b.region,
+        b.auth,
+    )
+
+
+def _compare(
+    before: ServiceConfig | None,
+    after: ServiceConfig,
+    changed_identities: set[str],
+    old: Config,
+    new: Config,
+) -> str:
+    if before is None:
+        return "added"
+    identity_changed = before.identity in changed_identities or _identity(old, before) != _identity(
+        new, after
+    )
+    if before == after and not identity_changed:
+        return "kept"
+    return "changed"
+
+
+def _identity(config: Config, service: ServiceConfig) -> IdentityConfig | None:
+    return config.identities.get(service.identity)
+
 
 async def serve(config: Config) -> None:
-    """Run the broker until SIGTERM or SIGINT."""
+    """Run the broker until SIGTERM or SIGINT; SIGHUP reloads the configuration file."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with Daemon(config):
+    async with Daemon(config) as daemon:
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hangup() -> None:
+            task = loop.create_task(_reload_from_disk(daemon))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        try:
             await stop.wait()
             log.info("broker.stopping")
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+
+async def _reload_from_disk(daemon: Daemon) -> None:
+    path = daemon.config.path
+    log.info("config.reloading", config=str(path))
+    try:
+        config = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        log.error(
+            "config.reload_rejected",
+            config=str(path),
+            problems=[str(p) for p in exc.problems],
+            note="the running configuration stays in force",
+        )
+        return
+    await daemon.reload(config)

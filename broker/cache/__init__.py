@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from broker.cache.persist import PersistedCache, fingerprint
 from broker.cache.policy import Policy
 from broker.cache.refresher import Refresher
+from broker.cache.saver import Saver
 from broker.cache.store import Entry, Store
 
-__all__ = ["Entry", "Policy", "Refresher", "Store"]
+__all__ = ["Entry", "PersistedCache", "Policy", "Refresher", "Saver", "Store", "fingerprint"]

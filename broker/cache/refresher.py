@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 
@@ -37,7 +38,21 @@ class Refresher:
         """
         self._scheduler.start()
         for entry in self._store.entries:
-            self._store.fetch(entry.service)
+            self.track(entry.service)
+
+    def track(self, service: str) -> None:
+        """Start refreshing a service: at its refresh time if it holds a usable credential
+        (restored from the persisted cache), else now."""
+        entry = self._store.entry(service)
+        if entry.token is not None and entry.obtained_at is not None and self._store.usable(entry):
+            self._schedule(service, self._store.policy.refresh_at(entry.token, entry.obtained_at))
+        else:
+            self._store.fetch(service)
+
+    def forget(self, service: str) -> None:
+        """Stop refreshing a service that is no longer configured."""
+        with contextlib.suppress(JobLookupError):
+            self._scheduler.remove_job(service)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop scheduling; let fetches under way finish within `grace_s`, then cancel them.

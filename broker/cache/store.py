@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from broker.providers import TokenProvider
 log = get_logger("broker.cache")
 
 _COLD_WAIT_S = 30.0  # how long a client waits for a first fetch before getting 503
+# Unique across entries, so a service removed and added again by a reload can never
+# be mistaken for its former self by a reader that caches renderings by generation.
+_generations = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -36,7 +40,8 @@ class Entry:
     last_error_at: float | None = None
     failures: int = 0
     next_attempt_at: float | None = None
-    generation: int = 0  # bumped whenever `token` changes; lets readers cache renderings
+    last_attempt_at: float | None = None  # when the latest fetch started
+    generation: int = 0  # changes whenever `token` changes; lets readers cache renderings
     inflight: asyncio.Task[AccessToken] | None = None
 
 
@@ -48,11 +53,41 @@ class Store:
         providers: Iterable[TokenProvider],
         policy: Policy | None = None,
         clock: Clock = system_clock,
+        max_concurrency: int = 4,
+        client_refresh_window_s: float = 10.0,
     ) -> None:
         self.policy = policy or Policy()
         self.clock = clock
+        self.client_refresh_window_s = client_refresh_window_s
         self._entries = {p.service: Entry(p.service, p) for p in providers}
         self._listeners: list[Callable[[Entry], None]] = []
+        # Bounds calls to Azure, which throttles per principal and per subscription:
+        # a thousand services starting at once queue here instead of bursting.
+        self._upstream_slots = asyncio.Semaphore(max_concurrency)
+
+    def add(self, provider: TokenProvider, restored: Entry | None = None) -> Entry:
+        """Serve a new service, or give one a new provider; `restored` brings a saved credential."""
+        entry = restored or Entry(provider.service, provider)
+        entry.provider = provider
+        self._entries[provider.service] = entry
+        return entry
+
+    def restore(self, service: str, token: AccessToken, obtained_at: float) -> Entry:
+        """Put a credential saved before a restart back in place, as if just fetched."""
+        entry = self.entry(service)
+        entry.token, entry.obtained_at, entry.last_success_at = token, obtained_at, obtained_at
+        entry.generation = next(_generations)
+        return entry
+
+    def remove(self, service: str) -> Entry | None:
+        """Forget a service; a fetch under way is cancelled and its credential forgotten."""
+        entry = self._entries.pop(service, None)
+        if entry is not None:
+            if entry.inflight is not None:
+                entry.inflight.cancel()
+            if entry.token is not None:
+                forget_secret(entry.token.value)
+        return entry
 
     def on_result(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener` after every fetch, successful or not."""
@@ -89,6 +124,22 @@ class Store:
             return None
         return self.policy.refresh_by(entry.token, entry.obtained_at)
 
+    async def refresh_now(self, service: str) -> Entry:
+        """A client-requested refresh, at most one per service per window; then the credential.
+
+        For clients whose call was refused with the token they had. A crowd of them
+        asking at once shares one fetch, and asking again inside the window only
+        returns what the last fetch produced, so clients cannot stampede Azure.
+        """
+        entry = self.entry(service)
+        last = entry.last_attempt_at
+        if entry.inflight is None and (
+            last is None or self.clock() - last >= self.client_refresh_window_s
+        ):
+            log.info("token.refresh_requested", service=service)
+            self.fetch(service)
+        return await self._await_usable(entry)
+
     async def credential(self, service: str) -> Entry:
         """The entry with a servable credential, waiting for a first fetch if one is due."""
         entry = self.entry(service)
@@ -96,24 +147,29 @@ class Store:
             return entry
         if entry.inflight is None and entry.last_error is None:
             self.fetch(service)
+        return await self._await_usable(entry)
+
+    async def _await_usable(self, entry: Entry) -> Entry:
         if entry.inflight is not None:
             with contextlib.suppress(UpstreamError, TimeoutError):
                 await asyncio.wait_for(asyncio.shield(entry.inflight), _COLD_WAIT_S)
-            if self.usable(entry):
-                return entry
+        if self.usable(entry):
+            return entry
         raise self._not_ready(entry)
 
     def fetch(self, service: str) -> asyncio.Task[AccessToken]:
         """Start a fetch, or join the one in flight; the task's outcome is recorded."""
         entry = self.entry(service)
         if entry.inflight is None:
+            entry.last_attempt_at = self.clock()
             entry.inflight = asyncio.create_task(self._fetch(entry), name=f"fetch:{service}")
             entry.inflight.add_done_callback(_consume)
         return entry.inflight
 
     async def _fetch(self, entry: Entry) -> AccessToken:
         try:
-            token = await entry.provider.fetch()
+            async with self._upstream_slots:
+                token = await entry.provider.fetch()
         except UpstreamError as exc:
             self._record_failure(entry, exc)
             raise
@@ -134,7 +190,7 @@ class Store:
         entry.token, entry.obtained_at, entry.last_success_at = token, now, now
         entry.last_error, entry.last_error_at, entry.failures = None, None, 0
         if changed:
-            entry.generation += 1
+            entry.generation = next(_generations)
             if old is not None:
                 forget_secret(old.value)
         log.info(
@@ -162,6 +218,8 @@ class Store:
         self._notify(entry)
 
     def _notify(self, entry: Entry) -> None:
+        if self._entries.get(entry.service) is not entry:
+            return  # removed by a reload while its fetch finished
         for listener in self._listeners:
             listener(entry)
 

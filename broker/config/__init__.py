@@ -5,7 +5,7 @@ problem it found, each naming the file, the line, the key and the fix.
 
     model.py     the frozen value objects and the built-in cloud profiles
     reader.py    typed reads of TOML values that record problems with their lines
-    schema.py    the sections: listen, log, cloud, refresh, service
+    schema.py    the sections: listen, log, cloud, refresh, cache, service
     identity.py  identities and their secret sources
     render.py    the effective configuration with secrets masked
 """
@@ -18,11 +18,13 @@ from pathlib import Path
 
 from broker.config.model import (
     CLOUDS,
+    DEFAULT_CACHE_PATH,
     DEFAULT_CONFIG_PATH,
     DEFAULT_SOCKET_PATH,
     DEFAULT_TCP_HOST,
     DEFAULT_TCP_PORT,
     AuthMode,
+    CacheConfig,
     CloudProfile,
     Config,
     IdentityConfig,
@@ -32,6 +34,7 @@ from broker.config.model import (
     LogFormat,
     RefreshConfig,
     Secret,
+    SecretBytes,
     ServiceConfig,
     TcpListener,
     UnixListener,
@@ -51,11 +54,13 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
 
 __all__ = [
     "CLOUDS",
+    "DEFAULT_CACHE_PATH",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_SOCKET_PATH",
     "DEFAULT_TCP_HOST",
     "DEFAULT_TCP_PORT",
     "AuthMode",
+    "CacheConfig",
     "CloudProfile",
     "Config",
     "IdentityConfig",
@@ -65,6 +70,7 @@ __all__ = [
     "LogFormat",
     "RefreshConfig",
     "Secret",
+    "SecretBytes",
     "ServiceConfig",
     "TcpListener",
     "UnixListener",

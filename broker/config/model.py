@@ -11,6 +11,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/token-broker/broker.toml")
 DEFAULT_SOCKET_PATH = Path("/run/token-broker/broker.sock")
 DEFAULT_TCP_HOST = "127.0.0.1"
 DEFAULT_TCP_PORT = 8765
+DEFAULT_CACHE_PATH = Path("/var/lib/token-broker/cache.bin")
 
 AuthMode = Literal["auto", "token", "key"]
 LogFormat = Literal["auto", "json", "console"]
@@ -35,6 +36,29 @@ class Secret:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class SecretBytes:
+    """Secret bytes, such as a key file's raw content, that never show themselves."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "SecretBytes(b'********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretBytes) and other._value == self._value
 
     def __hash__(self) -> int:
         return hash(self._value)
@@ -118,6 +142,18 @@ class RefreshConfig:
     retry_min_s: float = 1.0  # first retry after a failed refresh
     retry_max_s: float = 300.0  # retries back off up to this
     timeout_s: float = 30.0  # bound on each upstream call
+    max_concurrency: int = 4  # upstream fetches in flight at once, across all services
+    client_refresh_window_s: float = 10.0  # a client-asked refresh of a service: once per this
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The optional encrypted file that lets a restart serve credentials still valid."""
+
+    enabled: bool = False
+    path: Path = DEFAULT_CACHE_PATH
+    key: SecretBytes | None = None  # the key file's bytes, stretched with HKDF by the cache
+    key_source: str = ""  # where the key came from, for check-config: "file /x"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +194,7 @@ class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     log: LogConfig = field(default_factory=LogConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)

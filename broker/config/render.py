@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 
-from broker.config.model import Config, IdentityConfig, RefreshConfig, ServiceConfig
+from broker.config.model import (
+    CacheConfig,
+    Config,
+    IdentityConfig,
+    RefreshConfig,
+    ServiceConfig,
+)
 from broker.config.reader import quote
 
 _MASK = "********"
@@ -28,6 +34,7 @@ def render_effective(config: Config) -> str:
         ("[log]", {"format": config.log.format, "level": config.log.level}),
         ("[cloud]", cloud_values),
         ("[refresh]", {f.name: getattr(config.refresh, f.name) for f in fields(RefreshConfig)}),
+        ("[cache]", _cache_values(config.cache)),
     ]
     blocks += [
         (f"[identity.{_key(name)}]", _identity_values(i)) for name, i in config.identities.items()
@@ -54,6 +61,13 @@ def _identity_values(identity: IdentityConfig) -> dict[str, _Value]:
         values["certificate_password"] = _MASK
     if identity.federated_token_file is not None:
         values["federated_token_file"] = str(identity.federated_token_file)
+    return values
+
+
+def _cache_values(cache: CacheConfig) -> dict[str, _Value]:
+    values: dict[str, _Value] = {"enabled": cache.enabled, "path": str(cache.path)}
+    if cache.key_source:
+        values["key"] = cache.key_source  # where the key is, never the key
     return values
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import fields
@@ -24,12 +25,14 @@ from broker.config.model import (
     DEFAULT_TCP_HOST,
     DEFAULT_TCP_PORT,
     AuthMode,
+    CacheConfig,
     CloudProfile,
     Config,
     ListenConfig,
     LogConfig,
     LogFormat,
     RefreshConfig,
+    SecretBytes,
     ServiceConfig,
     TcpListener,
     UnixListener,
@@ -46,13 +49,23 @@ from broker.config.reader import (
 )
 from broker.errors import ConfigError
 
-TOP_KEYS = ("listen", "log", "cloud", "refresh", "identity", "service")
+TOP_KEYS = ("listen", "log", "cloud", "refresh", "cache", "identity", "service")
 SERVICE_KEYS = tuple(f.name for f in fields(ServiceConfig))
 CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _AZURE_NAMES = ("subscription_id", "resource_group", "workspace", "web_service")
-_ZERO_ALLOWED = frozenset({"margin_s", "jitter_s", "clock_skew_s"})
+_ZERO_ALLOWED = frozenset({"margin_s", "jitter_s", "clock_skew_s", "client_refresh_window_s"})
+CACHE_KEY_SOURCES = ("key_file", "key_credential")
+CACHE_KEY_BYTES = 32
+_MAKE_CACHE_KEY = (
+    "create one with: head -c 32 /dev/urandom > /etc/token-broker/cache.key && "
+    'chmod 600 /etc/token-broker/cache.key, then set key_file = "/etc/token-broker/cache.key"'
+)
+_CACHE_HINTS = {
+    "key": "the broker never reads the cache key from its configuration file: put it in a "
+    "file (key_file) or a systemd credential (key_credential)"
+}
 _OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _URL_SEGMENT = re.compile(r"[^/?#\s]+")  # Azure names travel as URL path segments
@@ -78,11 +91,12 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
     log = _log(root.table("log"))
     cloud = _cloud(root.table("cloud"), sources)
     refresh = _refresh(root.table("refresh"))
+    cache = _cache(root.table("cache"), sources)
     by_name = identities(root, sources)
     services = _services(root, list(by_name))
     if problems.items:
         raise ConfigError(problems.in_file_order())
-    return Config(path, cloud, MappingProxyType(by_name), services, listen, log, refresh)
+    return Config(path, cloud, MappingProxyType(by_name), services, listen, log, refresh, cache)
 
 
 def _read_document(path: Path, problems: Problems) -> dict[str, object] | None:
@@ -260,19 +274,16 @@ def _refresh(table: Table) -> RefreshConfig:
     names = [f.name for f in fields(RefreshConfig)]
     table.known(*names)
     defaults = RefreshConfig()
-    values: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     for name in names:
-        default = float(getattr(defaults, name))
-        value = values[name] = table.number(name, default)
-        if value < 0 or (value == 0 and name not in _ZERO_ALLOWED):
-            least = "zero or more" if name in _ZERO_ALLOWED else "more than zero"
-            table.problem(
-                name,
-                f"{name} must be {least}, got {value:g}",
-                f"use a positive number of seconds, or remove it for the default ({default:g})",
-            )
-            values[name] = default
-    fraction, low, high = values["lifetime_fraction"], values["retry_min_s"], values["retry_max_s"]
+        default = getattr(defaults, name)
+        if not isinstance(default, int):
+            seconds[name] = _seconds(table, name, default)
+    fraction, low, high = (
+        seconds["lifetime_fraction"],
+        seconds["retry_min_s"],
+        seconds["retry_max_s"],
+    )
     if not 0 < fraction < 1:
         table.problem(
             "lifetime_fraction",
@@ -285,7 +296,127 @@ def _refresh(table: Table) -> RefreshConfig:
             f"retry_max_s ({high:g}) is less than retry_min_s ({low:g})",
             "raise retry_max_s or lower retry_min_s",
         )
-    return RefreshConfig(**values)
+    concurrency = _count(table, "max_concurrency", defaults.max_concurrency)
+    return RefreshConfig(**seconds, max_concurrency=concurrency)
+
+
+def _seconds(table: Table, name: str, default: float) -> float:
+    value = table.number(name, default)
+    if value < 0 or (value == 0 and name not in _ZERO_ALLOWED):
+        least = "zero or more" if name in _ZERO_ALLOWED else "more than zero"
+        table.problem(
+            name,
+            f"{name} must be {least}, got {value:g}",
+            f"use a positive number of seconds, or remove it for the default ({default:g})",
+        )
+        return default
+    return value
+
+
+def _count(table: Table, name: str, default: int) -> int:
+    value = table.typed(name, "an integer")
+    if not isinstance(value, int):
+        return default
+    if value < 1:
+        table.problem(
+            name,
+            f"{name} must be 1 or more, got {value}",
+            f"use a positive whole number, or remove it for the default ({default})",
+        )
+        return default
+    return value
+
+
+def _cache(table: Table, sources: Sources) -> CacheConfig:
+    table.known("enabled", "path", *CACHE_KEY_SOURCES, hints=_CACHE_HINTS)
+    enabled = table.flag("enabled", False)
+    path = table.file_path("path", sources.base, CacheConfig().path) or CacheConfig().path
+    if not enabled:  # the other keys may wait there, unchecked, until the cache is enabled
+        return CacheConfig(False, path)
+    _cache_directory(table, path)
+    given = [key for key in CACHE_KEY_SOURCES if table.has(key)]
+    if len(given) != 1:
+        table.problem(
+            given[1] if given else None,
+            "key_file and key_credential are both set"
+            if given
+            else "the cache is enabled but has no key (key_file or key_credential)",
+            "keep one of them" if given else _MAKE_CACHE_KEY,
+        )
+        return CacheConfig(True, path)
+    if given[0] == "key_file":
+        key_path = table.file_path("key_file", sources.base)
+        source = f"file {key_path}"
+    else:
+        name = table.required_text("key_credential", "the name given to LoadCredential=")
+        key_path = _credential_path(table, "key_credential", name, sources)
+        source = f"systemd credential {name}"
+    key = _cache_key(table, given[0], key_path) if key_path else None
+    return CacheConfig(True, path, key, source)
+
+
+def _credential_path(table: Table, key: str, name: str, sources: Sources) -> Path | None:
+    """Where systemd put the credential `name`; the same rules as identities' credentials."""
+    directory = sources.environ.get("CREDENTIALS_DIRECTORY")
+    if name in (".", "..") or "/" in name:
+        table.problem(
+            key,
+            f"{key} must be a credential name, not a path",
+            "use the NAME of LoadCredential=NAME:/path, or key_file for a path",
+        )
+    elif name and not directory:
+        table.problem(
+            key,
+            f"{key} needs $CREDENTIALS_DIRECTORY, which is not set",
+            f"run the broker as a systemd service with LoadCredential={name}:/path/to/key, "
+            "or use key_file",
+        )
+    elif name and directory:
+        return Path(directory) / name
+    return None
+
+
+def _cache_directory(table: Table, path: Path) -> None:
+    if path.is_dir():
+        table.problem(
+            "path",
+            f"{path} is a directory",
+            "give the path of the cache file itself, e.g. /var/lib/token-broker/cache.bin",
+        )
+    elif not path.parent.is_dir():
+        table.problem(
+            "path",
+            f"the cache's directory {path.parent} does not exist",
+            "create it, owned by the broker's user and mode 0700 (systemd: "
+            "StateDirectory=token-broker makes /var/lib/token-broker), or change path",
+        )
+
+
+def _cache_key(table: Table, key: str, path: Path) -> SecretBytes | None:
+    """The key file's bytes, if it is long enough and only its owner may read it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except (OSError, ValueError):
+        mode = 0  # readable() says why the file cannot be used
+    content = table.readable(key, path)
+    if content is None:
+        return None
+    if len(content) < CACHE_KEY_BYTES:
+        table.problem(
+            key,
+            f"{path} holds {len(content)} bytes; a cache key needs at least {CACHE_KEY_BYTES}",
+            _MAKE_CACHE_KEY,
+        )
+        return None
+    if mode & 0o077:
+        table.problem(
+            key,
+            f"{path} has mode {mode:04o}: other users could read the key and decrypt the "
+            "cached credentials",
+            f"chmod 600 {path}, owned by the broker's user",
+        )
+        return None
+    return SecretBytes(content)
 
 
 def _services(root: Table, identity_names: list[str]) -> tuple[ServiceConfig, ...]:

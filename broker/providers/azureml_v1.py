@@ -9,7 +9,9 @@ fetch is one `POST …/token` or `POST …/listkeys` with the principal's ARM to
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import math
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +23,19 @@ from broker.credentials import Credential
 from broker.errors import (
     MalformedResponseError,
     PermissionDeniedError,
+    ThrottledError,
     UnsupportedAuthError,
     UpstreamError,
 )
 from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind
+from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
 
 log = get_logger("broker.providers.azureml_v1")
 
 API_VERSION = "2024-04-01"
+SKEW_TOLERANCE_S = 2.0  # Date has one-second resolution and the answer takes time to arrive
 _WORKSPACE = (
     "/subscriptions/{sub}/resourceGroups/{rg}"
     "/providers/Microsoft.MachineLearningServices/workspaces/{ws}"
@@ -120,12 +125,16 @@ class WebServiceProvider:
         credential: Credential,
         upstream: Upstream,
         workspaces: Workspaces | None = None,
+        throttles: Throttles | None = None,
     ) -> None:
         self._config = config
         self._cloud = cloud
         self._credential = credential
         self._upstream = upstream
         self._workspaces = workspaces or Workspaces()
+        self._throttles = throttles or Throttles()
+        self._throttle_key = (credential.principal, config.subscription_id.lower())
+        self.clock_skew_s: float | None = None
         self._mms_base: str | None = None
         self._description: Description | None = None
         self.auth: AuthKind | None = None
@@ -194,7 +203,8 @@ class WebServiceProvider:
     async def _token(self, arm_token: str) -> AccessToken:
         url = await self._service_url(arm_token) + "/token"
         reply = await self._call("POST", url, "mms.token", arm_token)
-        return parse_token(reply.body)
+        skew = self.clock_skew_s or 0.0
+        return parse_token(reply.body, skew_s=skew if abs(skew) >= SKEW_TOLERANCE_S else 0.0)
 
     async def _keys(self, arm_token: str) -> AccessToken:
         url = await self._service_url(arm_token) + "/listkeys"
@@ -211,10 +221,14 @@ class WebServiceProvider:
         return _valid(lambda: AccessToken(primary, AuthKind.KEY, None), "mms.listkeys")
 
     async def _call(self, method: str, url: str, route: str, bearer: str | None) -> Reply:
+        self._throttles.check(self._throttle_key, route)
         try:
-            return await self._upstream.call(
+            reply = await self._upstream.call(
                 method, url, route=route, bearer=bearer, what=self._role_hint(route)
             )
+        except ThrottledError as exc:
+            self._throttles.note(self._throttle_key, exc.retry_after)
+            raise
         except PermissionDeniedError as exc:
             raise PermissionDeniedError(
                 f"{exc.message}. The principal {self._credential.principal} lacks the "
@@ -227,6 +241,23 @@ class WebServiceProvider:
             if self._description is not None and exc.status == 404:
                 self.auth = None  # the service may have been redeployed: describe again
             raise
+        self._note_skew(reply, route)
+        return reply
+
+    def _note_skew(self, reply: Reply, route: str) -> None:
+        skew = clock_skew(reply.headers, time.time())
+        if skew is None or not route.startswith("mms."):
+            return
+        previous, self.clock_skew_s = self.clock_skew_s, skew
+        if abs(skew) >= SKEW_TOLERANCE_S and (
+            previous is None or abs(skew - previous) >= SKEW_TOLERANCE_S
+        ):
+            log.warning(
+                "clock.skew_detected",
+                service=self.service,
+                skew_s=round(skew, 1),
+                note="Azure's clock is ahead of ours" if skew > 0 else "ours is ahead of Azure's",
+            )
 
     def _role_hint(self, route: str) -> str:
         if route.startswith("mms.") or route == "arm.workspace":
@@ -234,8 +265,23 @@ class WebServiceProvider:
         return ""
 
 
-def parse_token(body: Any) -> AccessToken:
-    """A web-service token from MMS's answer, or `MalformedResponseError`; never half of one."""
+def clock_skew(headers: dict[str, str], now: float) -> float | None:
+    """Azure's clock minus ours, from an answer's `Date` header (one-second resolution)."""
+    value = headers.get("Date")
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - now
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_token(body: Any, skew_s: float = 0.0) -> AccessToken:
+    """A web-service token from MMS's answer, or `MalformedResponseError`; never half of one.
+
+    Azure's times are moved onto our clock by `skew_s` (Azure's clock minus ours), so
+    a token is never served past its real expiry when the local clock is behind.
+    """
     if not isinstance(body, dict):
         raise MalformedResponseError("mms.token: the answer is not a JSON object")
     value = body.get("accessToken")
@@ -248,6 +294,8 @@ def parse_token(body: Any) -> AccessToken:
     if expiry is None:
         raise MalformedResponseError("mms.token: the answer has no usable expiryOn")
     refresh = _epoch(body.get("refreshAfter"))
+    expiry -= skew_s
+    refresh = None if refresh is None else refresh - skew_s
     token_type = body.get("tokenType") if isinstance(body.get("tokenType"), str) else "Bearer"
     return _valid(
         lambda: AccessToken(value, AuthKind.TOKEN, expiry, refresh, str(token_type)), "mms.token"

@@ -17,4 +17,8 @@ class TokenProvider(Protocol):
     def scoring_uri(self) -> str | None:
         """Where clients send scoring requests, once the service has been described."""
 
+    @property
+    def clock_skew_s(self) -> float | None:
+        """Azure's clock minus ours, as last seen in a `Date` header; None before any."""
+
     async def fetch(self) -> AccessToken: ...

@@ -51,6 +51,7 @@ def make_app(store: Store) -> web.Application:
     app[STORE] = store
     app[routes.RENDERED] = {}
     app.router.add_get("/v1/token/{service}", routes.token)
+    app.router.add_post("/v1/token/{service}/refresh", routes.refresh)
     app.router.add_get("/v1/services", routes.services)
     app.router.add_get("/v1/services/{service}", routes.service)
     app.router.add_get("/healthz", routes.healthz)

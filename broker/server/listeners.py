@@ -97,8 +97,13 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 class Listeners:
     """Both listeners of one application, started and stopped together."""
 
-    def __init__(self, app: web.Application, config: ListenConfig) -> None:
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    def __init__(
+        self, app: web.Application, config: ListenConfig, shutdown_grace_s: float = 5.0
+    ) -> None:
+        # On stop, requests under way get `shutdown_grace_s` to finish; new ones are refused.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_grace_s
+        )
         self._config = config
         self.unix_path: Path | None = None
         self.tcp_address: tuple[str, int] | None = None

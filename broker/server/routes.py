@@ -65,6 +65,13 @@ async def token(request: web.Request) -> web.Response:
     return web.Response(body=rendered.json, content_type=_JSON)
 
 
+async def refresh(request: web.Request) -> web.Response:
+    """Refresh now (at most once per service per window), then answer like `token`."""
+    store = request.app[STORE]
+    entry = await store.refresh_now(request.match_info["service"])
+    return web.Response(body=_render(request, store, entry).json, content_type=_JSON)
+
+
 async def services(request: web.Request) -> web.Response:
     store = request.app[STORE]
     return web.json_response({"services": [describe(store, e) for e in store.entries]})
@@ -103,15 +110,21 @@ def describe(store: Store, entry: Entry) -> dict[str, Any]:
         "last_refresh": _iso(entry.last_success_at),
         "next_attempt": _iso(entry.next_attempt_at),
         "failures": entry.failures,
+        "clock_skew_s": _round(entry.provider.clock_skew_s),
         "last_error": None
         if error is None
         else {
             "message": error.message,
             "status": error.status,
             "aad_code": error.aad_code,
+            "retryable": error.retryable,
             "at": _iso(entry.last_error_at),
         },
     }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _iso(epoch: float | None) -> str | None:

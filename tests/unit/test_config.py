@@ -11,12 +11,15 @@ import pytest
 
 from broker.config import (
     CLOUDS,
+    DEFAULT_CACHE_PATH,
     DEFAULT_SOCKET_PATH,
+    CacheConfig,
     Config,
     ListenConfig,
     LogConfig,
     RefreshConfig,
     Secret,
+    SecretBytes,
     load_config,
     render_effective,
 )
@@ -26,6 +29,8 @@ pytestmark = pytest.mark.timeout(10)
 
 SECRET = "s3cr3t-VALUE-xyz"
 PASSWORD = "p4ssw0rd-VALUE-abc"
+CACHE_KEY = bytes(range(256))[::7] + b"\n\xff"  # raw bytes: not text, newline kept
+CREDENTIAL_KEY = b"c2VjcmV0LWNhY2hlLWtleS1mb3ItdGVzdHMtMDEyMzQ1Njc4OQ=="
 PEM = (
     "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
     "-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n"
@@ -48,6 +53,8 @@ web_service = "fraud-svc"
 """
 
 MINIMAL = IDENTITY + SERVICE
+
+CACHE_ON = '[cache]\nenabled = true\npath = "state/cache.bin"\n'  # a key source to be added
 
 FULL = """
 [listen.unix]
@@ -80,6 +87,13 @@ clock_skew_s = 2.5
 retry_min_s = 0.5
 retry_max_s = 60
 timeout_s = 10
+max_concurrency = 2
+client_refresh_window_s = 0
+
+[cache]
+enabled = true
+path = "state/cache.bin"
+key_file = "cache.key"
 
 [identity.main]
 tenant_id = "00000000-0000-0000-0000-000000000001"
@@ -143,6 +157,15 @@ def workdir(tmp_path: Path) -> Path:
     (tmp_path / "creds").mkdir()
     (tmp_path / "creds" / "client-secret").write_text(SECRET)
     (tmp_path / "adir").mkdir()
+    (tmp_path / "state").mkdir()
+    for name, content, mode in [
+        ("cache.key", CACHE_KEY, 0o600),
+        ("short.key", b"x" * 31, 0o600),
+        ("loose.key", CACHE_KEY, 0o640),
+        ("creds/cache-key", CREDENTIAL_KEY, 0o400),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        (tmp_path / name).chmod(mode)
     return tmp_path
 
 
@@ -201,6 +224,13 @@ def test_full_file_loads_every_section(workdir: Path) -> None:
     assert config.cloud.ca_bundle == workdir / "ca.pem"
     assert config.refresh.clock_skew_s == 2.5
     assert config.refresh.jitter_s == 0.0
+    assert config.refresh.max_concurrency == 2 and config.refresh.client_refresh_window_s == 0.0
+    assert config.cache == CacheConfig(
+        True,
+        workdir / "state" / "cache.bin",
+        SecretBytes(CACHE_KEY),
+        f"file {workdir / 'cache.key'}",
+    )
     assert list(config.identities) == ["main", "env", "systemd", "cert", "work load"]
     assert [s.name for s in config.services] == ["fraud", "churn.v2"]
     assert config.service("churn.v2") is config.services[1]
@@ -236,9 +266,15 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
     parsed = tomllib.loads(text)
 
     assert SECRET not in text and PASSWORD not in text
-    assert list(parsed) == ["listen", "log", "cloud", "refresh", "identity", "service"]
+    assert list(parsed) == ["listen", "log", "cloud", "refresh", "cache", "identity", "service"]
     assert parsed["listen"]["unix"]["mode"] == "0640"
     assert parsed["refresh"]["lifetime_fraction"] == 0.75
+    assert parsed["refresh"]["max_concurrency"] == 2
+    assert parsed["cache"] == {
+        "enabled": True,
+        "path": str(workdir / "state" / "cache.bin"),
+        "key": f"file {workdir / 'cache.key'}",
+    }
     assert parsed["identity"]["main"]["credential"] == f"file {workdir / 'sp'}"
     assert parsed["identity"]["main"]["client_secret"] == "********"
     assert parsed["identity"]["cert"]["certificate_password"] == "********"
@@ -256,11 +292,14 @@ def test_defaults_fill_every_absent_section(workdir: Path) -> None:
     assert config.listen.unix.path == DEFAULT_SOCKET_PATH
     assert config.log == LogConfig()
     assert config.refresh == RefreshConfig()
+    assert config.cache == CacheConfig(False, DEFAULT_CACHE_PATH)
     assert config.cloud == CLOUDS["AzureCloud"]
     assert config.services[0].auth == "auto"
     parsed = tomllib.loads(render_effective(config))
     assert parsed["listen"]["tcp"] == {"enabled": True, "host": "127.0.0.1", "port": 8765}
     assert parsed["cloud"]["authority_host"] == "https://login.microsoftonline.com"
+    assert parsed["refresh"]["max_concurrency"] == 4  # an integer, not 4.0
+    assert parsed["cache"] == {"enabled": False, "path": str(DEFAULT_CACHE_PATH)}
 
 
 def test_service_identity_may_be_omitted_when_there_is_one(workdir: Path) -> None:
@@ -363,6 +402,35 @@ def test_relative_paths_are_taken_from_the_config_files_directory(workdir: Path)
     """A relative path in the file means the same wherever the broker is started from."""
     config = load(workdir, MINIMAL)
     assert config.identities["main"].secret_source == f"file {workdir / 'sp'}"
+
+
+def with_credential_key() -> str:
+    """MINIMAL with the cache enabled and its key in the systemd credential cache-key."""
+    return CACHE_ON + 'key_credential = "cache-key"\n' + MINIMAL
+
+
+def test_cache_key_may_be_a_systemd_credential(workdir: Path) -> None:
+    """key_credential reads the key from $CREDENTIALS_DIRECTORY, byte for byte."""
+    config = load(workdir, with_credential_key())
+    assert config.cache.key is not None and config.cache.key.reveal() == CREDENTIAL_KEY
+    assert config.cache.key_source == "systemd credential cache-key"
+    assert config.cache.path == workdir / "state" / "cache.bin"
+
+
+def test_disabled_cache_leaves_its_other_keys_unchecked(workdir: Path) -> None:
+    """With enabled = false, a missing key file or directory is no problem yet."""
+    text = '[cache]\nenabled = false\npath = "nope/cache.bin"\nkey_file = "nope"\n' + MINIMAL
+    config = load(workdir, text)
+    assert config.cache == CacheConfig(False, workdir / "nope" / "cache.bin")
+
+
+def test_cache_key_never_shows(workdir: Path) -> None:
+    """The cache key appears in no repr and no rendering, only where it came from."""
+    config = load(workdir, FULL)
+    shown = repr(config) + str(config.cache.key) + render_effective(config)
+    assert "cache.key" in shown
+    assert repr(CACHE_KEY) not in shown and CACHE_KEY.hex() not in shown
+    assert "c2VjcmV0" not in render_effective(load(workdir, with_credential_key()))
 
 
 # -- broken files --------------------------------------------------------------------------
@@ -505,6 +573,120 @@ BROKEN = [
         "[refresh]\njitter_s = true\n" + MINIMAL,
         "refresh.jitter_s",
         "expected a number, got a boolean",
+    ),
+    (
+        "refresh-concurrency-zero",
+        "[refresh]\nmax_concurrency = 0\n" + MINIMAL,
+        "refresh.max_concurrency",
+        "must be 1 or more, got 0",
+    ),
+    (
+        "refresh-concurrency-fraction",
+        "[refresh]\nmax_concurrency = 2.5\n" + MINIMAL,
+        "refresh.max_concurrency",
+        "expected an integer, got a number (2.5)",
+    ),
+    (
+        "refresh-concurrency-quoted",
+        '[refresh]\nmax_concurrency = "4"\n' + MINIMAL,
+        "refresh.max_concurrency",
+        "write max_concurrency = 4 without quotes",
+    ),
+    (
+        "refresh-window-negative",
+        "[refresh]\nclient_refresh_window_s = -1\n" + MINIMAL,
+        "refresh.client_refresh_window_s",
+        "zero or more",
+    ),
+    (
+        "cache-unknown-key",
+        "[cache]\nenabeld = true\n" + MINIMAL,
+        "cache.enabeld",
+        'did you mean "enabled"?',
+    ),
+    (
+        "cache-inline-key",
+        CACHE_ON + 'key_file = "cache.key"\nkey = "0123456789abcdef"\n' + MINIMAL,
+        "cache.key",
+        "never reads the cache key from its configuration file",
+    ),
+    (
+        "cache-enabled-quoted",
+        '[cache]\nenabled = "true"\n' + MINIMAL,
+        "cache.enabled",
+        "write enabled = true without quotes",
+    ),
+    (
+        "cache-without-key",
+        CACHE_ON + MINIMAL,
+        "cache",
+        "head -c 32 /dev/urandom > /etc/token-broker/cache.key && chmod 600",
+    ),
+    (
+        "cache-two-keys",
+        CACHE_ON + 'key_file = "cache.key"\nkey_credential = "cache-key"\n' + MINIMAL,
+        "cache.key_credential",
+        "key_file and key_credential are both set",
+    ),
+    (
+        "cache-key-missing",
+        CACHE_ON + 'key_file = "nope.key"\n' + MINIMAL,
+        "cache.key_file",
+        "No such file or directory",
+    ),
+    (
+        "cache-key-directory",
+        CACHE_ON + 'key_file = "adir"\n' + MINIMAL,
+        "cache.key_file",
+        "not a regular file",
+    ),
+    (
+        "cache-key-blank-path",
+        CACHE_ON + 'key_file = ""\n' + MINIMAL,
+        "cache.key_file",
+        "key_file is empty",
+    ),
+    (
+        "cache-key-short",
+        CACHE_ON + 'key_file = "short.key"\n' + MINIMAL,
+        "cache.key_file",
+        "holds 31 bytes; a cache key needs at least 32",
+    ),
+    (
+        "cache-key-readable-by-group",
+        CACHE_ON + 'key_file = "loose.key"\n' + MINIMAL,
+        "cache.key_file",
+        "has mode 0640: other users could read the key",
+    ),
+    (
+        "cache-credential-path",
+        CACHE_ON + 'key_credential = "../cache.key"\n' + MINIMAL,
+        "cache.key_credential",
+        "must be a credential name, not a path",
+    ),
+    (
+        "cache-credential-missing",
+        CACHE_ON + 'key_credential = "other"\n' + MINIMAL,
+        "cache.key_credential",
+        "No such file or directory",
+    ),
+    (
+        "cache-credential-empty",
+        CACHE_ON + 'key_credential = ""\n' + MINIMAL,
+        "cache.key_credential",
+        "key_credential is empty",
+    ),
+    (
+        "cache-directory-missing",
+        '[cache]\nenabled = true\npath = "nope/cache.bin"\nkey_file = "cache.key"\n' + MINIMAL,
+        "cache.path",
+        "the cache's directory",
+    ),
+    (
+        "cache-path-is-a-directory",
+        '[cache]\nenabled = true\npath = "adir"\nkey_file = "cache.key"\n' + MINIMAL,
+        "cache.path",
+        "is a directory",
     ),
     (
         "tenant-missing",
@@ -750,6 +932,15 @@ def test_missing_environment_is_explained(
     problem = only_problem(workdir, with_identity(credential + "\n"), environment(workdir, **env))
     assert problem.key.startswith("identity.main.")
     assert phrase in problem.message
+
+
+def test_cache_credential_needs_the_credentials_directory(workdir: Path) -> None:
+    """key_credential outside systemd (no $CREDENTIALS_DIRECTORY) says how to fix it."""
+    env = environment(workdir, CREDENTIALS_DIRECTORY=None)
+    problem = only_problem(workdir, with_credential_key(), env)
+    assert problem.key == "cache.key_credential"
+    assert "needs $CREDENTIALS_DIRECTORY" in problem.message
+    assert "LoadCredential=cache-key:" in problem.fix and "key_file" in problem.fix
 
 
 def test_unreadable_secret_file_gives_the_os_reason(

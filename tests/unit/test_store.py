@@ -27,6 +27,7 @@ class FakeProvider:
     def __init__(self, clock: FakeClock) -> None:
         self.service = "svc"
         self.scoring_uri = None
+        self.clock_skew_s = None
         self.calls = 0
         self.gate = asyncio.Event()
         self.outcomes: list[AccessToken | Exception] = []

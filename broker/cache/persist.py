@@ -1,0 +1,271 @@
+"""The persisted cache: credentials still valid survive a restart, encrypted at rest.
+
+One file, rewritten whole after every change:
+
+    b"TBCACHE1" | 12-byte nonce | AES-256-GCM(JSON document, associated data = the header)
+
+The AES key is derived with HKDF-SHA256 from the operator's key file, so any 32 bytes or
+more of it will do. Reading trusts all of the file or none of it: anything that does not
+decrypt, parse and validate completely is ignored with a warning, and the broker starts
+empty, as it would without the cache. Writing never raises: serving must not depend on
+the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from broker.log import get_logger, register_secret
+from broker.models import AccessToken, AuthKind, Clock, system_clock
+
+log = get_logger("broker.cache.persist")
+
+MAGIC = b"TBCACHE1"
+MIN_KEY_BYTES = 32
+_FAMILY = MAGIC[:-1]  # b"TBCACHE": the same format family, any version
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_HKDF_INFO = b"token-broker cache v1"
+_MAX_FILE_BYTES = 16 * 1024 * 1024  # far above any real cache; a bound on what is read
+_TEXT_KEYS = ("fingerprint", "value", "auth", "token_type")
+_ENTRY_KEYS = frozenset(
+    {"fingerprint", "value", "auth", "expires_on", "refresh_after", "token_type", "obtained_at"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A credential as the store holds it: the token and when it was obtained."""
+
+    token: AccessToken
+    obtained_at: float
+
+
+def fingerprint(*parts: str) -> str:
+    """A SHA-256 hex digest of `parts` that tells ("ab", "c") from ("a", "bc")."""
+    encoded = json.dumps(list(parts), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+
+
+class _Ignored(Exception):
+    """The file cannot be trusted; `reason` says why, and never quotes its content."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PersistedCache:
+    """Saves and restores the store's credentials in one encrypted file at `path`."""
+
+    def __init__(self, path: Path, key_material: bytes, *, clock: Clock = system_clock) -> None:
+        if len(key_material) < MIN_KEY_BYTES:
+            raise ValueError(f"the cache key must be at least {MIN_KEY_BYTES} bytes")
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO)
+        self._aead = AESGCM(hkdf.derive(key_material))
+        self.path = path
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"PersistedCache(path={str(self.path)!r})"
+
+    def load(self, fingerprints: Mapping[str, str]) -> dict[str, Saved]:
+        """The saved credentials of services whose fingerprint matches and that are valid now.
+
+        A missing file gives `{}` quietly; an untrustworthy one gives `{}` and a warning.
+        """
+        try:
+            services = self._decode(self._decrypt(self._read()))
+        except FileNotFoundError:
+            log.debug("cache.absent", path=str(self.path))
+            return {}
+        except _Ignored as exc:
+            log.warning("cache.ignored", path=str(self.path), reason=exc.reason)
+            return {}
+        now = self._clock()
+        restored: dict[str, Saved] = {}
+        expired = dropped = 0
+        for name, (written, saved) in services.items():
+            if fingerprints.get(name) != written:
+                dropped += 1  # gone from the configuration, or now another service
+            elif saved.token.expires_on is not None and saved.token.expires_on <= now:
+                expired += 1
+            else:
+                register_secret(saved.token.value)
+                restored[name] = saved
+        log.info(
+            "cache.restored",
+            path=str(self.path),
+            restored=len(restored),
+            expired=expired,
+            dropped=dropped,
+        )
+        return restored
+
+    def save(self, credentials: Mapping[str, tuple[str, Saved]]) -> None:
+        """Replace the file with `credentials` (service -> (fingerprint, saved)); never raises."""
+        document = {
+            "written_at": self._clock(),
+            "services": {name: _entry(fp, saved) for name, (fp, saved) in credentials.items()},
+        }
+        plaintext = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        nonce = os.urandom(_NONCE_BYTES)
+        blob = MAGIC + nonce + self._aead.encrypt(nonce, plaintext, MAGIC)
+        try:
+            self._write(blob)
+        except OSError as exc:
+            log.warning(
+                "cache.save_failed",
+                path=str(self.path),
+                reason=exc.strerror or type(exc).__name__,
+            )
+            return
+        log.debug("cache.saved", path=str(self.path), services=len(credentials))
+
+    def _read(self) -> bytes:
+        try:
+            # O_NONBLOCK: a FIFO planted at the path must not hang the start
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _Ignored(f"cannot open it: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            mode = stat.S_IMODE(info.st_mode)
+            if not stat.S_ISREG(info.st_mode):
+                raise _Ignored("not a regular file")
+            if mode & 0o077:
+                raise _Ignored(
+                    f"mode {mode:04o} lets group or other users at it; the broker writes it "
+                    "0600, so someone changed it"
+                )
+            if info.st_size > _MAX_FILE_BYTES:
+                raise _Ignored(f"{info.st_size} bytes is too large for a token-broker cache")
+            return _read_all(fd)
+        except OSError as exc:
+            raise _Ignored(f"cannot read it: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def _decrypt(self, blob: bytes) -> bytes:
+        header, body = blob[: len(MAGIC)], blob[len(MAGIC) :]
+        if not blob:
+            raise _Ignored("the file is empty")
+        if header != MAGIC:
+            known = header.startswith(_FAMILY) and len(header) == len(MAGIC)
+            raise _Ignored(
+                "written by another version of token-broker"
+                if known
+                else "not a token-broker cache"
+            )
+        if len(body) < _NONCE_BYTES + _TAG_BYTES:
+            raise _Ignored("truncated")
+        try:
+            return self._aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], header)
+        except InvalidTag:
+            raise _Ignored("written with another key or corrupted") from None
+
+    def _decode(self, plaintext: bytes) -> dict[str, tuple[str, Saved]]:
+        try:
+            document = json.loads(plaintext.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+            raise _Ignored("the decrypted content is not JSON") from None
+        if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
+            raise _Ignored("the decrypted document has no services table")
+        _number(document.get("written_at"), "written_at")
+        return {name: _saved(name, entry) for name, entry in document["services"].items()}
+
+    def _write(self, blob: bytes) -> None:
+        directory = self.path.parent
+        temporary = directory / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
+        # 0600 from creation: the file is never wider, not even before a chmod
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC  # EXCL: no symlinks
+        fd = os.open(temporary, flags, 0o600)
+        try:
+            try:
+                _write_all(fd, blob)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            temporary.replace(self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory_fd)  # makes the rename itself survive a power cut
+        finally:
+            os.close(directory_fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _entry(digest: str, saved: Saved) -> dict[str, Any]:
+    token = saved.token
+    return {
+        "fingerprint": digest,
+        "value": token.value,
+        "auth": token.auth.value,
+        "expires_on": token.expires_on,
+        "refresh_after": token.refresh_after,
+        "token_type": token.token_type,
+        "obtained_at": saved.obtained_at,
+    }
+
+
+def _saved(name: str, entry: object) -> tuple[str, Saved]:
+    """One service's entry, or `_Ignored` naming what is wrong with it (never its value)."""
+    where = f"the entry of service {name!r}"
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        raise _Ignored(f"{where} does not have the expected fields")
+    if not all(isinstance(entry[key], str) for key in _TEXT_KEYS):
+        raise _Ignored(f"{where} has a field of the wrong type")
+    try:
+        token = AccessToken(
+            entry["value"],
+            AuthKind(entry["auth"]),
+            _optional_number(entry["expires_on"], where),
+            _optional_number(entry["refresh_after"], where),
+            entry["token_type"],
+        )
+    except ValueError:  # an unknown auth kind, or a value AccessToken refuses
+        raise _Ignored(f"{where} is not a valid credential") from None
+    return entry["fingerprint"], Saved(token, _number(entry["obtained_at"], where))
+
+
+def _optional_number(value: object, where: str) -> float | None:
+    return None if value is None else _number(value, where)
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Ignored(f"{where} holds a time that is not a finite number")
+    return float(value)

@@ -1,0 +1,70 @@
+"""Keeps the persisted cache in step with the store: restored at start, rewritten on change.
+
+Writes happen in a worker thread (they fsync), one at a time, and always write the
+latest state: a change arriving while a write is under way marks the cache dirty
+and is written next, so an older snapshot can never land last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from broker.cache.persist import PersistedCache, Saved
+from broker.cache.store import Entry, Store
+from broker.log import get_logger
+
+log = get_logger("broker.cache.saver")
+
+Fingerprint = Callable[[str], str | None]  # service name -> what its credential is for
+
+
+class Saver:
+    """Restores the store from the persisted cache and saves every change to it."""
+
+    def __init__(self, store: Store, cache: PersistedCache, fingerprint: Fingerprint) -> None:
+        self._store = store
+        self._cache = cache
+        self._fingerprint = fingerprint
+        self._saved_generations: dict[str, int] = {}
+        self._dirty = False
+        self._writer: asyncio.Task[None] | None = None
+        store.on_result(self._on_result)
+
+    def restore(self) -> int:
+        """Load still-valid credentials into the store; how many were restored."""
+        fingerprints = {
+            e.service: fp for e in self._store.entries if (fp := self._fingerprint(e.service))
+        }
+        restored = self._cache.load(fingerprints)
+        for service, saved in restored.items():
+            entry = self._store.restore(service, saved.token, saved.obtained_at)
+            self._saved_generations[service] = entry.generation
+        return len(restored)
+
+    def _on_result(self, entry: Entry) -> None:
+        if self._saved_generations.get(entry.service) == entry.generation:
+            return  # a failed refresh, or the same credential again: nothing new to save
+        self._saved_generations[entry.service] = entry.generation
+        self._dirty = True
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_while_dirty())
+
+    async def _write_while_dirty(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await asyncio.to_thread(self._cache.save, self._snapshot())
+
+    def _snapshot(self) -> dict[str, tuple[str, Saved]]:
+        snapshot: dict[str, tuple[str, Saved]] = {}
+        for entry in self._store.entries:
+            fingerprint = self._fingerprint(entry.service)
+            if entry.token is None or entry.obtained_at is None or fingerprint is None:
+                continue
+            snapshot[entry.service] = (fingerprint, Saved(entry.token, entry.obtained_at))
+        return snapshot
+
+    async def close(self) -> None:
+        """Let the last write finish."""
+        if self._writer is not None:
+            await self._writer
