@@ -3,13 +3,17 @@ over real HTTPS, so the broker and its users can test without an Azure account.
 
     async with Emulator(state=demo_state()) as emu:
         emu.base_url, emu.ca_path, emu.state.count("mms.token")
+        emu.state.fail("mms.token", kind="reset", times=1)
+        emu.state.region_down("eastus")
 
 It imports nothing from the rest of `broker`.
 """
 
 from __future__ import annotations
 
-from broker.emulator.faults import ROUTES, Fault
+from broker.emulator.faults import KINDS, OUTAGE_KINDS, ROUTES, Fault, Outage
+from broker.emulator.records import PLACEMENTS
+from broker.emulator.replies import http_date
 from broker.emulator.seed import demo_state
 from broker.emulator.server import Emulator, run_emulator
 from broker.emulator.state import FEDERATED_AUDIENCE, FEDERATED_ISSUER, EmulatorState
@@ -17,10 +21,15 @@ from broker.emulator.state import FEDERATED_AUDIENCE, FEDERATED_ISSUER, Emulator
 __all__ = [
     "FEDERATED_AUDIENCE",
     "FEDERATED_ISSUER",
+    "KINDS",
+    "OUTAGE_KINDS",
+    "PLACEMENTS",
     "ROUTES",
     "Emulator",
     "EmulatorState",
     "Fault",
+    "Outage",
     "demo_state",
+    "http_date",
     "run_emulator",
 ]

@@ -1,7 +1,9 @@
-"""What every handler reads from the aiohttp app: the state and the site's own address."""
+"""What every handler reads from the aiohttp app: the state, the site's own address, and
+the event that tells waiting handlers (hung or slowed by a fault) the emulator is stopping."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -22,6 +24,7 @@ class Site:
 
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 SITE_KEY = web.AppKey("emulator_site", Site)
+STOPPING_KEY = web.AppKey("emulator_stopping", asyncio.Event)
 
 
 def state_of(request: web.Request) -> EmulatorState:
@@ -30,3 +33,7 @@ def state_of(request: web.Request) -> EmulatorState:
 
 def site_of(request: web.Request) -> Site:
     return request.app[SITE_KEY]
+
+
+def stopping_of(request: web.Request) -> asyncio.Event:
+    return request.app[STOPPING_KEY]

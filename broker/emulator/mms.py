@@ -71,14 +71,12 @@ async def service_token(request: web.Request) -> web.Response:
     expires_at = math.floor(issued_at + service.token_lifetime_s)
     access_token = _sign_service_token(request, caller, service, issued_at, expires_at)
     state.remember_token(access_token, service, expires_at)
-    return web.json_response(
-        {
-            "accessToken": access_token,
-            "tokenType": "Bearer",
-            "refreshAfter": math.floor(issued_at + service.refresh_after_s),
-            "expiryOn": expires_at,
-        }
-    )
+    body: dict[str, object] = {"accessToken": access_token, "tokenType": "Bearer"}
+    refresh_after = service.refresh_after(issued_at, expires_at)
+    if refresh_after is not None:
+        body["refreshAfter"] = refresh_after
+    body["expiryOn"] = expires_at
+    return web.json_response(body)
 
 
 async def list_keys(request: web.Request) -> web.Response:

@@ -7,8 +7,10 @@ records keep the spelling they were created with.
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
+from typing import Final
 
 from cryptography import x509
 
@@ -16,6 +18,7 @@ WorkspaceKey = tuple[str, str, str]
 ServiceKey = tuple[str, str, str, str]
 
 PROVIDER = "Microsoft.MachineLearningServices"
+PLACEMENTS: Final = ("normal", "past", "after_expiry", "absent")
 
 
 def workspace_key(subscription_id: str, resource_group: str, workspace: str) -> WorkspaceKey:
@@ -80,6 +83,7 @@ class WebService:
     refresh_after_s: float
     primary_key: str = field(repr=False)
     secondary_key: str = field(repr=False)
+    refresh_placement: str = "normal"
 
     @property
     def key(self) -> ServiceKey:
@@ -93,6 +97,18 @@ class WebService:
     @property
     def supports_token(self) -> bool:
         return self.compute_type.upper() == "AKS" and self.aad_auth_enabled
+
+    def refresh_after(self, issued_at: float, expires_at: int) -> int | None:
+        """The `refreshAfter` of a token, whole epoch seconds, where the placement puts it:
+        `refresh_after_s` past issue ("normal"), a minute before issue ("past"), a minute
+        after expiry ("after_expiry"), or nowhere ("absent": the key is left out)."""
+        if self.refresh_placement == "past":
+            return math.floor(issued_at) - 60
+        if self.refresh_placement == "after_expiry":
+            return expires_at + 60
+        if self.refresh_placement == "absent":
+            return None
+        return math.floor(issued_at + self.refresh_after_s)
 
 
 @dataclass(slots=True)

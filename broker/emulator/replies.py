@@ -15,6 +15,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime
+from email.utils import format_datetime
 from http import HTTPStatus
 
 from aiohttp import web
@@ -36,6 +37,13 @@ class EmulatorError(Exception):
 
     def response(self) -> web.Response:
         return web.json_response(self.body, status=self.status, headers=self.headers)
+
+
+def http_date(epoch: float) -> str:
+    """`epoch` as an HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`): the emulator's `Date`
+    header, or a `Retry-After` given as a date,
+    `state.fail("mms.token", status=429, retry_after=http_date(state.clock() + 30))`."""
+    return format_datetime(datetime.fromtimestamp(epoch, UTC), usegmt=True)
 
 
 def status_code_name(status: int) -> str:

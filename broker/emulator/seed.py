@@ -20,8 +20,14 @@ TOKEN_SERVICE = "fraud-aks"  # noqa: S105 - a service name, not a password
 KEY_SERVICE = "churn-aci"
 
 
-def demo_state(*, token_lifetime_s: float = 20.0, refresh_after_s: float = 8.0) -> EmulatorState:
-    """A fresh state holding the demo cloud; the token lifetimes apply to `fraud-aks`."""
+def demo_state(
+    *,
+    token_lifetime_s: float = 20.0,
+    refresh_after_s: float = 8.0,
+    refresh_placement: str = "normal",
+) -> EmulatorState:
+    """A fresh state holding the demo cloud; the token lifetimes and the refreshAfter
+    placement (see `EmulatorState.set_token_lifetime`) apply to `fraud-aks`."""
     state = EmulatorState()
     state.add_client(TENANT_ID, CLIENT_ID, secret=CLIENT_SECRET)
     workspace = (SUBSCRIPTION_ID, RESOURCE_GROUP, WORKSPACE)
@@ -35,6 +41,7 @@ def demo_state(*, token_lifetime_s: float = 20.0, refresh_after_s: float = 8.0) 
         aad_auth_enabled=True,
         token_lifetime_s=token_lifetime_s,
         refresh_after_s=refresh_after_s,
+        refresh_placement=refresh_placement,
     )
     state.add_web_service(
         *workspace,

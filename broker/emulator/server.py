@@ -2,26 +2,29 @@
 scoring and the control API on a single port, so every host of the cloud profile is
 the same base URL.
 
-One middleware does what every route shares: count the call, apply an injected fault,
-turn raised `EmulatorError`s and unknown routes into JSON answers.
+One middleware does what every route shares: count the call, apply an injected fault or
+region outage (`sabotage`), turn raised `EmulatorError`s and unknown routes into JSON
+answers. Every response carries a `Date` read from the state's clock, so a test that skews
+that clock shows the broker a skewed server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from broker.emulator import arm, control, entra, mms, scoring
+from broker.emulator import arm, control, entra, mms, sabotage, scoring
 from broker.emulator.certs import TlsMaterial, create_tls
-from broker.emulator.context import SITE_KEY, STATE_KEY, Site, state_of
-from broker.emulator.faults import ROUTES
-from broker.emulator.replies import EmulatorError, fault_response, no_route
+from broker.emulator.context import SITE_KEY, STATE_KEY, STOPPING_KEY, Site, state_of
+from broker.emulator.faults import ROUTES, Fault
+from broker.emulator.replies import EmulatorError, http_date, no_route
 from broker.emulator.state import Clock, EmulatorState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,10 +39,13 @@ async def emulator_middleware(request: web.Request, handler: Handler) -> web.Str
             control.require_loopback(request)
         except EmulatorError as exc:
             return exc.response()
-    if route in ROUTES:
-        early = await _count_and_fault(request, route)
-        if early is not None:
-            return early
+    fault = _count_and_take(request, route) if route in ROUTES else None
+    if fault is None:
+        return await _answer(request, handler)
+    return await sabotage.apply(request, route, fault, functools.partial(_answer, request, handler))
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except EmulatorError as exc:
@@ -48,16 +54,19 @@ async def emulator_middleware(request: web.Request, handler: Handler) -> web.Str
         return no_route(request, exc.status)
 
 
-async def _count_and_fault(request: web.Request, route: str) -> web.StreamResponse | None:
+def _count_and_take(request: web.Request, route: str) -> Fault | None:
     state = state_of(request)
     service = _service_named(request, route)
     state.record_call(route, service)
-    fault = state.faults.take(route, service)
-    if fault is None:
-        return None
-    if fault.delay_s:
-        await asyncio.sleep(fault.delay_s)
-    return None if fault.status is None else fault_response(request, route, fault)
+    return state.faults.take(route, service, _region_of(request.path))
+
+
+def _region_of(path: str) -> str | None:
+    """`eastus` for `/regions/eastus/…`: the region a regional request is served by."""
+    parts = path.split("/", 3)
+    if len(parts) == 4 and parts[1] == "regions" and parts[2]:
+        return parts[2]
+    return None
 
 
 def _service_named(request: web.Request, route: str) -> str | None:
@@ -72,9 +81,22 @@ def build_app(state: EmulatorState, site: Site) -> web.Application:
     app = web.Application(middlewares=[emulator_middleware])
     app[STATE_KEY] = state
     app[SITE_KEY] = site
+    app[STOPPING_KEY] = asyncio.Event()
+    app.on_response_prepare.append(_stamp_date)
+    app.on_shutdown.append(_release_waiters)
     for module in (entra, arm, mms, scoring, control):
         app.add_routes(module.routes())
     return app
+
+
+async def _stamp_date(request: web.Request, response: web.StreamResponse) -> None:
+    """`Date` from the emulator's clock; aiohttp adds its own only when none is set."""
+    response.headers[hdrs.DATE] = http_date(state_of(request).clock())
+
+
+async def _release_waiters(app: web.Application) -> None:
+    """Stopping: hung requests are cut and delays end, so `stop()` is not held up."""
+    app[STOPPING_KEY].set()
 
 
 class Emulator:
@@ -108,8 +130,12 @@ class Emulator:
         if self._runner is not None:
             raise RuntimeError("the emulator is already running")
         self._tls = create_tls(_url_host(self._host).strip("[]"), self._ca_dir)
+        # Handler cancellation: a client that gives up on a hung request ends its handler.
         runner = web.AppRunner(
-            build_app(self.state, self._site), access_log=None, shutdown_timeout=1.0
+            build_app(self.state, self._site),
+            access_log=None,
+            shutdown_timeout=1.0,
+            handler_cancellation=True,
         )
         await runner.setup()
         try:

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 from cryptography import x509
 
-from broker.emulator.faults import Fault, FaultBook
+from broker.emulator.faults import Fault, FaultBook, Outage
 from broker.emulator.records import (
+    PLACEMENTS,
     Client,
     IssuedToken,
     Operation,
@@ -110,13 +111,16 @@ class EmulatorState:
         aad_auth_enabled: bool = True,
         token_lifetime_s: float = 3600.0,
         refresh_after_s: float | None = None,
+        refresh_placement: str = "normal",
     ) -> None:
-        """Deploy a web service into an existing workspace, with fresh random keys."""
+        """Deploy a web service into an existing workspace, with fresh random keys;
+        `refresh_placement` is `set_token_lifetime`'s `placement`."""
         ws = self._workspaces.get(workspace_key(subscription_id, resource_group, workspace))
         if ws is None:
             raise ValueError(f"workspace {workspace!r} does not exist: call add_workspace first")
         if token_lifetime_s <= 0:
             raise ValueError("token_lifetime_s must be positive")
+        _check_placement(refresh_placement)
         service = WebService(
             workspace=ws,
             name=name,
@@ -127,6 +131,7 @@ class EmulatorState:
             refresh_after_s=token_lifetime_s / 2 if refresh_after_s is None else refresh_after_s,
             primary_key=secrets.token_urlsafe(32),
             secondary_key=secrets.token_urlsafe(32),
+            refresh_placement=refresh_placement,
         )
         self._services[service.key] = service
 
@@ -136,15 +141,26 @@ class EmulatorState:
         *,
         refresh_after_s: float | None = None,
         service: str | None = None,
-    ) -> None:
+        placement: str = "normal",
+    ) -> int:
         """Change the MMS token lifetime (and refreshAfter offset, default half of it) of
-        every web service, or of the services named `service`; later tokens only."""
+        every web service, or of the services named `service`; later tokens only. Returns
+        how many services changed.
+
+        `placement` puts refreshAfter where a misbehaving Azure might: "normal" (issue +
+        offset), "past" (before issue), "after_expiry" (after expiryOn) or "absent".
+        """
         if lifetime_s <= 0:
             raise ValueError("lifetime_s must be positive")
+        _check_placement(placement)
+        changed = 0
         for svc in self._services.values():
             if service is None or svc.name.lower() == service.lower():
                 svc.token_lifetime_s = lifetime_s
                 svc.refresh_after_s = lifetime_s / 2 if refresh_after_s is None else refresh_after_s
+                svc.refresh_placement = placement
+                changed += 1
+        return changed
 
     # -- faults, counts and helpers for tests ---------------------------------------------
 
@@ -158,12 +174,26 @@ class EmulatorState:
         body: object = None,
         retry_after: float | str | None = None,
         delay_s: float = 0.0,
+        kind: str = "status",
+        region: str | None = None,
     ) -> Fault:
-        """Make `route` answer `status` (see `Fault`); returns the armed fault."""
-        fault = Fault(route, status, times, service, body, retry_after, delay_s)
+        """Make `route` answer `status`, or fail as `kind` says (see `Fault`); returns the
+        armed fault."""
+        fault = Fault(route, status, times, service, body, retry_after, delay_s, kind, region)
         return self.faults.add(fault)
 
+    def region_down(self, region: str, *, kind: str = "reset", status: int = 503) -> Outage:
+        """Fail every request under `/regions/{region}/` (discovery, MMS, scoring) as
+        `kind` says ("reset", "hang", "malformed", or "status" answering `status`) until
+        `region_up` or `clear_faults`. Entra ID and ARM are global and stay up."""
+        return self.faults.darken(Outage(region, kind, status))
+
+    def region_up(self, region: str) -> bool:
+        """End the outage of `region`; whether it was down."""
+        return self.faults.lighten(region)
+
     def clear_faults(self) -> None:
+        """Drop every armed fault and bring every dark region back."""
         self.faults.clear()
 
     def count(self, route: str, service: str | None = None) -> int:
@@ -281,3 +311,8 @@ class EmulatorState:
                 service.secondary_key = operation.new_value
             operation.state = "Succeeded"
         return operation
+
+
+def _check_placement(placement: str) -> None:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")

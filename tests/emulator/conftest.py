@@ -3,6 +3,7 @@ a real HTTPS socket, and an aiohttp client that trusts only the emulator's CA.""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,11 @@ MMS_PATH = (
     f"/regions/{REGION}/modelmanagement/v1.0/subscriptions/{SUB}/resourceGroups/{RG}"
     f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
 )
+WS_PATH = (
+    f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/"
+    f"Microsoft.MachineLearningServices/workspaces/{WS}"
+)
+SCORE_PATH = f"/regions/{REGION}/score/{WS}/{AKS}"
 
 
 class FakeClock:
@@ -103,6 +109,21 @@ async def entra_token(
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def arrival(monkeypatch: pytest.MonkeyPatch, state: EmulatorState, route: str) -> asyncio.Event:
+    """An event set once the emulator has counted a request of `route`: a way to know a
+    hung request has reached the server without sleeping."""
+    event = asyncio.Event()
+    record = state.record_call
+
+    def record_and_signal(called: str, service: str | None) -> None:
+        record(called, service)
+        if called == route:
+            event.set()
+
+    monkeypatch.setattr(state, "record_call", record_and_signal)
+    return event
 
 
 @pytest.fixture(scope="session")

@@ -146,7 +146,7 @@ async def test_control_api_arms_lists_counts_and_clears(
     assert calls["by_service"]["mms.token"] == {AKS: 1}
     state.fail("score")
     async with http.delete("/_emulator/faults") as resp:
-        assert await resp.json() == {"cleared": 1}
+        assert await resp.json() == {"cleared": 1, "regions_restored": []}
 
 
 @pytest.mark.parametrize(

@@ -174,8 +174,10 @@ def test_demo_state_holds_the_documented_cloud() -> None:
 
 
 async def test_module_entry_point_announces_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """`python -m broker.emulator` prints the base URL and TOML, and exits 0 on SIGTERM."""
+    """`python -m broker.emulator` prints the base URL, armed faults and TOML, and exits 0
+    on SIGTERM."""
     args = ["-m", "broker.emulator", "--port", "0", "--ca-dir", str(tmp_path)]
+    args += ["--fault", "mms.token=hang@fraud-aks", "--region-down", "westus"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *args, stdout=asyncio.subprocess.PIPE
     )
@@ -188,6 +190,8 @@ async def test_module_entry_point_announces_and_stops_on_sigterm(tmp_path: Path)
     output = "".join(lines)
     assert "emulator listening on https://127.0.0.1:" in output
     assert "[cloud]" in output
+    assert 'fault armed: {"route": "mms.token"' in output
+    assert 'region down: {"region": "westus", "kind": "reset", "status": 503}' in output
     assert f'ca_bundle = "{tmp_path / "emulator-ca.pem"}"' in output
     proc.send_signal(signal.SIGTERM)
     rest = await proc.stdout.read()

@@ -1,0 +1,150 @@
+"""What an armed fault does to a request on the wire, as a flaky Azure, an overloaded
+region or a broken proxy between it and the broker would:
+
+- "status": the fault's status, its body (Azure's error shape by default), `Retry-After`;
+- "reset": the request is read, then the TCP connection is aborted with an RST, unanswered;
+- "hang": no answer, until the client gives up or the emulator stops (then: as "reset");
+- "slow": the real answer, `delay_s` late;
+- "malformed": 200, an HTML page (or the fault's `str` body) labelled application/json;
+- "partial": the real answer cut in half, with a `Content-Length` that matches the cut;
+- "missing_fields": the real answer without the fields a client needs (`ESSENTIAL`);
+  `{}` (200) for routes that have none.
+
+"partial" and "missing_fields" keep the real answer's status: 200 for a good request, the
+route's error (a 401 for a missing token, say) for a bad one.
+
+Every kind first waits the fault's `delay_s`; the emulator's stop cuts any wait short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import hdrs, web
+
+from broker.emulator.context import stopping_of
+from broker.emulator.faults import Fault
+from broker.emulator.replies import fault_response
+
+Answer = Callable[[], Awaitable[web.StreamResponse]]
+
+ESSENTIAL: Final[dict[str, tuple[tuple[str, ...], ...]]] = {
+    "mms.token": (("accessToken",), ("expiryOn",)),
+    "mms.listkeys": (("primaryKey",),),
+    "mms.describe": (("computeType",),),
+    "arm.workspace": (("properties", "discoveryUrl"),),
+    "discovery": (("modelmanagement",),),
+    "entra.token": (("access_token",),),
+}
+MALFORMED_BODY: Final = "<html><body><h1>502 Bad Gateway</h1>upstream error</body></html>"
+_RST_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
+
+
+async def apply(
+    request: web.Request, route: str, fault: Fault, answer: Answer
+) -> web.StreamResponse:
+    """The response (if any) of a request of `route` that `fault` caught; `answer()`
+    runs the route's real handler."""
+    await pause(request, fault.delay_s)
+    if fault.kind == "reset":
+        return await reset(request)
+    if fault.kind == "hang":
+        return await hang(request)
+    if fault.kind == "malformed":
+        return malformed(fault)
+    if fault.kind == "partial":
+        return truncated(await answer())
+    if fault.kind == "missing_fields":
+        return await without_essentials(route, answer)
+    if fault.kind == "slow":
+        return await answer()
+    return fault_response(request, route, fault)
+
+
+async def pause(request: web.Request, delay_s: float) -> None:
+    """Wait `delay_s`, or less if the emulator stops meanwhile."""
+    if delay_s > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping_of(request).wait(), delay_s)
+
+
+async def reset(request: web.Request) -> web.StreamResponse:
+    """Read the request, then abort its connection: the client sees a connection reset."""
+    await request.read()
+    return _abort(request)
+
+
+async def hang(request: web.Request) -> web.StreamResponse:
+    """Answer nothing. A client that gives up closes the connection, and the server,
+    run with handler cancellation, cancels this wait; the emulator's stop ends it too."""
+    await stopping_of(request).wait()
+    return _abort(request)
+
+
+def _abort(request: web.Request) -> web.StreamResponse:
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_ON_CLOSE)
+        transport.abort()
+    # aiohttp finds the transport closing, drops this response and logs at debug level only.
+    return web.Response(status=204)
+
+
+def malformed(fault: Fault) -> web.Response:
+    text = fault.body if isinstance(fault.body, str) else MALFORMED_BODY
+    return web.Response(status=200, text=text, content_type="application/json")
+
+
+def truncated(response: web.StreamResponse) -> web.StreamResponse:
+    """The same response with the first half of its body only."""
+    body = _body_of(response)
+    if body is None:
+        return response
+    return _with_body(response, body[: len(body) // 2])
+
+
+async def without_essentials(route: str, answer: Answer) -> web.StreamResponse:
+    """The route's real answer without its `ESSENTIAL` fields (`{}` if it has none)."""
+    paths = ESSENTIAL.get(route)
+    if paths is None:
+        return web.json_response({})
+    response = await answer()
+    try:
+        document = json.loads(_body_of(response) or b"null")
+    except ValueError:
+        return response
+    if not isinstance(document, dict):
+        return response
+    for path in paths:
+        _drop(document, path)
+    return _with_body(response, json.dumps(document).encode())
+
+
+def _drop(document: dict[str, object], path: tuple[str, ...]) -> None:
+    *parents, leaf = path
+    for name in parents:
+        child = document.get(name)
+        if not isinstance(child, dict):
+            return
+        document = child
+    document.pop(leaf, None)
+
+
+def _body_of(response: web.StreamResponse) -> bytes | None:
+    if isinstance(response, web.Response) and isinstance(response.body, bytes):
+        return response.body
+    return None
+
+
+def _with_body(response: web.StreamResponse, body: bytes) -> web.Response:
+    headers = response.headers.copy()
+    headers.popall(hdrs.CONTENT_LENGTH, None)
+    return web.Response(status=response.status, body=body, headers=headers)
