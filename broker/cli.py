@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,16 @@ from typing import Any
 import aiohttp
 
 from broker import __version__, log
-from broker.config import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET_PATH, load_config, render_effective
+from broker.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_SOCKET_PATH,
+    hash_api_key,
+    load_config,
+    new_api_key,
+    render_effective,
+)
 from broker.errors import BrokerError, ConfigError
+from broker.server.access import API_KEY_HEADER
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the broker refused, failed, or could not be reached
@@ -68,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    keys = sub.add_parser(
+        "api-key",
+        help="create a local API key for TCP clients (prints the key once, and its digest)",
+    )
+    keys.add_argument("action", choices=["new"], help="new: make a key")
+    keys.add_argument(
+        "name", type=_key_name, help="the key's name, used in [api_key.NAME] and in logs"
+    )
+
     demo = sub.add_parser("demo", help="emulator + broker + a client, end to end, no Azure account")
     demo.add_argument(
         "--lifetime", type=float, default=12.0, help="token lifetime in seconds (default 12)"
@@ -75,7 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _key_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise argparse.ArgumentTypeError("use 1 to 64 letters, digits, '.', '_' or '-'")
+    return value
+
+
 def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TOKEN_BROKER_API_KEY"),
+        help="local API key for a key-protected service over TCP (default $TOKEN_BROKER_API_KEY)",
+    )
     parser.add_argument(
         "--socket",
         type=Path,
@@ -190,10 +219,13 @@ async def _get(args: argparse.Namespace, path: str) -> tuple[int, bytes]:
         connector = aiohttp.UnixConnector(path=str(args.socket))
         base = "http://localhost"
     timeout = aiohttp.ClientTimeout(total=60)
+    headers = {"Metadata": "true"}
+    if args.api_key:
+        headers[API_KEY_HEADER] = args.api_key
     try:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.get(base + path, headers={"Metadata": "true"}) as resp,
+            session.get(base + path, headers=headers) as resp,
         ):
             return resp.status, await resp.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -212,6 +244,22 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"token-broker: cannot start the emulator: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _cmd_api_key(args: argparse.Namespace) -> int:
+    key = new_api_key()
+    print(
+        f"""\
+# The key — give it to the client, who sends it as '{API_KEY_HEADER}: <key>'.
+# It is shown once and stored nowhere; the broker keeps only its SHA-256 digest.
+{key}
+
+# Add to broker.toml, then list "{args.name}" in the service's api_keys and reload:
+[api_key.{args.name}]
+sha256 = "{hash_api_key(key)}"
+"""
+    )
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -9,21 +9,24 @@ configuration to the running daemon without dropping what still holds.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import resource
 import signal
 from pathlib import Path
 
 from broker import log as logging_setup
 from broker.cache import PersistedCache, Policy, Refresher, Saver, Store, fingerprint
-from broker.config import Config, IdentityConfig, ServiceConfig, load_config
+from broker.config import Config, ServiceConfig, load_config
 from broker.credentials import ServicePrincipalCredential
 from broker.errors import ConfigError
 from broker.log import get_logger
 from broker.models import Clock, system_clock
 from broker.providers import Throttles, Upstream, WebServiceProvider, Workspaces
-from broker.server import Listeners, make_app
+from broker.server import AccessRules, Listeners, make_app
 
 log = get_logger("broker.daemon")
 
+_PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
 STOP_GRACE_S = 5.0  # how long requests and fetches under way may take to finish on stop
 
 
@@ -37,6 +40,7 @@ class Daemon:
         self.workspaces = Workspaces()
         self.throttles = Throttles(clock)
         self.credentials: dict[str, ServicePrincipalCredential] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.store = Store(
             [],
             Policy(config.refresh),
@@ -51,7 +55,9 @@ class Daemon:
         if config.cache.enabled and config.cache.key is not None:
             cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
             self.saver = Saver(self.store, cache, self._fingerprint)
-        self.listeners = Listeners(make_app(self.store), config.listen, STOP_GRACE_S)
+        self.access = AccessRules(config)
+        app = make_app(self.store, self.access, config.listen.max_body_bytes)
+        self.listeners = Listeners(app, config.listen, STOP_GRACE_S)
 
     def _fingerprint(self, name: str) -> str | None:
         """What a service's credential is for: a saved one is restored only for the same."""
@@ -148,6 +154,7 @@ class Daemon:
         self.config = config
         self._swap_shared_parts(cloud_changed, changed_identities)
         summary = self._apply_services(old, config, changed_identities)
+        self.access.update(config)
         self.store.policy = Policy(config.refresh)
         self.store.client_refresh_window_s = config.refresh.client_refresh_window_s
         if config.log != old.log:
@@ -160,9 +167,12 @@ class Daemon:
             if credential is not None:
                 credential.close()
         if cloud_changed:
-            stale, self.upstream = self.upstream, Upstream(self.config.cloud)
+            stale = self.upstream
+            self.upstream = Upstream(self.config.cloud, timeout_s=self.config.refresh.timeout_s)
             self.workspaces = Workspaces()
-            asyncio.get_running_loop().create_task(stale.close())
+            closing = asyncio.get_running_loop().create_task(stale.close())
+            self._background.add(closing)
+            closing.add_done_callback(self._background.discard)
 
     def _apply_services(
         self, old: Config, new: Config, changed_identities: set[str]
@@ -176,7 +186,7 @@ class Daemon:
                 summary["removed"].append(service.name)
         for service in new.services:
             before = old.service(service.name)
-            verdict = _compare(before, service, changed_identities, old, new)
+            verdict = _compare(before, service, changed_identities)
             summary[verdict].append(service.name)
             if verdict == "kept":
                 continue
@@ -194,39 +204,38 @@ class Daemon:
 
 
 def _same_target(a: ServiceConfig, b: ServiceConfig) -> bool:
-    return (a.subscription_id, a.resource_group, a.workspace, a.web_service, a.region, a.auth) == (
-        b.subscription_id,
-        b.resource_group,
-        b.workspace,
-        b.web_service,
-        b.region,
-        b.auth,
-    )
+    """Whether two definitions name the same Azure web service, fetched the same way."""
+    return _target(a) == _target(b)
+
+
+def _target(s: ServiceConfig) -> tuple[object, ...]:
+    return (s.subscription_id, s.resource_group, s.workspace, s.web_service, s.region, s.auth)
 
 
 def _compare(
     before: ServiceConfig | None,
     after: ServiceConfig,
     changed_identities: set[str],
-    old: Config,
-    new: Config,
 ) -> str:
+    """`added`, `kept` (same Azure service, same identity: access lists may differ) or
+    `changed`."""
     if before is None:
         return "added"
-    identity_changed = before.identity in changed_identities or _identity(old, before) != _identity(
-        new, after
-    )
-    if before == after and not identity_changed:
-        return "kept"
-    return "changed"
+    same_identity = before.identity == after.identity and after.identity not in changed_identities
+    return "kept" if same_identity and _same_target(before, after) else "changed"
 
 
-def _identity(config: Config, service: ServiceConfig) -> IdentityConfig | None:
-    return config.identities.get(service.identity)
+def disable_core_dumps() -> None:
+    """No core file, and no ptrace by the same user: memory holds live credentials."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("process.not_hardened", errno=ctypes.get_errno())
 
 
 async def serve(config: Config) -> None:
     """Run the broker until SIGTERM or SIGINT; SIGHUP reloads the configuration file."""
+    disable_core_dumps()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     async with Daemon(config) as daemon:

@@ -13,7 +13,8 @@
     └── LocalRequestError           a local client's request is refused (HTTP status)
         ├── UnknownServiceError     404: no such service in the configuration
         ├── NotReadyError           503: no valid credential yet (Retry-After)
-        └── BadRequestError         400: the request itself is wrong
+        ├── BadRequestError         400: the request itself is wrong
+        └── ForbiddenError          403: a guard or the service's access list refuses it
 
 Foreign exceptions (aiohttp, requests, MSAL) are translated into these where they
 enter, in `broker.credentials` and `broker.providers`; nothing above sees them.
@@ -121,10 +122,14 @@ class LocalRequestError(BrokerError):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        if code is not None:
+            self.code = code
 
 
 class UnknownServiceError(LocalRequestError):
@@ -146,3 +151,10 @@ class BadRequestError(LocalRequestError):
 
     status = 400
     code = "bad_request"
+
+
+class ForbiddenError(LocalRequestError):
+    """Raised when a guard or a service's access list refuses the caller."""
+
+    status = 403
+    code = "forbidden"

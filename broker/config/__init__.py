@@ -5,8 +5,10 @@ problem it found, each naming the file, the line, the key and the fix.
 
     model.py     the frozen value objects and the built-in cloud profiles
     reader.py    typed reads of TOML values that record problems with their lines
-    schema.py    the sections: listen, log, cloud, refresh, cache, service
+    schema.py    the sections: listen, log, cloud, refresh, cache
     identity.py  identities and their secret sources
+    access.py    API keys, users and groups: who may reach the broker
+    service.py   the services, and who may ask for each
     render.py    the effective configuration with secrets masked
 """
 
@@ -16,6 +18,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from broker.config.access import hash_api_key, new_api_key
 from broker.config.model import (
     CLOUDS,
     DEFAULT_CACHE_PATH,
@@ -23,6 +26,7 @@ from broker.config.model import (
     DEFAULT_SOCKET_PATH,
     DEFAULT_TCP_HOST,
     DEFAULT_TCP_PORT,
+    ApiKey,
     AuthMode,
     CacheConfig,
     CloudProfile,
@@ -59,6 +63,7 @@ __all__ = [
     "DEFAULT_SOCKET_PATH",
     "DEFAULT_TCP_HOST",
     "DEFAULT_TCP_PORT",
+    "ApiKey",
     "AuthMode",
     "CacheConfig",
     "CloudProfile",
@@ -74,6 +79,8 @@ __all__ = [
     "ServiceConfig",
     "TcpListener",
     "UnixListener",
+    "hash_api_key",
     "load_config",
+    "new_api_key",
     "render_effective",
 ]

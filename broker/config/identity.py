@@ -3,6 +3,10 @@
 Secrets are read here, once, at load time, into `Secret`s; a federated token file is only
 checked, because the credential re-reads it on every sign-in. No problem ever quotes a
 secret: file problems carry the OS's reason, never the content.
+
+A secret written inline (`client_secret`, `certificate_password`) is accepted only while
+the configuration file is private to its owner (mode 0600 or stricter); in any other file
+it is refused, even when another credential makes it unused, because it is exposed there.
 """
 
 from __future__ import annotations
@@ -11,22 +15,21 @@ import re
 from pathlib import Path
 
 from broker.config.model import IdentityConfig, Secret
-from broker.config.reader import Sources, Table, quote
+from broker.config.reader import Sources, Table, describe, quote
 
 SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
-CREDENTIAL_KEYS = (*SECRET_KEYS, "certificate_file", "federated_token_file")
-PASSWORD_KEYS = ("certificate_password_file", "certificate_password_env")
+CREDENTIAL_KEYS = (*SECRET_KEYS, "certificate_file", "federated_token_file", "client_secret")
+PASSWORD_KEYS = ("certificate_password_file", "certificate_password_env", "certificate_password")
+INLINE_KEYS = ("client_secret", "certificate_password")
 FEDERATED_ENV = "AZURE_FEDERATED_TOKEN_FILE"
 _FEDERATED_REFERENCES = (f"${FEDERATED_ENV}", f"${{{FEDERATED_ENV}}}")  # only these expand
 
 _TENANT = re.compile(r"[A-Za-z0-9._-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_NEVER_INLINE = (
-    "the broker never reads a secret from its configuration file: put it in a file "
-    "(client_secret_file), an environment variable (client_secret_env) or a systemd "
-    "credential (client_secret_credential)"
-)
-_HINTS = {"client_secret": _NEVER_INLINE, "certificate_password": _NEVER_INLINE}
+_MOVE_TO = {
+    "client_secret": ", ".join(SECRET_KEYS[:-1]) + " or " + SECRET_KEYS[-1],
+    "certificate_password": " or ".join(PASSWORD_KEYS[:2]),
+}
 
 
 def identities(root: Table, sources: Sources) -> dict[str, IdentityConfig]:
@@ -44,7 +47,9 @@ def identities(root: Table, sources: Sources) -> dict[str, IdentityConfig]:
 
 
 def _identity(name: str, table: Table, sources: Sources) -> IdentityConfig:
-    table.known("tenant_id", "client_id", *CREDENTIAL_KEYS, *PASSWORD_KEYS, hints=_HINTS)
+    table.known("tenant_id", "client_id", *CREDENTIAL_KEYS, *PASSWORD_KEYS)
+    for key in (k for k in INLINE_KEYS if table.has(k)):
+        _private_file(table, key, sources)
     tenant = table.required_text("tenant_id", "the Entra directory (tenant) ID, a GUID")
     if tenant and not _TENANT.fullmatch(tenant):
         table.problem(
@@ -85,15 +90,14 @@ def _certificate(base: IdentityConfig, table: Table, sources: Sources) -> Identi
             "or a .pfx/.p12 file",
         )
     password, password_source = None, ""
-    if all(table.has(key) for key in PASSWORD_KEYS):
-        table.problem(
-            "certificate_password_env",
-            "certificate_password_file and certificate_password_env are both set",
-            "keep one of them",
-        )
-    elif key := next((k for k in PASSWORD_KEYS if table.has(k)), None):
-        password, password_source = _secret(table, key, sources)
-    source = f"certificate {path}" + (f", password from {password_source}" if password else "")
+    given = [key for key in PASSWORD_KEYS if table.has(key)]
+    if len(given) > 1:
+        table.problem(given[1], f"{given[0]} and {given[1]} are both set", "keep one of them")
+    elif given:
+        password, password_source = _secret(table, given[0], sources)
+    if password_source and not password_source.startswith("inline"):
+        password_source = f"from {password_source}"
+    source = f"certificate {path}" + (f", password {password_source}" if password else "")
     return IdentityConfig(
         base.name,
         base.tenant_id,
@@ -110,8 +114,10 @@ def _is_key_and_certificate(pem: bytes) -> bool:
 
 
 def _secret(table: Table, key: str, sources: Sources) -> tuple[Secret | None, str]:
-    """The secret `key` (a *_file, *_env or *_credential key) points at, and where it was."""
+    """The secret `key` holds or points at, and where it was ("file /x", "env VAR", …)."""
     what = "certificate password" if key.startswith("certificate") else "client secret"
+    if key in INLINE_KEYS:
+        return _inline_secret(table, key, what, sources)
     if key.endswith("_env"):
         return _secret_from_env(table, key, what, sources)
     if key.endswith("_file"):
@@ -136,6 +142,43 @@ def _secret(table: Table, key: str, sources: Sources) -> tuple[Secret | None, st
         secret = _secret_from_file(table, key, what, Path(directory) / name)
         return secret, f"systemd credential {name}"
     return None, f"systemd credential {name}"
+
+
+def _is_private(sources: Sources) -> bool:
+    return not sources.file_mode & 0o077
+
+
+def _private_file(table: Table, key: str, sources: Sources) -> None:
+    """Report the inline secret `key` when the configuration file is not private."""
+    mode = sources.file_mode
+    if _is_private(sources):
+        return
+    table.problem(
+        key,
+        f"{key} is written inline in {sources.file}, which has mode {mode:04o}: "
+        "other users can read it",
+        f"chmod 600 {sources.file}, or move the secret to {_MOVE_TO[key]}",
+    )
+
+
+def _inline_secret(
+    table: Table, key: str, what: str, sources: Sources
+) -> tuple[Secret | None, str]:
+    """The secret written as `key` itself; its value is never described, even when wrong."""
+    value = table.data[key]
+    source = f"inline in {sources.file} (mode {sources.file_mode:04o})"
+    if not isinstance(value, str):
+        table.problem(
+            key,
+            f"expected a string, got {describe(value, show=False)}",
+            f'write the {what} in quotes: {key} = "…"',
+        )
+        return None, source
+    if not value.strip():
+        table.problem(key, f"{key} is empty", f"write the {what} in quotes, or remove {key}")
+        return None, source
+    # the mode was checked, and any problem reported, before the credential was chosen
+    return (Secret(value) if _is_private(sources) else None), source
 
 
 def _secret_from_env(

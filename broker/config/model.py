@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 DEFAULT_CONFIG_PATH = Path("/etc/token-broker/broker.toml")
@@ -12,6 +13,7 @@ DEFAULT_SOCKET_PATH = Path("/run/token-broker/broker.sock")
 DEFAULT_TCP_HOST = "127.0.0.1"
 DEFAULT_TCP_PORT = 8765
 DEFAULT_CACHE_PATH = Path("/var/lib/token-broker/cache.bin")
+API_KEY_DIGEST_BYTES = 32
 
 AuthMode = Literal["auto", "token", "key"]
 LogFormat = Literal["auto", "json", "console"]
@@ -69,6 +71,8 @@ class UnixListener:
     enabled: bool = True
     path: Path = DEFAULT_SOCKET_PATH
     mode: int = 0o660
+    owner: int | None = None  # uid to chown the socket to; None leaves the broker's own
+    group: int | None = None  # gid to chown the socket to; None leaves the broker's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +84,14 @@ class TcpListener:
 
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
+    """Both listeners, and the limits every connection to either of them is held to."""
+
     unix: UnixListener = field(default_factory=UnixListener)
     tcp: TcpListener = field(default_factory=TcpListener)
+    max_connections: int = 256  # open connections accepted at once, both listeners together
+    idle_timeout_s: float = 10.0  # silent or trickling connections are closed after this
+    max_header_bytes: int = 8190  # longest request line, and longest header field
+    max_body_bytes: int = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +193,22 @@ class ServiceConfig:
     web_service: str
     region: str | None = None
     auth: AuthMode = "auto"
+    # who may ask for this service; an empty tuple puts no restriction of that kind
+    allow_users: tuple[int, ...] = ()  # peer uids, on the Unix socket
+    allow_groups: tuple[int, ...] = ()  # peer gids, on the Unix socket
+    api_keys: tuple[str, ...] = ()  # names of Config.api_keys
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key a client may present: only its SHA-256 is known, never the key itself."""
+
+    name: str
+    sha256: bytes = field(repr=False)  # the 32 raw bytes of the digest
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != API_KEY_DIGEST_BYTES:
+            raise ValueError(f"an API key's SHA-256 has 32 bytes, not {len(self.sha256)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +221,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    api_keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)

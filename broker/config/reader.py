@@ -50,8 +50,10 @@ def quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def describe(value: object) -> str:
-    """What a TOML value is, for "expected X, got Y" messages."""
+def describe(value: object, *, show: bool = True) -> str:
+    """What a TOML value is, for "expected X, got Y" messages; `show=False` hides the value."""
+    if not show:
+        return describe(value).split(" (", 1)[0]
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if isinstance(value, int):
@@ -191,6 +193,14 @@ def read_file(path: Path) -> bytes:
         raise Unreadable(path, "the path is not valid") from exc
 
 
+def permission_bits(path: Path) -> int:
+    """The permission bits of the file at `path`; 0o777, the worst, when it cannot be seen."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except (OSError, ValueError):
+        return 0o777
+
+
 def read_text(path: Path) -> str:
     """The UTF-8 text of the file at `path`; the reason never quotes the content."""
     try:
@@ -205,6 +215,8 @@ class Sources:
 
     base: Path  # the configuration file's directory
     environ: Mapping[str, str]
+    file: Path  # the configuration file itself
+    file_mode: int  # its permission bits, which decide whether it may hold a secret
 
 
 class Table:
@@ -222,8 +234,10 @@ class Table:
             return f"[[{dotted(self.path[:-1])}]] number {self.path[-1] + 1}"
         return f"[{dotted(self.path)}]" if self.path else "the top of the file"
 
-    def problem(self, key: str | None, message: str, fix: str) -> None:
-        self.problems.add(self.path if key is None else (*self.path, key), message, fix)
+    def problem(self, key: str | KeyPath | None, message: str, fix: str) -> None:
+        """Record a problem at `key`, or at an element such as `("allow_users", 2)`."""
+        below = () if key is None else (key,) if isinstance(key, str) else key
+        self.problems.add((*self.path, *below), message, fix)
 
     def has(self, key: str) -> bool:
         return key in self.data
@@ -253,6 +267,14 @@ class Table:
             key, f"expected {expected}, got {describe(value)}", _type_fix(key, expected, value)
         )
         return None
+
+    def array(self, key: str, example: str) -> list[object]:
+        """The elements of the array `key`; [] when absent, or wrong (with a problem)."""
+        value = self.data.get(key, [])
+        if isinstance(value, list):
+            return value
+        self.problem(key, f"expected an array, got {describe(value)}", f"write {key} = {example}")
+        return []
 
     def table(self, key: str) -> Table:
         value = self.typed(key, "a table")

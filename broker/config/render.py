@@ -9,13 +9,15 @@ from broker.config.model import (
     CacheConfig,
     Config,
     IdentityConfig,
+    ListenConfig,
     RefreshConfig,
     ServiceConfig,
+    UnixListener,
 )
 from broker.config.reader import quote
 
 _MASK = "********"
-_Value = str | bool | int | float
+_Value = str | bool | int | float | tuple[int, ...] | tuple[str, ...]
 
 
 def render_effective(config: Config) -> str:
@@ -26,10 +28,8 @@ def render_effective(config: Config) -> str:
     if cloud.ca_bundle is not None:
         cloud_values["ca_bundle"] = str(cloud.ca_bundle)
     blocks: list[tuple[str, dict[str, _Value]]] = [
-        (
-            "[listen.unix]",
-            {"enabled": unix.enabled, "path": str(unix.path), "mode": f"{unix.mode:04o}"},
-        ),
+        ("[listen]", _limit_values(config.listen)),
+        ("[listen.unix]", _unix_values(unix)),
         ("[listen.tcp]", {"enabled": tcp.enabled, "host": tcp.host, "port": tcp.port}),
         ("[log]", {"format": config.log.format, "level": config.log.level}),
         ("[cloud]", cloud_values),
@@ -39,11 +39,31 @@ def render_effective(config: Config) -> str:
     blocks += [
         (f"[identity.{_key(name)}]", _identity_values(i)) for name, i in config.identities.items()
     ]
+    blocks += [(f"[api_key.{_key(name)}]", {"sha256": _MASK}) for name in config.api_keys]
     blocks += [("[[service]]", _service_values(service)) for service in config.services]
     lines = [f"# Effective configuration of {config.path}; secrets are never shown."]
     for header, values in blocks:
         lines += ["", header, *(f"{_key(k)} = {_literal(v)}" for k, v in values.items())]
     return "\n".join(lines) + "\n"
+
+
+def _limit_values(listen: ListenConfig) -> dict[str, _Value]:
+    listeners = ("unix", "tcp")  # rendered as tables of their own
+    return {
+        f.name: getattr(listen, f.name) for f in fields(ListenConfig) if f.name not in listeners
+    }
+
+
+def _unix_values(unix: UnixListener) -> dict[str, _Value]:
+    values: dict[str, _Value] = {
+        "enabled": unix.enabled,
+        "path": str(unix.path),
+        "mode": f"{unix.mode:04o}",
+    }
+    for key in ("owner", "group"):  # absent: the socket keeps the broker's own
+        if getattr(unix, key) is not None:
+            values[key] = getattr(unix, key)
+    return values
 
 
 def _identity_values(identity: IdentityConfig) -> dict[str, _Value]:
@@ -89,4 +109,6 @@ def _literal(value: _Value) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_literal(item) for item in value) + "]"
     return quote(value)

@@ -18,13 +18,13 @@ from types import MappingProxyType
 from typing import cast
 from urllib.parse import urlsplit
 
+from broker.config.access import account_id, api_keys
 from broker.config.identity import identities
 from broker.config.model import (
     CLOUDS,
     DEFAULT_SOCKET_PATH,
     DEFAULT_TCP_HOST,
     DEFAULT_TCP_PORT,
-    AuthMode,
     CacheConfig,
     CloudProfile,
     Config,
@@ -33,7 +33,6 @@ from broker.config.model import (
     LogFormat,
     RefreshConfig,
     SecretBytes,
-    ServiceConfig,
     TcpListener,
     UnixListener,
 )
@@ -44,17 +43,18 @@ from broker.config.reader import (
     Table,
     Unreadable,
     describe,
+    permission_bits,
     quote,
     read_text,
 )
+from broker.config.service import services
 from broker.errors import ConfigError
 
-TOP_KEYS = ("listen", "log", "cloud", "refresh", "cache", "identity", "service")
-SERVICE_KEYS = tuple(f.name for f in fields(ServiceConfig))
+TOP_KEYS = ("listen", "log", "cloud", "refresh", "cache", "identity", "api_key", "service")
+LISTEN_LIMITS = ("max_connections", "idle_timeout_s", "max_header_bytes", "max_body_bytes")
 CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-_AZURE_NAMES = ("subscription_id", "resource_group", "workspace", "web_service")
 _ZERO_ALLOWED = frozenset({"margin_s", "jitter_s", "clock_skew_s", "client_refresh_window_s"})
 CACHE_KEY_SOURCES = ("key_file", "key_credential")
 CACHE_KEY_BYTES = 32
@@ -67,9 +67,6 @@ _CACHE_HINTS = {
     "file (key_file) or a systemd credential (key_credential)"
 }
 _OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
-_SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_URL_SEGMENT = re.compile(r"[^/?#\s]+")  # Azure names travel as URL path segments
-_REGION = re.compile(r"[a-z0-9]+")
 _TOML_AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)")
 _HOST_MEANINGS = {
     "authority_host": "the Entra ID sign-in host, e.g. https://login.microsoftonline.com",
@@ -86,17 +83,28 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
         raise ConfigError(problems.items)
     root = Table(document, (), problems)
     root.known(*TOP_KEYS)
-    sources = Sources(path.parent, environ)
+    sources = Sources(path.parent, environ, path, permission_bits(path))
     listen = _listen(root.table("listen"), sources)
     log = _log(root.table("log"))
     cloud = _cloud(root.table("cloud"), sources)
     refresh = _refresh(root.table("refresh"))
     cache = _cache(root.table("cache"), sources)
     by_name = identities(root, sources)
-    services = _services(root, list(by_name))
+    keys = api_keys(root)
+    served = services(root, list(by_name), keys)
     if problems.items:
         raise ConfigError(problems.in_file_order())
-    return Config(path, cloud, MappingProxyType(by_name), services, listen, log, refresh, cache)
+    return Config(
+        path,
+        cloud,
+        MappingProxyType(by_name),
+        served,
+        listen,
+        log,
+        refresh,
+        cache,
+        MappingProxyType(keys),
+    )
 
 
 def _read_document(path: Path, problems: Problems) -> dict[str, object] | None:
@@ -129,14 +137,16 @@ def _read_document(path: Path, problems: Problems) -> dict[str, object] | None:
 
 
 def _listen(table: Table, sources: Sources) -> ListenConfig:
-    table.known("unix", "tcp")
+    table.known("unix", "tcp", *LISTEN_LIMITS)
     unix_table, tcp_table = table.table("unix"), table.table("tcp")
-    unix_table.known("enabled", "path", "mode")
+    unix_table.known("enabled", "path", "mode", "owner", "group")
     tcp_table.known("enabled", "host", "port")
     unix = UnixListener(
         unix_table.flag("enabled", True),
         unix_table.file_path("path", sources.base) or DEFAULT_SOCKET_PATH,
         _socket_mode(unix_table, UnixListener().mode),
+        _socket_account(unix_table, "owner"),
+        _socket_account(unix_table, "group"),
     )
     tcp = TcpListener(
         tcp_table.flag("enabled", True),
@@ -149,7 +159,22 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
             "both listeners are disabled, so no client could reach the broker",
             "set enabled = true under [listen.unix] or [listen.tcp]",
         )
-    return ListenConfig(unix, tcp)
+    defaults = ListenConfig()
+    return ListenConfig(
+        unix,
+        tcp,
+        _at_least(table, "max_connections", defaults.max_connections, 1),
+        _seconds(table, "idle_timeout_s", defaults.idle_timeout_s),
+        table.integer("max_header_bytes", defaults.max_header_bytes, 1024, 65536),
+        _at_least(table, "max_body_bytes", defaults.max_body_bytes, 0),
+    )
+
+
+def _socket_account(table: Table, key: str) -> int | None:
+    """The uid (owner) or gid (group) the socket is given; None keeps the broker's own."""
+    if not table.has(key):
+        return None
+    return account_id(table, key, table.data[key], "user" if key == "owner" else "group")
 
 
 def _socket_mode(table: Table, default: int) -> int:
@@ -296,7 +321,7 @@ def _refresh(table: Table) -> RefreshConfig:
             f"retry_max_s ({high:g}) is less than retry_min_s ({low:g})",
             "raise retry_max_s or lower retry_min_s",
         )
-    concurrency = _count(table, "max_concurrency", defaults.max_concurrency)
+    concurrency = _at_least(table, "max_concurrency", defaults.max_concurrency, 1)
     return RefreshConfig(**seconds, max_concurrency=concurrency)
 
 
@@ -313,15 +338,15 @@ def _seconds(table: Table, name: str, default: float) -> float:
     return value
 
 
-def _count(table: Table, name: str, default: int) -> int:
+def _at_least(table: Table, name: str, default: int, low: int) -> int:
     value = table.typed(name, "an integer")
     if not isinstance(value, int):
         return default
-    if value < 1:
+    if value < low:
         table.problem(
             name,
-            f"{name} must be 1 or more, got {value}",
-            f"use a positive whole number, or remove it for the default ({default})",
+            f"{name} must be {low} or more, got {value}",
+            f"use a whole number from {low}, or remove it for the default ({default})",
         )
         return default
     return value
@@ -417,86 +442,3 @@ def _cache_key(table: Table, key: str, path: Path) -> SecretBytes | None:
         )
         return None
     return SecretBytes(content)
-
-
-def _services(root: Table, identity_names: list[str]) -> tuple[ServiceConfig, ...]:
-    tables = root.array_of_tables(
-        "service", "write each service as a [[service]] table, with double brackets"
-    )
-    if "service" not in root.data:
-        root.problem(
-            "service",
-            "no service is defined",
-            "add a [[service]] table with name, subscription_id, resource_group, workspace "
-            "and web_service",
-        )
-    services: list[ServiceConfig] = []
-    first_use: dict[str, int] = {}
-    for index, table in enumerate(tables):
-        service = _service(table, identity_names)
-        if service.name in first_use:
-            table.problem(
-                "name",
-                f"service name {quote(service.name)} is already used by "
-                f"service[{first_use[service.name] + 1}]",
-                "give each service its own name: clients ask for it in /v1/token/NAME",
-            )
-        elif service.name:
-            first_use[service.name] = index
-        services.append(service)
-    return tuple(services)
-
-
-def _service(table: Table, identity_names: list[str]) -> ServiceConfig:
-    table.known(*SERVICE_KEYS)
-    name = table.required_text("name", "the name clients use in /v1/token/NAME")
-    if name and (not _SERVICE_NAME.fullmatch(name) or not name.strip(".")):
-        table.problem(
-            "name",
-            f"service name {quote(name)} cannot be used in a URL",
-            "use 1 to 64 letters, digits, '.', '_' or '-' (not only dots)",
-        )
-    subscription, group, workspace, web_service = (_azure_name(table, key) for key in _AZURE_NAMES)
-    region = table.optional_text("region")
-    if region is not None and not _REGION.fullmatch(region):
-        table.problem(
-            "region",
-            f"region {quote(region)} is not an Azure region name",
-            'write it in lowercase without spaces, like "eastus", or remove it to discover it',
-        )
-    auth = cast(AuthMode, table.choice("auth", ("auto", "token", "key"), "auto", "auth mode"))
-    identity = _service_identity(table, identity_names)
-    return ServiceConfig(
-        name, identity, subscription, group, workspace, web_service, region or None, auth
-    )
-
-
-def _azure_name(table: Table, key: str) -> str:
-    value = table.required_text(key, f"the {key.replace('_', ' ')} in Azure")
-    if value and not _URL_SEGMENT.fullmatch(value):
-        table.problem(
-            key,
-            f"{key} {quote(value)} cannot contain '/', '?', '#' or spaces",
-            "copy the name exactly as the Azure portal shows it",
-        )
-    return value
-
-
-def _service_identity(table: Table, identity_names: list[str]) -> str:
-    known = ", ".join(identity_names)
-    name = table.optional_text("identity")
-    if name is None and not table.has("identity") and len(identity_names) > 1:
-        table.problem(
-            "identity",
-            "identity is not set and several identities are defined",
-            f'add identity = "NAME" with one of: {known}',
-        )
-    if name is None:
-        return identity_names[0] if len(identity_names) == 1 else ""
-    if identity_names and name not in identity_names:
-        table.problem(
-            "identity",
-            f"no identity named {quote(name)}",
-            f"define [identity.{name}] or use one of: {known}",
-        )
-    return name

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from broker.server.access import AccessRules
 from broker.server.app import make_app
 from broker.server.listeners import AlreadyRunningError, ListenError, Listeners
 
-__all__ = ["AlreadyRunningError", "ListenError", "Listeners", "make_app"]
+__all__ = ["AccessRules", "AlreadyRunningError", "ListenError", "Listeners", "make_app"]

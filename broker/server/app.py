@@ -10,8 +10,9 @@ from aiohttp import web
 from broker.cache import Store
 from broker.errors import LocalRequestError
 from broker.log import get_logger
-from broker.server import routes
-from broker.server.keys import STORE
+from broker.server import guards, routes
+from broker.server.access import AccessRules
+from broker.server.keys import ACCESS, STORE
 
 log = get_logger("broker.server")
 
@@ -46,9 +47,17 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_body(500, "internal", "internal error; see the broker's log")
 
 
-def make_app(store: Store) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], handler_args={"access_log": None})
+@web.middleware
+async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request passes the guards before any route sees it."""
+    guards.check(request)
+    return await handler(request)
+
+
+def make_app(store: Store, access: AccessRules, max_body_bytes: int = 65536) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json, guarded], client_max_size=max_body_bytes)
     app[STORE] = store
+    app[ACCESS] = access
     app[routes.RENDERED] = {}
     app.router.add_get("/v1/token/{service}", routes.token)
     app.router.add_post("/v1/token/{service}/refresh", routes.refresh)

@@ -5,5 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from broker.cache import Store
+from broker.server.access import AccessRules
 
 STORE = web.AppKey("store", Store)
+ACCESS = web.AppKey("access", AccessRules)

@@ -8,9 +8,12 @@ a stale file is replaced, and the file is removed on exit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -32,10 +35,13 @@ class ListenError(BrokerError):
     """Raised when a listener cannot be bound (address in use, no permission)."""
 
 
-def bind_unix(path: Path, mode: int) -> socket.socket:
-    """A listening Unix socket at `path` with `mode`, refusing to replace a live one."""
+def bind_unix(
+    path: Path, mode: int, owner: int | None = None, group: int | None = None
+) -> socket.socket:
+    """A listening Unix socket at `path` with `mode`, owner and group, refusing to replace a
+    live one; the file has its final mode and ownership before the socket accepts anything."""
     try:
-        return _bind_unix(path, mode)
+        return _bind_unix(path, mode, owner, group)
     except OSError as exc:
         raise ListenError(
             f"cannot create the socket {path}: {exc.strerror or exc}; check that the directory "
@@ -43,7 +49,7 @@ def bind_unix(path: Path, mode: int) -> socket.socket:
         ) from None
 
 
-def _bind_unix(path: Path, mode: int) -> socket.socket:
+def _bind_unix(path: Path, mode: int, owner: int | None, group: int | None) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not path.is_socket():
             raise ListenError(
@@ -57,6 +63,8 @@ def _bind_unix(path: Path, mode: int) -> socket.socket:
     old_umask = os.umask(0o777)  # no moment where the file is wider than `mode`
     try:
         sock.bind(str(path))
+        if owner is not None or group is not None:
+            os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
         path.chmod(mode)
         sock.listen(_BACKLOG)
     except OSError:
@@ -94,6 +102,49 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+_TOO_MANY = json.dumps(
+    {"error": "too_many_connections", "message": "the broker has too many open connections"}
+).encode()
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers a connection beyond the cap with a 503 and closes it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\n"
+            + f"Content-Length: {len(_TOO_MANY)}\r\n\r\n".encode()
+            + _TOO_MANY
+        )
+        transport.close()
+
+
+class _CappedSite(web.SockSite):
+    """A site that refuses connections beyond `cap` open ones across the runner."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, cap: int) -> None:
+        super().__init__(runner, sock, backlog=_BACKLOG)
+        self._cap = cap
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        cap = self._cap
+
+        def protocol() -> asyncio.Protocol:
+            if len(server.connections) >= cap:
+                return _Refuse()
+            return server()
+
+        factory: Callable[[], asyncio.Protocol] = protocol
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, sock=self._sock, backlog=_BACKLOG
+        )
+
+
 class Listeners:
     """Both listeners of one application, started and stopped together."""
 
@@ -101,8 +152,15 @@ class Listeners:
         self, app: web.Application, config: ListenConfig, shutdown_grace_s: float = 5.0
     ) -> None:
         # On stop, requests under way get `shutdown_grace_s` to finish; new ones are refused.
+        # keepalive_timeout also closes a connection that trickles an incomplete request.
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_grace_s
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=shutdown_grace_s,
+            keepalive_timeout=config.idle_timeout_s,
+            max_line_size=config.max_header_bytes,
+            max_field_size=config.max_header_bytes,
         )
         self._config = config
         self.unix_path: Path | None = None
@@ -119,14 +177,14 @@ class Listeners:
     async def _start_sites(self) -> None:
         unix, tcp = self._config.unix, self._config.tcp
         if unix.enabled:
-            sock = bind_unix(unix.path, unix.mode)
+            sock = bind_unix(unix.path, unix.mode, unix.owner, unix.group)
             self.unix_path = unix.path
-            await web.SockSite(self._runner, sock).start()
+            await _CappedSite(self._runner, sock, self._config.max_connections).start()
         if tcp.enabled:
             sock = bind_tcp(tcp.host, tcp.port)
             host, port = sock.getsockname()[:2]
             self.tcp_address = (host, port)
-            await web.SockSite(self._runner, sock).start()
+            await _CappedSite(self._runner, sock, self._config.max_connections).start()
         log.info(
             "listeners.started",
             unix=str(self.unix_path) if self.unix_path else None,

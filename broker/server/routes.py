@@ -15,7 +15,7 @@ from aiohttp import web
 from broker import __version__
 from broker.cache import Entry, Store
 from broker.errors import BadRequestError
-from broker.server.keys import STORE
+from broker.server.keys import ACCESS, STORE
 
 _JSON = "application/json"
 
@@ -58,7 +58,9 @@ async def token(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "header"):
         raise BadRequestError(f"format must be json or header, not {fmt[:40]!r}")
-    entry = await store.credential(request.match_info["service"])
+    service = request.match_info["service"]
+    request.app[ACCESS].authorize(request, service)
+    entry = await store.credential(service)
     rendered = _render(request, store, entry)
     if fmt == "header":
         return web.Response(body=rendered.header, content_type="text/plain")
@@ -68,7 +70,9 @@ async def token(request: web.Request) -> web.Response:
 async def refresh(request: web.Request) -> web.Response:
     """Refresh now (at most once per service per window), then answer like `token`."""
     store = request.app[STORE]
-    entry = await store.refresh_now(request.match_info["service"])
+    service = request.match_info["service"]
+    request.app[ACCESS].authorize(request, service)
+    entry = await store.refresh_now(service)
     return web.Response(body=_render(request, store, entry).json, content_type=_JSON)
 
 

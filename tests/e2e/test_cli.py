@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -152,3 +153,36 @@ async def test_run_serves_and_stops_on_sigterm(emulator: Emulator, short_dir: Pa
     assert await asyncio.wait_for(proc.wait(), 20) == 0
     assert b"broker.stopped" in rest
     assert not sock.exists()
+
+
+def test_api_key_new_prints_the_key_once_and_its_digest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`api-key new NAME` prints a fresh key and the [api_key.NAME] table holding its digest."""
+    assert main(["api-key", "new", "scorer"]) == EXIT_OK
+    out = capsys.readouterr().out
+    key = next(line for line in out.splitlines() if line.startswith("tbk_"))
+    assert f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}"' in out
+    assert "[api_key.scorer]" in out
+    assert main(["api-key", "new", "scorer"]) == EXIT_OK
+    assert key not in capsys.readouterr().out  # a new key every time
+
+
+async def test_token_command_sends_the_api_key(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    short_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`token --api-key` fetches a key-protected service over TCP."""
+    key = "tbk_cli-test-key-000000000000000000"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    text = config_text(emulator, short_dir, extra_service_keys='api_keys = ["cli"]')
+    broker = await start_broker(text + f'\n[api_key.cli]\nsha256 = "{digest}"\n')
+    host, port = broker.daemon.tcp_address or ("", 0)
+    url = f"http://{host}:{port}"
+    assert await asyncio.to_thread(main, ["token", "fraud", "--url", url]) == EXIT_FAILURE
+    assert "X-Token-Broker-Key" in capsys.readouterr().err
+    argv = ["token", "fraud", "--url", url, "--api-key", key, "--header"]
+    assert await asyncio.to_thread(main, argv) == EXIT_OK
+    assert capsys.readouterr().out.startswith("Bearer ")

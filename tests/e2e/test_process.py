@@ -117,6 +117,13 @@ async def test_sighup_adds_a_service_and_keeps_the_old_token(
     assert (await get(short_dir, "/v1/token/fraud"))[1]["access_token"] == first["access_token"]
 
 
+async def test_core_dumps_are_disabled(run_broker: Process) -> None:
+    """The daemon runs with a core-file size limit of zero."""
+    limits = Path(f"/proc/{run_broker.proc.pid}/limits").read_text()
+    line = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert line.split()[4:6] == ["0", "0"]
+
+
 async def test_sighup_with_a_broken_file_keeps_running(
     run_broker: Process, short_dir: Path
 ) -> None:

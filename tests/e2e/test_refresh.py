@@ -23,7 +23,7 @@ def short_lived(emulator: Emulator, lifetime_s: float = 4.0) -> None:
 async def test_token_refreshed_before_refresh_after(
     start_broker: StartBroker, emulator: Emulator
 ) -> None:
-    """With a 4 s token whose refreshAfter is at 2 s, a new token is served before 2 s pass."""
+    """With a 4 s token whose refreshAfter is at 2 s, the broker renews it before those 2 s."""
     short_lived(emulator)
     broker = await start_broker(services=ONLY_FRAUD)
     client = broker.client()
@@ -32,11 +32,13 @@ async def test_token_refreshed_before_refresh_after(
     refresh_by = store.refresh_by(store.entry("fraud"))  # unrounded, unlike the JSON's
     assert refresh_by is not None
     entry = await broker.next_result("fraud")
-    refreshed_at = time.time()
     second = (await client.get("/v1/token/fraud")).json()
     assert entry.last_error is None
     assert second["access_token"] != first["access_token"]
-    assert refreshed_at < refresh_by
+    # The broker's decision is what it controls: it started the refresh ahead of
+    # refreshAfter, by a margin that scales with the token's life (Azure's latency is not
+    # part of the promise).
+    assert entry.last_attempt_at is not None and entry.last_attempt_at < refresh_by
     assert second["refresh_by"] > first["refresh_by"]
     assert emulator.state.count("mms.token", service=demo.TOKEN_SERVICE) == 2
 

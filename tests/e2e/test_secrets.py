@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.cli import main
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from tests.conftest import CLIENT_SECRET
@@ -18,7 +19,11 @@ pytestmark = pytest.mark.timeout(30)
 
 
 async def test_no_secret_in_any_output(
-    start_broker: StartBroker, emulator: Emulator, logs: io.StringIO, short_dir: Path
+    start_broker: StartBroker,
+    emulator: Emulator,
+    logs: io.StringIO,
+    short_dir: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Known secret values pushed through success and failure paths appear in no output."""
     broker = await start_broker()
@@ -43,7 +48,24 @@ async def test_no_secret_in_any_output(
         outputs.append((await broker.client().get(f"/v1/services/{service}")).text)
     broker.clock.advance(3600)
     outputs.append((await broker.client().get("/v1/token/fraud")).text)
-    outputs.append(logs.getvalue())
+    sock = str(broker.daemon.unix_path)
+    for argv in (["status", "--socket", sock], ["status", "--json", "--socket", sock]):
+        await asyncio.to_thread(main, argv)
+    main(["check-config", "-c", str(short_dir / "broker.toml")])
+    inline = short_dir / "inline.toml"
+    inline.write_text(
+        (short_dir / "broker.toml")
+        .read_text()
+        .replace(
+            f'client_secret_file = "{short_dir / "client-secret"}"',
+            f'client_secret = "{CLIENT_SECRET}"',
+        )
+    )
+    inline.chmod(0o600)
+    assert main(["check-config", "-c", str(inline)]) == 0
+    captured = capsys.readouterr()
+    assert "STATE" in captured.out and "inline in" in captured.out
+    outputs += [captured.out, captured.err, logs.getvalue()]
 
     assert logs.getvalue().count("token.refreshed") >= 2
     everything = "\n".join(outputs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import grp
+import hashlib
+import pwd
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +23,7 @@ from broker.config import (
     RefreshConfig,
     Secret,
     SecretBytes,
+    hash_api_key,
     load_config,
     render_effective,
 )
@@ -28,6 +32,9 @@ from broker.errors import ConfigError, ConfigProblem
 pytestmark = pytest.mark.timeout(10)
 
 SECRET = "s3cr3t-VALUE-xyz"
+SCORER_KEY = "tbk_scorer-KEY-0123456789abcdefghijklmnopqrstuv"
+ROOT_USER = pwd.getpwuid(0).pw_name
+ROOT_GROUP = grp.getgrgid(0).gr_name
 PASSWORD = "p4ssw0rd-VALUE-abc"
 CACHE_KEY = bytes(range(256))[::7] + b"\n\xff"  # raw bytes: not text, newline kept
 CREDENTIAL_KEY = b"c2VjcmV0LWNhY2hlLWtleS1mb3ItdGVzdHMtMDEyMzQ1Njc4OQ=="
@@ -56,11 +63,21 @@ MINIMAL = IDENTITY + SERVICE
 
 CACHE_ON = '[cache]\nenabled = true\npath = "state/cache.bin"\n'  # a key source to be added
 
-FULL = """
+FULL = (
+    (
+        """
+[listen]
+max_connections = 32
+idle_timeout_s = 2.5
+max_header_bytes = 1024
+max_body_bytes = 0
+
 [listen.unix]
 enabled = true
 path = "run/broker.sock"
 mode = "0640"
+owner = "ROOT-USER"
+group = 2000
 
 [listen.tcp]
 enabled = true
@@ -121,6 +138,12 @@ tenant_id = "t"
 client_id = "c-federated"
 federated_token_file = "$AZURE_FEDERATED_TOKEN_FILE"
 
+[api_key.scorer]
+sha256 = "SCORER-DIGEST"
+
+[api_key."batch.v2"]  # defined, used by no service: allowed
+sha256 = "BATCH-DIGEST"
+
 [[service]]
 name = "fraud"
 identity = "main"
@@ -130,6 +153,9 @@ workspace = "ws"
 web_service = "fraud-svc"
 region = "eastus"
 auth = "token"
+allow_users = ["ROOT-USER", 1001, 0]
+allow_groups = ["ROOT-GROUP", 2000]
+api_keys = ["scorer"]
 
 [[service]]
 name = "churn.v2"
@@ -139,7 +165,14 @@ resource_group = "rg"
 workspace = "ws"
 web_service = "churn-svc"
 auth = "key"
+allow_users = []
 """
+    )
+    .replace("ROOT-USER", ROOT_USER)
+    .replace("ROOT-GROUP", ROOT_GROUP)
+)
+FULL = FULL.replace("SCORER-DIGEST", hash_api_key(SCORER_KEY))
+FULL = FULL.replace("BATCH-DIGEST", hashlib.sha256(b"batch").hexdigest())
 
 
 @pytest.fixture
@@ -181,9 +214,11 @@ def environment(workdir: Path, **overrides: str | None) -> dict[str, str]:
     return {name: value for name, value in env.items() if value is not None}
 
 
-def write(workdir: Path, text: str) -> Path:
+def write(workdir: Path, text: str, mode: int = 0o644) -> Path:
+    """The configuration file, with `mode` whatever the umask (it decides inline secrets)."""
     path = workdir / "broker.toml"
     path.write_text(text)
+    path.chmod(mode)
     return path
 
 
@@ -217,6 +252,9 @@ def test_full_file_loads_every_section(workdir: Path) -> None:
 
     assert config.listen.unix.path == workdir / "run" / "broker.sock"
     assert config.listen.unix.mode == 0o640
+    assert (config.listen.unix.owner, config.listen.unix.group) == (0, 2000)
+    assert (config.listen.max_connections, config.listen.idle_timeout_s) == (32, 2.5)
+    assert (config.listen.max_header_bytes, config.listen.max_body_bytes) == (1024, 0)
     assert (config.listen.tcp.host, config.listen.tcp.port) == ("::1", 0)
     assert config.log == LogConfig("json", "debug")
     assert config.cloud.name == "custom"
@@ -237,6 +275,14 @@ def test_full_file_loads_every_section(workdir: Path) -> None:
     assert config.services[1].identity == "work load"
     assert config.services[1].region is None
     assert config.services[0].region == "eastus"
+    assert config.services[0].allow_users == (0, 1001)  # root by name and by id: once
+    assert config.services[0].allow_groups == (0, 2000)
+    assert config.services[0].api_keys == ("scorer",)
+    assert config.services[1].allow_users == config.services[1].allow_groups == ()
+    assert config.services[1].api_keys == ()
+    assert list(config.api_keys) == ["scorer", "batch.v2"]
+    assert config.api_keys["scorer"].name == "scorer"
+    assert config.api_keys["scorer"].sha256 == hashlib.sha256(SCORER_KEY.encode()).digest()
 
 
 def test_credential_kinds_are_read_from_their_sources(workdir: Path) -> None:
@@ -266,8 +312,26 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
     parsed = tomllib.loads(text)
 
     assert SECRET not in text and PASSWORD not in text
-    assert list(parsed) == ["listen", "log", "cloud", "refresh", "cache", "identity", "service"]
+    assert hash_api_key(SCORER_KEY) not in text and SCORER_KEY not in text
+    assert list(parsed) == [
+        *("listen", "log", "cloud", "refresh", "cache", "identity", "api_key", "service")
+    ]
     assert parsed["listen"]["unix"]["mode"] == "0640"
+    assert (parsed["listen"]["unix"]["owner"], parsed["listen"]["unix"]["group"]) == (0, 2000)
+    assert {k: v for k, v in parsed["listen"].items() if k not in ("unix", "tcp")} == {
+        "max_connections": 32,
+        "idle_timeout_s": 2.5,
+        "max_header_bytes": 1024,
+        "max_body_bytes": 0,
+    }
+    assert parsed["api_key"] == {
+        "scorer": {"sha256": "********"},
+        "batch.v2": {"sha256": "********"},
+    }
+    assert parsed["service"][0]["allow_users"] == [0, 1001]
+    assert parsed["service"][0]["allow_groups"] == [0, 2000]
+    assert parsed["service"][0]["api_keys"] == ["scorer"]
+    assert parsed["service"][1]["allow_users"] == parsed["service"][1]["api_keys"] == []
     assert parsed["refresh"]["lifetime_fraction"] == 0.75
     assert parsed["refresh"]["max_concurrency"] == 2
     assert parsed["cache"] == {
@@ -295,8 +359,20 @@ def test_defaults_fill_every_absent_section(workdir: Path) -> None:
     assert config.cache == CacheConfig(False, DEFAULT_CACHE_PATH)
     assert config.cloud == CLOUDS["AzureCloud"]
     assert config.services[0].auth == "auto"
+    assert config.services[0].allow_users == config.services[0].allow_groups == ()
+    assert config.services[0].api_keys == ()
+    assert config.api_keys == {} and isinstance(config.api_keys, MappingProxyType)
     parsed = tomllib.loads(render_effective(config))
     assert parsed["listen"]["tcp"] == {"enabled": True, "host": "127.0.0.1", "port": 8765}
+    assert parsed["listen"]["unix"] == {
+        "enabled": True,
+        "path": str(DEFAULT_SOCKET_PATH),
+        "mode": "0660",
+    }
+    assert parsed["listen"]["max_connections"] == 256 and parsed["listen"]["idle_timeout_s"] == 10.0
+    assert parsed["listen"]["max_header_bytes"] == 8190
+    assert parsed["listen"]["max_body_bytes"] == 65536
+    assert "api_key" not in parsed
     assert parsed["cloud"]["authority_host"] == "https://login.microsoftonline.com"
     assert parsed["refresh"]["max_concurrency"] == 4  # an integer, not 4.0
     assert parsed["cache"] == {"enabled": False, "path": str(DEFAULT_CACHE_PATH)}
@@ -457,6 +533,264 @@ region_api = "https://127.0.0.1:8443/regions/{region}"
 SECOND_IDENTITY = (
     '\n[identity.other]\ntenant_id = "t"\nclient_id = "c"\nclient_secret_file = "sp"\n'
 )
+
+
+def with_api_key(lines: str, name: str = "scorer") -> str:
+    """MINIMAL with an [api_key.NAME] table holding `lines`."""
+    return MINIMAL + f"\n[api_key.{name}]\n" + lines
+
+
+DIGEST = hashlib.sha256(b"key").hexdigest()
+
+LISTEN_LIMIT_CASES = [
+    # (id, TOML text, expected key, a phrase of the message or fix)
+    (
+        "max-connections-zero",
+        "[listen]\nmax_connections = 0\n" + MINIMAL,
+        "listen.max_connections",
+        "max_connections must be 1 or more, got 0",
+    ),
+    (
+        "max-connections-quoted",
+        '[listen]\nmax_connections = "64"\n' + MINIMAL,
+        "listen.max_connections",
+        "write max_connections = 64 without quotes",
+    ),
+    (
+        "idle-timeout-zero",
+        "[listen]\nidle_timeout_s = 0\n" + MINIMAL,
+        "listen.idle_timeout_s",
+        "idle_timeout_s must be more than zero, got 0",
+    ),
+    (
+        "idle-timeout-negative",
+        "[listen]\nidle_timeout_s = -1.5\n" + MINIMAL,
+        "listen.idle_timeout_s",
+        "more than zero",
+    ),
+    (
+        "idle-timeout-infinite",
+        "[listen]\nidle_timeout_s = inf\n" + MINIMAL,
+        "listen.idle_timeout_s",
+        "finite",
+    ),
+    (
+        "max-header-small",
+        "[listen]\nmax_header_bytes = 1023\n" + MINIMAL,
+        "listen.max_header_bytes",
+        "max_header_bytes must be from 1024 to 65536, got 1023",
+    ),
+    (
+        "max-header-large",
+        "[listen]\nmax_header_bytes = 65537\n" + MINIMAL,
+        "listen.max_header_bytes",
+        "from 1024 to 65536",
+    ),
+    (
+        "max-body-negative",
+        "[listen]\nmax_body_bytes = -1\n" + MINIMAL,
+        "listen.max_body_bytes",
+        "max_body_bytes must be 0 or more, got -1",
+    ),
+    (
+        "max-body-fraction",
+        "[listen]\nmax_body_bytes = 1.5\n" + MINIMAL,
+        "listen.max_body_bytes",
+        "expected an integer, got a number (1.5)",
+    ),
+    (
+        "listen-unknown-limit",
+        "[listen]\nmax_conections = 5\n" + MINIMAL,
+        "listen.max_conections",
+        'did you mean "max_connections"?',
+    ),
+]
+
+UNKNOWN_NAME = "no-such-account-x7q"
+
+ACCOUNT_CASES = [
+    (
+        "owner-unknown",
+        f'[listen.unix]\nowner = "{UNKNOWN_NAME}"\n' + MINIMAL,
+        "listen.unix.owner",
+        f'no user named "{UNKNOWN_NAME}" on this machine — create the user or use a numeric id',
+    ),
+    (
+        "group-unknown",
+        f'[listen.unix]\ngroup = "{UNKNOWN_NAME}"\n' + MINIMAL,
+        "listen.unix.group",
+        f'no group named "{UNKNOWN_NAME}" on this machine — create the group or use a numeric id',
+    ),
+    (
+        "owner-negative",
+        "[listen.unix]\nowner = -1\n" + MINIMAL,
+        "listen.unix.owner",
+        "owner must be a user id from 0 to 4294967294, got -1",
+    ),
+    (
+        "group-too-large",
+        "[listen.unix]\ngroup = 4294967295\n" + MINIMAL,
+        "listen.unix.group",
+        "from 0 to 4294967294",
+    ),
+    (
+        "owner-quoted-id",
+        '[listen.unix]\nowner = "987654"\n' + MINIMAL,
+        "listen.unix.owner",
+        "write it without quotes (987654) if it is a numeric id",
+    ),
+    (
+        "owner-empty",
+        '[listen.unix]\nowner = ""\n' + MINIMAL,
+        "listen.unix.owner",
+        "expected a user name or a numeric id, got an empty string",
+    ),
+    (
+        "group-boolean",
+        "[listen.unix]\ngroup = true\n" + MINIMAL,
+        "listen.unix.group",
+        "expected a group name or a numeric id, got a boolean (true)",
+    ),
+    (
+        "allow-users-not-an-array",
+        with_service(f'allow_users = "{ROOT_USER}"\n'),
+        "service[1].allow_users",
+        f'expected an array, got a string ("{ROOT_USER}") — write allow_users = ["alice", 1001]',
+    ),
+    (
+        "allow-users-element-type",
+        with_service(f'allow_users = ["{ROOT_USER}", 1.5]\n'),
+        "service[1].allow_users[2]",
+        "expected a user name or a numeric id, got a number (1.5)",
+    ),
+    (
+        "allow-users-unknown",
+        with_service(f'allow_users = [0, "{UNKNOWN_NAME}"]\n'),
+        "service[1].allow_users[2]",
+        f'no user named "{UNKNOWN_NAME}"',
+    ),
+    (
+        "allow-users-negative",
+        with_service("allow_users = [-5]\n"),
+        "service[1].allow_users[1]",
+        "allow_users[1] must be a user id from 0 to 4294967294, got -5",
+    ),
+    (
+        "allow-groups-unknown",
+        with_service(f'allow_groups = ["{UNKNOWN_NAME}"]\n'),
+        "service[1].allow_groups[1]",
+        "create the group or use a numeric id",
+    ),
+    (
+        "allow-groups-table",
+        with_service("allow_groups = [{ name = 'x' }]\n"),
+        "service[1].allow_groups[1]",
+        "expected a group name or a numeric id, got a table",
+    ),
+]
+
+API_KEY_CASES = [
+    (
+        "service-api-key-unknown",
+        with_api_key(f'sha256 = "{DIGEST}"\n', "scorer")
+        + SERVICE.replace("fraud", "b")
+        + 'api_keys = ["scorer", "socrer"]\n',
+        "service[2].api_keys[2]",
+        'no API key named "socrer" — define [api_key.socrer] or use one of the defined API '
+        "keys: scorer",
+    ),
+    (
+        "service-api-key-none-defined",
+        with_service('api_keys = ["scorer"]\n'),
+        "service[1].api_keys[1]",
+        "defined API keys: none is defined",
+    ),
+    (
+        "service-api-key-not-a-name",
+        with_api_key(f'sha256 = "{DIGEST}"\n') + SERVICE.replace("fraud", "b") + "api_keys = [1]\n",
+        "service[2].api_keys[1]",
+        "expected the name of an [api_key.NAME] table, got an integer (1)",
+    ),
+    (
+        "service-api-keys-not-an-array",
+        with_service('api_keys = "scorer"\n'),
+        "service[1].api_keys",
+        'write api_keys = ["scorer"]',
+    ),
+    (
+        "api-key-raw-key-as-digest",
+        with_api_key('sha256 = "correct-horse-battery-staple"\n'),
+        "api_key.scorer.sha256",
+        "this is not a SHA-256 hex digest (64 characters 0-9 a-f) — store the digest, never "
+        "the key: `printf %s KEY | sha256sum`",
+    ),
+    (
+        "api-key-generated-key-as-digest",
+        with_api_key(f'sha256 = "{SCORER_KEY}"\n'),
+        "api_key.scorer.sha256",
+        "this is an API key, not its SHA-256 hex digest",
+    ),
+    (
+        "api-key-short-digest",
+        with_api_key(f'sha256 = "{DIGEST[:63]}"\n'),
+        "api_key.scorer.sha256",
+        "not a SHA-256 hex digest",
+    ),
+    (
+        "api-key-sha256sum-line",
+        with_api_key(f'sha256 = "{DIGEST}  -"\n'),
+        "api_key.scorer.sha256",
+        "not a SHA-256 hex digest",
+    ),
+    (
+        "api-key-uppercase",
+        with_api_key(f'sha256 = "{DIGEST.upper()}"\n'),
+        "api_key.scorer.sha256",
+        "the digest has capital letters — write it in lowercase",
+    ),
+    (
+        "api-key-digest-not-a-string",
+        with_api_key("sha256 = 12345\n"),
+        "api_key.scorer.sha256",
+        "expected a string of 64 hex digits, got an integer",
+    ),
+    (
+        "api-key-missing-digest",
+        with_api_key(""),
+        "api_key.scorer",
+        'missing required key "sha256"',
+    ),
+    (
+        "api-key-inline-key",
+        with_api_key(f'sha256 = "{DIGEST}"\nkey = "{SCORER_KEY}"\n'),
+        "api_key.scorer.key",
+        "never reads an API key from its configuration file",
+    ),
+    (
+        "api-key-bad-name",
+        with_api_key(f'sha256 = "{DIGEST}"\n', '"score r"'),
+        "api_key.score r",
+        "use 1 to 64 letters, digits",
+    ),
+    (
+        "api-key-named-like-a-key",
+        with_api_key(f'sha256 = "{DIGEST}"\n', SCORER_KEY),
+        "api_key",
+        "named with what looks like an API key",
+    ),
+    (
+        "api-key-without-name",
+        MINIMAL + f'\n[api_key]\nsha256 = "{DIGEST}"\n',
+        "api_key.sha256",
+        "write [api_key.NAME]",
+    ),
+    (
+        "api-key-same-digest",
+        with_api_key(f'sha256 = "{DIGEST}"\n', "a") + f'\n[api_key.b]\nsha256 = "{DIGEST}"\n',
+        "api_key.b.sha256",
+        "the same digest as [api_key.a] — give each client its own key",
+    ),
+]
 
 BROKEN = [
     # (id, TOML text, expected key, a phrase of the message or fix)
@@ -720,10 +1054,22 @@ BROKEN = [
     ),
     ("no-credential", with_identity(""), "identity.main", "no credential is set"),
     (
-        "inline-secret",
-        with_identity(f'client_secret_file = "sp"\nclient_secret = "{SECRET}"\n'),
+        "inline-secret-in-a-readable-file",
+        with_identity(f'client_secret = "{SECRET}"\n'),
         "identity.main.client_secret",
-        "never reads a secret from its configuration file",
+        "which has mode 0644: other users can read it — chmod 600 ",
+    ),
+    (
+        "inline-secret-fix",
+        with_identity(f'client_secret = "{SECRET}"\n'),
+        "identity.main.client_secret",
+        "or move the secret to client_secret_file, client_secret_env or client_secret_credential",
+    ),
+    (
+        "inline-password-in-a-readable-file",
+        with_identity(f'certificate_file = "cert.pem"\ncertificate_password = "{PASSWORD}"\n'),
+        "identity.main.certificate_password",
+        "mode 0644: other users can read it — chmod 600 ",
     ),
     (
         "password-without-cert",
@@ -887,6 +1233,9 @@ BROKEN = [
         "service[1].resource_group",
         "cannot contain '/'",
     ),
+    *LISTEN_LIMIT_CASES,
+    *ACCOUNT_CASES,
+    *API_KEY_CASES,
 ]
 
 
@@ -1039,14 +1388,21 @@ def test_no_problem_ever_shows_a_secret(workdir: Path) -> None:
         + f'client_secret_env = "{SECRET}"\n'
         + '\n[identity.c]\ntenant_id = "t"\nclient_id = 5\nclient_secret_file = "sp"\n'
         + '\n[identity.d]\ntenant_id = "t"\nclient_id = "d"\nclient_secret_env = "SP_SECRET"\n'
+        + '\n[identity.e]\ntenant_id = "t"\nclient_id = "e"\ncertificate_file = "cert.pem"\n'
+        + f'certificate_password = "{PASSWORD}"\n'
+        + f'\n[api_key.a]\nsha256 = "{SECRET}"\nkey = "{SECRET}"\n'
+        + f'\n[api_key.b]\nsha256 = "{SCORER_KEY}"\n'
+        + f'\n[api_key.{SCORER_KEY}]\nsha256 = "{SCORER_KEY}"\n'
         + SERVICE
+        + f'api_keys = ["{SCORER_KEY}"]\n'
     )
     with pytest.raises(ConfigError) as caught:
         load(workdir, text)
 
-    assert len(caught.value.problems) >= 4
-    assert SECRET not in str(caught.value)
-    assert SECRET not in repr(caught.value.problems)
+    assert len(caught.value.problems) >= 10
+    for secret in (SECRET, PASSWORD, SCORER_KEY):
+        assert secret not in str(caught.value)
+        assert secret not in repr(caught.value.problems)
 
 
 def test_secret_never_shows_in_repr_of_the_loaded_config(workdir: Path) -> None:

@@ -1,0 +1,119 @@
+"""The `[[service]]` tables: what local clients ask for, and who may ask.
+
+A service names its identity and, optionally, who may use it: peer users and groups on
+the Unix socket (`broker.config.access` resolves their names) and `[api_key.NAME]` keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import cast
+
+from broker.config.access import account_ids, service_api_keys
+from broker.config.model import ApiKey, AuthMode, ServiceConfig
+from broker.config.reader import Table, quote
+
+SERVICE_KEYS = tuple(f.name for f in fields(ServiceConfig))
+
+_AZURE_NAMES = ("subscription_id", "resource_group", "workspace", "web_service")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_URL_SEGMENT = re.compile(r"[^/?#\s]+")  # Azure names travel as URL path segments
+_REGION = re.compile(r"[a-z0-9]+")
+
+
+def services(
+    root: Table, identity_names: list[str], keys: Mapping[str, ApiKey]
+) -> tuple[ServiceConfig, ...]:
+    """Every `[[service]]` of the file, in file order; names unique, references resolved."""
+    tables = root.array_of_tables(
+        "service", "write each service as a [[service]] table, with double brackets"
+    )
+    if "service" not in root.data:
+        root.problem(
+            "service",
+            "no service is defined",
+            "add a [[service]] table with name, subscription_id, resource_group, workspace "
+            "and web_service",
+        )
+    found: list[ServiceConfig] = []
+    first_use: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        service = _service(table, identity_names, keys)
+        if service.name in first_use:
+            table.problem(
+                "name",
+                f"service name {quote(service.name)} is already used by "
+                f"service[{first_use[service.name] + 1}]",
+                "give each service its own name: clients ask for it in /v1/token/NAME",
+            )
+        elif service.name:
+            first_use[service.name] = index
+        found.append(service)
+    return tuple(found)
+
+
+def _service(table: Table, identity_names: list[str], keys: Mapping[str, ApiKey]) -> ServiceConfig:
+    table.known(*SERVICE_KEYS)
+    name = table.required_text("name", "the name clients use in /v1/token/NAME")
+    if name and (not _SERVICE_NAME.fullmatch(name) or not name.strip(".")):
+        table.problem(
+            "name",
+            f"service name {quote(name)} cannot be used in a URL",
+            "use 1 to 64 letters, digits, '.', '_' or '-' (not only dots)",
+        )
+    subscription, group, workspace, web_service = (_azure_name(table, key) for key in _AZURE_NAMES)
+    region = table.optional_text("region")
+    if region is not None and not _REGION.fullmatch(region):
+        table.problem(
+            "region",
+            f"region {quote(region)} is not an Azure region name",
+            'write it in lowercase without spaces, like "eastus", or remove it to discover it',
+        )
+    auth = cast(AuthMode, table.choice("auth", ("auto", "token", "key"), "auto", "auth mode"))
+    identity = _service_identity(table, identity_names)
+    return ServiceConfig(
+        name,
+        identity,
+        subscription,
+        group,
+        workspace,
+        web_service,
+        region or None,
+        auth,
+        account_ids(table, "allow_users", "user"),
+        account_ids(table, "allow_groups", "group"),
+        service_api_keys(table, keys),
+    )
+
+
+def _azure_name(table: Table, key: str) -> str:
+    value = table.required_text(key, f"the {key.replace('_', ' ')} in Azure")
+    if value and not _URL_SEGMENT.fullmatch(value):
+        table.problem(
+            key,
+            f"{key} {quote(value)} cannot contain '/', '?', '#' or spaces",
+            "copy the name exactly as the Azure portal shows it",
+        )
+    return value
+
+
+def _service_identity(table: Table, identity_names: list[str]) -> str:
+    known = ", ".join(identity_names)
+    name = table.optional_text("identity")
+    if name is None and not table.has("identity") and len(identity_names) > 1:
+        table.problem(
+            "identity",
+            "identity is not set and several identities are defined",
+            f'add identity = "NAME" with one of: {known}',
+        )
+    if name is None:
+        return identity_names[0] if len(identity_names) == 1 else ""
+    if identity_names and name not in identity_names:
+        table.problem(
+            "identity",
+            f"no identity named {quote(name)}",
+            f"define [identity.{name}] or use one of: {known}",
+        )
+    return name

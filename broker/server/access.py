@@ -1,0 +1,157 @@
+"""Who may fetch which service: peer credentials on the socket, API keys on TCP.
+
+On the Unix socket the kernel tells us the caller's uid, gid, pid and groups
+(`SO_PEERCRED`, `SO_PEERGROUPS`); a service with `allow_users`/`allow_groups` is
+served only to those. On TCP there is no such truth, so a service with `api_keys`
+is served only to a client presenting one of them in `X-Token-Broker-Key`; the
+broker holds only their SHA-256 digests and compares in constant time. A service
+restricted to users or groups and given no API key is not served on TCP at all.
+Every refusal is logged as `access.denied` naming the caller, never a credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from broker.config import Config
+from broker.errors import ForbiddenError
+from broker.log import get_logger
+from broker.server.guards import is_unix
+
+log = get_logger("broker.access")
+
+API_KEY_HEADER = "X-Token-Broker-Key"
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux ≥ 4.13
+_MAX_GROUPS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process at the other end of a Unix socket connection, as the kernel saw it."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One service's access rules, from its configuration."""
+
+    uids: frozenset[int]
+    gids: frozenset[int]
+    keys: Mapping[str, bytes]  # key name -> SHA-256 digest
+
+    @property
+    def restricts_peers(self) -> bool:
+        return bool(self.uids or self.gids)
+
+
+class AccessRules:
+    """Every service's policy; replaced whole on reload."""
+
+    def __init__(self, config: Config) -> None:
+        self._policies: dict[str, Policy] = {}
+        self.update(config)
+
+    def update(self, config: Config) -> None:
+        self._policies = {
+            s.name: Policy(
+                frozenset(s.allow_users),
+                frozenset(s.allow_groups),
+                {name: config.api_keys[name].sha256 for name in s.api_keys},
+            )
+            for s in config.services
+        }
+
+    def authorize(self, request: web.Request, service: str) -> None:
+        """Return when the caller may fetch `service`; raise `ForbiddenError` otherwise."""
+        policy = self._policies.get(service)
+        if policy is None or not (policy.restricts_peers or policy.keys):
+            return
+        if is_unix(request):
+            self._authorize_peer(request, service, policy)
+        else:
+            self._authorize_key(request, service, policy)
+
+    def _authorize_peer(self, request: web.Request, service: str, policy: Policy) -> None:
+        if not policy.restricts_peers:
+            return  # API keys guard TCP; on the socket, its file mode does
+        peer = peer_of(request)
+        if peer is not None and (
+            peer.uid in policy.uids or ({peer.gid} | peer.groups) & policy.gids
+        ):
+            return
+        caller: dict[str, object] = (
+            {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid} if peer else {"peer": "unknown"}
+        )
+        _deny(request, service, "unix", caller)
+
+    def _authorize_key(self, request: web.Request, service: str, policy: Policy) -> None:
+        presented = request.headers.get(API_KEY_HEADER)
+        if presented is not None and policy.keys:
+            digest = hashlib.sha256(presented.encode()).digest()
+            # Compare against every key, always, so timing says nothing about which matched.
+            matches = [name for name, d in policy.keys.items() if hmac.compare_digest(d, digest)]
+            if matches:
+                return
+            _deny(request, service, "tcp", {"key": "not recognised"})
+        reason = "no API key presented" if presented is None else "no API key is configured"
+        _deny(request, service, "tcp", {"key": reason}, socket_only=not policy.keys)
+
+
+def peer_of(request: web.Request) -> Peer | None:
+    """The connecting process's identity, from the kernel; None off a Unix socket."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+    except OSError:
+        return None
+    return Peer(pid, uid, gid, _groups(sock))
+
+
+def _groups(sock: socket.socket) -> frozenset[int]:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_GROUPS)
+    except OSError:
+        return frozenset()
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
+def _deny(
+    request: web.Request,
+    service: str,
+    listener: str,
+    caller: dict[str, object],
+    *,
+    socket_only: bool = False,
+) -> None:
+    log.warning(
+        "access.denied",
+        service=service,
+        route=request.path[:200],
+        method=request.method,
+        listener=listener,
+        **caller,
+    )
+    if socket_only:
+        message = (
+            f"service {service!r} is served only to given users on the Unix socket; "
+            "connect there, or ask the operator for an API key"
+        )
+    elif listener == "tcp":
+        message = f"service {service!r} needs an API key: send it in the {API_KEY_HEADER} header"
+    else:
+        message = f"this user or group may not fetch service {service!r}"
+    raise ForbiddenError(message, code="access_denied")

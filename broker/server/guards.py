@@ -1,0 +1,89 @@
+"""Request guards: the same defences the cloud metadata services put on theirs.
+
+    forwarded      `Forwarded`/`X-Forwarded-*`/`X-Real-IP` present → 400: the broker never
+                   sits behind a proxy, so such a request was relayed by something
+    absolute form  `GET http://host/…` → 400, whatever its Host: a confused proxy
+    browser        an `Origin` header or a CORS preflight → 403: web pages must not read tokens
+    host           on TCP, a `Host` that is not a loopback name → 403: DNS rebinding
+    metadata       `/v1/…` without `Metadata: true` → 400: blocks server-side request forgery
+                   through apps that fetch URLs for their users, which cannot add headers
+
+`/healthz`, `/readyz` and `/metrics` need no Metadata header; the other guards hold on
+every route. Who may fetch which service is `access.py`'s business.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from aiohttp import web
+
+from broker.errors import BadRequestError, ForbiddenError
+
+METADATA_HEADER = "Metadata"
+FORWARDING_HEADERS = (
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Real-IP",
+)
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
+
+
+def is_unix(request: web.Request) -> bool:
+    """Whether the request came over the Unix socket."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def check(request: web.Request) -> None:
+    """Raise the refusal for a request that fails a guard."""
+    headers = request.headers
+    for name in FORWARDING_HEADERS:
+        if name in headers:
+            raise BadRequestError(
+                f"forwarded requests are refused ({name} header present): the broker serves "
+                "local clients directly and never sits behind a proxy",
+                code="forwarded_request",
+            )
+    if not request.raw_path.startswith("/"):
+        raise BadRequestError(
+            "a request line in absolute form (GET http://host/…) is refused; ask for the path",
+            code="absolute_form",
+        )
+    if "Origin" in headers or (
+        request.method == "OPTIONS" and "Access-Control-Request-Method" in headers
+    ):
+        raise ForbiddenError(
+            "requests from web browsers are refused (Origin header or CORS preflight present)",
+            code="browser_request",
+        )
+    if not is_unix(request) and not loopback_host(headers.get("Host", "")):
+        raise ForbiddenError(
+            f"Host {headers.get('Host', '')[:100]!r} is not a loopback name; the broker answers "
+            "only to localhost, 127.0.0.1 or [::1]",
+            code="host_not_allowed",
+        )
+    if request.path not in _OPEN_PATHS and headers.get(METADATA_HEADER, "").lower() != "true":
+        raise BadRequestError(
+            f"send the header '{METADATA_HEADER}: true' with every request to /v1/ routes",
+            code="missing_metadata_header",
+        )
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback interface (with any port)."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else ""
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
