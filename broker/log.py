@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Iterable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -107,33 +107,75 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
-def _processors(json_output: bool) -> Iterable[Any]:
-    yield structlog.contextvars.merge_contextvars
-    yield structlog.processors.add_log_level
-    yield structlog.processors.TimeStamper(fmt="iso", utc=True)
+def _shared(json_output: bool) -> list[Any]:
+    """What every event goes through before rendering, ours and libraries' alike."""
+    return [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.dict_tracebacks
+        if json_output
+        else structlog.processors.format_exc_info,
+        redact,
+    ]
+
+
+def _renderer(json_output: bool) -> Any:
     if json_output:
-        yield structlog.processors.dict_tracebacks
-    else:
-        yield structlog.processors.format_exc_info
-    yield redact
-    if json_output:
-        yield structlog.processors.JSONRenderer()
-    else:
-        yield structlog.dev.ConsoleRenderer(colors=False)
+        return structlog.processors.JSONRenderer()
+    return structlog.dev.ConsoleRenderer(colors=False)
+
+
+class _QuietMalformedRequests(logging.Filter):
+    """aiohttp logs every malformed request as an error with a traceback that quotes the
+    request's bytes — credentials included. The client already got its 400 naming the
+    problem; the record is dropped, so no local client can flood the log either."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name.startswith("aiohttp")
+            and str(record.msg).startswith("Error handling request")
+        )
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Set up structlog once per process; `fmt` is auto, json or console."""
+    """Set up logging once per process; `fmt` is auto, json or console.
+
+    The standard library's loggers (aiohttp, MSAL, asyncio) are routed through the same
+    redaction and rendering as ours, so a library cannot print a secret either.
+    """
     out = stream or sys.stderr
     json_output = fmt == "json" or (fmt == "auto" and not out.isatty())
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
-        processors=list(_processors(json_output)),
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            *_shared(json_output),
+            _renderer(json_output),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_shared(json_output),
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _renderer(json_output),
+            ],
+        )
+    )
+    handler.addFilter(_QuietMalformedRequests())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(threshold, logging.INFO))  # libraries' debug chatter stays out
+
+
+def reset() -> None:
+    """Undo `configure` (for tests, which configure per test)."""
+    structlog.reset_defaults()
+    logging.getLogger().handlers = []
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

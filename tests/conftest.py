@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -52,7 +51,7 @@ def logs() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     log.configure("json", "debug", stream=stream)
     yield stream
-    structlog.reset_defaults()
+    log.reset()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import io
 import json
 
 import pytest
-import structlog
 
 from broker import log
 
@@ -21,7 +20,7 @@ def lines() -> io.StringIO:
     stream = io.StringIO()
     log.configure("json", "debug", stream=stream)
     yield stream
-    structlog.reset_defaults()
+    log.reset()
 
 
 def test_secret_keys_are_masked(lines: io.StringIO) -> None:
@@ -60,5 +59,27 @@ def test_console_format_is_redacted_too() -> None:
     try:
         log.get_logger("t").info("x", password="hunter22", detail=JWT)
     finally:
-        structlog.reset_defaults()
+        log.reset()
     assert "hunter22" not in stream.getvalue() and JWT not in stream.getvalue()
+
+
+def test_library_logs_are_redacted_too(lines: io.StringIO) -> None:
+    """Standard-library loggers (MSAL, aiohttp) go through the same redaction."""
+    import logging
+
+    log.register_secret("library-known-secret-42")
+    logging.getLogger("msal").warning("token %s and library-known-secret-42", JWT)
+    text = lines.getvalue()
+    assert "msal" in text or "token" in text
+    assert JWT not in text and "library-known-secret-42" not in text
+
+
+def test_aiohttp_malformed_request_tracebacks_are_dropped(lines: io.StringIO) -> None:
+    """aiohttp's per-request error tracebacks, which quote request bytes, are not written."""
+    import logging
+
+    try:
+        raise ValueError("b'X-Token-Broker-Key: plain-value'")
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "x")
+    assert "plain-value" not in lines.getvalue()

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -392,7 +391,7 @@ def test_values_never_reach_a_log_line(path: Path, clock: FakeClock) -> None:
         cache.load(FINGERPRINTS)
         PersistedCache(path / "no" / "such", KEY, clock=clock).save(credentials())
     finally:
-        structlog.reset_defaults()
+        log.reset()
 
     text = stream.getvalue()
     assert TOKEN_VALUE not in text and KEY_VALUE not in text
