@@ -77,6 +77,20 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    rotate = sub.add_parser(
+        "keys",
+        help="rotate a key service's key with no gap (on the socket, as root or the broker's user)",
+    )
+    rotate.add_argument("action", choices=["rotate"], help="rotate: regenerate one key")
+    rotate.add_argument("service", help="the key service's name in the configuration")
+    rotate.add_argument(
+        "--key",
+        choices=["primary", "secondary"],
+        default="primary",
+        help="which key Azure regenerates (default primary); the other is served meanwhile",
+    )
+    _client_options(rotate)
+
     keys = sub.add_parser(
         "api-key",
         help="create a local API key for TCP clients (prints the key once, and its digest)",
@@ -211,21 +225,34 @@ def _refused(body: bytes) -> int:
     return EXIT_FAILURE
 
 
-async def _get(args: argparse.Namespace, path: str) -> tuple[int, bytes]:
+def _cmd_keys(args: argparse.Namespace) -> int:
+    path = f"/v1/services/{args.service}/keys/rotate?key={args.key}"
+    print(f"rotating the {args.key} key of {args.service}; this waits for Azure…", file=sys.stderr)
+    status, body = asyncio.run(_get(args, path, method="POST", timeout_s=900))
+    if status != 200:
+        return _refused(body)
+    result = json.loads(body)
+    print(f"rotated the {args.key} key of {args.service}; state {result['state']}")
+    return EXIT_OK
+
+
+async def _get(
+    args: argparse.Namespace, path: str, *, method: str = "GET", timeout_s: float = 60
+) -> tuple[int, bytes]:
     if args.url:
         connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
         base = args.url.rstrip("/")
     else:
         connector = aiohttp.UnixConnector(path=str(args.socket))
         base = "http://localhost"
-    timeout = aiohttp.ClientTimeout(total=60)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     headers = {"Metadata": "true"}
     if args.api_key:
         headers[API_KEY_HEADER] = args.api_key
     try:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.get(base + path, headers=headers) as resp,
+            session.request(method, base + path, headers=headers) as resp,
         ):
             return resp.status, await resp.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:

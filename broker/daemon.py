@@ -12,17 +12,31 @@ import asyncio
 import ctypes
 import resource
 import signal
+import socket
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+from broker import __version__
 from broker import log as logging_setup
-from broker.cache import PersistedCache, Policy, Refresher, Saver, Store, fingerprint
+from broker.cache import (
+    PersistedCache,
+    Policy,
+    Refresher,
+    Rotations,
+    Saver,
+    Store,
+    fingerprint,
+)
 from broker.config import Config, ServiceConfig, load_config
 from broker.credentials import ServicePrincipalCredential
 from broker.errors import ConfigError
 from broker.log import get_logger
-from broker.models import Clock, system_clock
+from broker.metrics import Metrics
+from broker.models import Clock, State, system_clock
 from broker.providers import Throttles, Upstream, WebServiceProvider, Workspaces
 from broker.server import AccessRules, Listeners, make_app
+from broker.service_manager import Notifier, inherited_sockets
 
 log = get_logger("broker.daemon")
 
@@ -33,10 +47,15 @@ STOP_GRACE_S = 5.0  # how long requests and fetches under way may take to finish
 class Daemon:
     """The running broker for one configuration."""
 
-    def __init__(self, config: Config, *, clock: Clock = system_clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = system_clock,
+        inherited: Sequence[socket.socket] = (),
+    ) -> None:
         self.config = config
         self.clock = clock
-        self.upstream = Upstream(config.cloud, timeout_s=config.refresh.timeout_s)
         self.workspaces = Workspaces()
         self.throttles = Throttles(clock)
         self.credentials: dict[str, ServicePrincipalCredential] = {}
@@ -48,6 +67,8 @@ class Daemon:
             max_concurrency=config.refresh.max_concurrency,
             client_refresh_window_s=config.refresh.client_refresh_window_s,
         )
+        self.metrics = Metrics(self.store, version=__version__)
+        self.upstream = self._upstream()
         for service in config.services:
             self.store.add(self._provider(service))
         self.refresher = Refresher(self.store)
@@ -56,8 +77,15 @@ class Daemon:
             cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
             self.saver = Saver(self.store, cache, self._fingerprint)
         self.access = AccessRules(config)
-        app = make_app(self.store, self.access, config.listen.max_body_bytes)
-        self.listeners = Listeners(app, config.listen, STOP_GRACE_S)
+        self.rotations = Rotations(self.store)
+        app = make_app(
+            self.store,
+            self.access,
+            config.listen.max_body_bytes,
+            rotations=self.rotations,
+            metrics=self.metrics,
+        )
+        self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
 
     def _fingerprint(self, name: str) -> str | None:
         """What a service's credential is for: a saved one is restored only for the same."""
@@ -75,6 +103,13 @@ class Daemon:
             service.web_service,
             service.region or "",
             service.auth,
+        )
+
+    def _upstream(self) -> Upstream:
+        return Upstream(
+            self.config.cloud,
+            timeout_s=self.config.refresh.timeout_s,
+            observer=self.metrics.observe_upstream,
         )
 
     def _credential(self, name: str) -> ServicePrincipalCredential:
@@ -168,7 +203,7 @@ class Daemon:
                 credential.close()
         if cloud_changed:
             stale = self.upstream
-            self.upstream = Upstream(self.config.cloud, timeout_s=self.config.refresh.timeout_s)
+            self.upstream = self._upstream()
             self.workspaces = Workspaces()
             closing = asyncio.get_running_loop().create_task(stale.close())
             self._background.add(closing)
@@ -234,32 +269,74 @@ def disable_core_dumps() -> None:
 
 
 async def serve(config: Config) -> None:
-    """Run the broker until SIGTERM or SIGINT; SIGHUP reloads the configuration file."""
+    """Run the broker until SIGTERM or SIGINT; SIGHUP reloads the configuration file.
+
+    Under systemd (`$NOTIFY_SOCKET`) it reports READY=1 once the listeners accept,
+    STATUS= with the services' states, WATCHDOG=1 from the event loop, RELOADING=1
+    around reloads and STOPPING=1; with socket activation it serves the passed sockets.
+    """
     disable_core_dumps()
+    notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    async with Daemon(config) as daemon:
-        reloads: set[asyncio.Task[None]] = set()
+    daemon = Daemon(config, inherited=inherited_sockets())
+    background: set[asyncio.Task[None]] = set()
+    started = asyncio.Event()
 
-        def on_hangup() -> None:
-            task = loop.create_task(_reload_from_disk(daemon))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+    def on_hangup() -> None:
+        async def reload_when_started() -> None:
+            await started.wait()  # a SIGHUP during start-up is applied once started
+            await _reload_from_disk(daemon, notifier)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
-        try:
-            await stop.wait()
-            log.info("broker.stopping")
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+        task = loop.create_task(reload_when_started())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    # Handlers first: a signal arriving while the daemon starts must not kill it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    watchdog = None
+    try:
+        await daemon.start()
+        started.set()
+        daemon.store.on_result(lambda _: notifier.status(status_line(daemon.store)))
+        notifier.ready(status_line(daemon.store))
+        watchdog = loop.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
+        await stop.wait()
+        log.info("broker.stopping")
+        notifier.stopping()
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in background:
+            task.cancel()
+        await daemon.stop()
+        notifier.close()
 
 
-async def _reload_from_disk(daemon: Daemon) -> None:
+def status_line(store: Store) -> str:
+    """A one-line summary for `systemctl status`: how many services are in which state."""
+    counts = Counter(store.state(e).value for e in store.entries)
+    parts = [f"{counts[state.value]} {state.value}" for state in State if counts[state.value]]
+    return ", ".join(parts) or "no services"
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """Ping from the event loop itself, so a hung loop stops the pings and gets restarted."""
+    assert notifier.watchdog_s is not None
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(notifier.watchdog_s)
+
+
+async def _reload_from_disk(daemon: Daemon, notifier: Notifier | None = None) -> None:
     path = daemon.config.path
     log.info("config.reloading", config=str(path))
+    if notifier is not None:
+        notifier.reloading()
     try:
         config = await asyncio.to_thread(load_config, path)
     except ConfigError as exc:
@@ -269,5 +346,7 @@ async def _reload_from_disk(daemon: Daemon) -> None:
             problems=[str(p) for p in exc.problems],
             note="the running configuration stays in force",
         )
-        return
-    await daemon.reload(config)
+    else:
+        await daemon.reload(config)
+    if notifier is not None:
+        notifier.ready(status_line(daemon.store))

@@ -9,12 +9,14 @@
     │   ├── UnsupportedAuthError    the service's auth settings break Azure's rules
     │   ├── ThrottledError          429: Azure asks us to slow down
     │   ├── UnavailableError        5xx, reset, timeout: worth retrying soon
-    │   └── MalformedResponseError  a body we cannot trust; never half-served
+    │   ├── MalformedResponseError  a body we cannot trust; never half-served
+    │   └── KeyRotationError        Azure's key regeneration ended Failed/Cancelled/TimedOut
     └── LocalRequestError           a local client's request is refused (HTTP status)
         ├── UnknownServiceError     404: no such service in the configuration
         ├── NotReadyError           503: no valid credential yet (Retry-After)
         ├── BadRequestError         400: the request itself is wrong
-        └── ForbiddenError          403: a guard or the service's access list refuses it
+        ├── ForbiddenError          403: a guard or the service's access list refuses it
+        └── UpstreamFailedError     502: an operation asked of Azure failed
 
 Foreign exceptions (aiohttp, requests, MSAL) are translated into these where they
 enter, in `broker.credentials` and `broker.providers`; nothing above sees them.
@@ -116,6 +118,12 @@ class MalformedResponseError(UpstreamError):
     """Raised when an answer cannot be parsed or lacks a field we need."""
 
 
+class KeyRotationError(UpstreamError):
+    """Raised when Azure's key regeneration operation ends without success."""
+
+    retryable = False
+
+
 class LocalRequestError(BrokerError):
     """Raised by local-API handlers; the error middleware turns it into JSON."""
 
@@ -158,3 +166,10 @@ class ForbiddenError(LocalRequestError):
 
     status = 403
     code = "forbidden"
+
+
+class UpstreamFailedError(LocalRequestError):
+    """Raised when an operation a client asked for (a key rotation) failed at Azure."""
+
+    status = 502
+    code = "upstream_failed"

@@ -5,7 +5,17 @@ from __future__ import annotations
 from broker.cache.persist import PersistedCache, fingerprint
 from broker.cache.policy import Policy
 from broker.cache.refresher import Refresher
+from broker.cache.rotation import Rotations
 from broker.cache.saver import Saver
 from broker.cache.store import Entry, Store
 
-__all__ = ["Entry", "PersistedCache", "Policy", "Refresher", "Saver", "Store", "fingerprint"]
+__all__ = [
+    "Entry",
+    "PersistedCache",
+    "Policy",
+    "Refresher",
+    "Rotations",
+    "Saver",
+    "Store",
+    "fingerprint",
+]

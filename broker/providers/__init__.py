@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from broker.providers.azureml_v1 import WebServiceProvider, Workspaces
-from broker.providers.base import TokenProvider
+from broker.providers.base import KeyName, KeyRotator, TokenProvider
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Upstream
 
-__all__ = ["Throttles", "TokenProvider", "Upstream", "WebServiceProvider", "Workspaces"]
+__all__ = [
+    "KeyName",
+    "KeyRotator",
+    "Throttles",
+    "TokenProvider",
+    "Upstream",
+    "WebServiceProvider",
+    "Workspaces",
+]

@@ -21,16 +21,19 @@ import jwt
 from broker.config import CloudProfile, ServiceConfig
 from broker.credentials import Credential
 from broker.errors import (
+    KeyRotationError,
     MalformedResponseError,
     PermissionDeniedError,
     ThrottledError,
+    UnavailableError,
     UnsupportedAuthError,
     UpstreamError,
 )
-from broker.log import get_logger, register_secret
+from broker.log import get_logger, register_secret, scrub
 from broker.models import AccessToken, AuthKind
+from broker.providers.base import KeyName
 from broker.providers.throttle import Throttles
-from broker.providers.upstream import Reply, Upstream
+from broker.providers.upstream import Reply, Upstream, retry_after
 
 log = get_logger("broker.providers.azureml_v1")
 
@@ -135,6 +138,7 @@ class WebServiceProvider:
         self._throttles = throttles or Throttles()
         self._throttle_key = (credential.principal, config.subscription_id.lower())
         self.clock_skew_s: float | None = None
+        self.serve_key: KeyName = "primary"  # which key a key service hands out
         self._mms_base: str | None = None
         self._description: Description | None = None
         self.auth: AuthKind | None = None
@@ -209,22 +213,71 @@ class WebServiceProvider:
     async def _keys(self, arm_token: str) -> AccessToken:
         url = await self._service_url(arm_token) + "/listkeys"
         reply = await self._call("POST", url, "mms.listkeys", arm_token)
-        primary = reply.body.get("primaryKey") if isinstance(reply.body, dict) else None
-        if not isinstance(primary, str) or not primary.strip():
+        body = reply.body if isinstance(reply.body, dict) else {}
+        for field in ("primaryKey", "secondaryKey"):
+            if isinstance(body.get(field), str) and body[field]:
+                register_secret(body[field])
+        value = body.get(f"{self.serve_key}Key")
+        if not isinstance(value, str) or not value.strip():
             raise MalformedResponseError(
-                "mms.listkeys: the answer has no primaryKey", route="mms.listkeys"
+                f"mms.listkeys: the answer has no {self.serve_key}Key", route="mms.listkeys"
             )
-        secondary = reply.body.get("secondaryKey")
-        if isinstance(secondary, str) and secondary:
-            register_secret(secondary)
-        register_secret(primary)
-        return _valid(lambda: AccessToken(primary, AuthKind.KEY, None), "mms.listkeys")
+        return _valid(lambda: AccessToken(value, AuthKind.KEY, None), "mms.listkeys")
 
-    async def _call(self, method: str, url: str, route: str, bearer: str | None) -> Reply:
+    async def regenerate(
+        self, which: KeyName, *, poll_s: float = 2.0, within_s: float = 600.0
+    ) -> None:
+        """Regenerate one key through MMS and wait for the operation to end.
+
+        Raises `KeyRotationError` with Azure's error when the operation ends `Failed`,
+        `Cancelled` or `TimedOut`, and `UnavailableError` when it outlasts `within_s`.
+        """
+        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        url = await self._service_url(arm_token) + "/regenerateKeys"
+        body = {"keyType": which.capitalize(), "keyValue": None}
+        reply = await self._call("POST", url, "mms.regenerate", arm_token, json_body=body)
+        location = reply.headers.get("Operation-Location")
+        if location is None:
+            return  # answered at once: nothing to wait for
+        deadline = time.monotonic() + within_s
+        while True:
+            arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+            poll = await self._call("GET", location, "mms.operation", arm_token)
+            state = poll.body.get("state") if isinstance(poll.body, dict) else None
+            if state == "Succeeded":
+                log.info("keys.regenerated", service=self.service, key=which)
+                return
+            if state in ("Failed", "Cancelled", "TimedOut"):
+                raise KeyRotationError(
+                    f"regenerating the {which} key of {self.service!r} ended {state}: "
+                    f"{_operation_error(poll.body)}",
+                    route="mms.operation",
+                )
+            if time.monotonic() >= deadline:
+                raise UnavailableError(
+                    f"regenerating the {which} key of {self.service!r} did not finish within "
+                    f"{within_s:.0f} s (last state {state!r})",
+                    route="mms.operation",
+                )
+            await asyncio.sleep(retry_after(poll.headers) or poll_s)
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        route: str,
+        bearer: str | None,
+        json_body: object = None,
+    ) -> Reply:
         self._throttles.check(self._throttle_key, route)
         try:
             reply = await self._upstream.call(
-                method, url, route=route, bearer=bearer, what=self._role_hint(route)
+                method,
+                url,
+                route=route,
+                bearer=bearer,
+                what=self._role_hint(route),
+                json_body=json_body,
             )
         except ThrottledError as exc:
             self._throttles.note(self._throttle_key, exc.retry_after)
@@ -263,6 +316,14 @@ class WebServiceProvider:
         if route.startswith("mms.") or route == "arm.workspace":
             return f"service {self.service!r}"
         return ""
+
+
+def _operation_error(body: Any) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        return scrub(f"{code}: {message}" if code else str(message))
+    return "Azure gave no reason"
 
 
 def clock_skew(headers: dict[str, str], now: float) -> float | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from broker.models import AccessToken
+
+KeyName = Literal["primary", "secondary"]
 
 
 class TokenProvider(Protocol):
@@ -22,3 +24,12 @@ class TokenProvider(Protocol):
         """Azure's clock minus ours, as last seen in a `Date` header; None before any."""
 
     async def fetch(self) -> AccessToken: ...
+
+
+@runtime_checkable
+class KeyRotator(Protocol):
+    """A provider of a key service that can regenerate one key while serving the other."""
+
+    serve_key: KeyName
+
+    async def regenerate(self, which: KeyName, *, poll_s: float = 2.0) -> None: ...

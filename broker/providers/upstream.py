@@ -12,8 +12,9 @@ import email.utils
 import json
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiohttp
 from yarl import URL
@@ -32,6 +33,10 @@ from broker.log import get_logger, scrub
 log = get_logger("broker.upstream")
 
 _MAX_BODY = 1 << 20  # Azure's answers are small; anything larger is not one of them
+
+UpstreamObserver: TypeAlias = Callable[[str, str, int | None, float], None]
+"""Told of every call once it ends: `(route, url, status, seconds)`; status None when no
+answer came (timeout, refused, reset). Defined here so that this layer needs no metrics."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +58,17 @@ def ssl_context(cloud: CloudProfile) -> ssl.SSLContext:
 class Upstream:
     """A shared aiohttp session for every service's Azure calls."""
 
-    def __init__(self, cloud: CloudProfile, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        cloud: CloudProfile,
+        timeout_s: float = 30.0,
+        *,
+        observer: UpstreamObserver | None = None,
+    ) -> None:
         self._cloud = cloud
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10.0))
         self._session: aiohttp.ClientSession | None = None
+        self._observer = observer
 
     async def close(self) -> None:
         if self._session is not None:
@@ -73,7 +85,14 @@ class Upstream:
         return self._session
 
     async def call(
-        self, method: str, url: str, *, route: str, bearer: str | None = None, what: str = ""
+        self,
+        method: str,
+        url: str,
+        *,
+        route: str,
+        bearer: str | None = None,
+        what: str = "",
+        json_body: object = None,
     ) -> Reply:
         """Send one request; return the 2xx reply or raise the translated error."""
         headers = {"Accept": "application/json"}
@@ -81,25 +100,35 @@ class Upstream:
             headers["Authorization"] = f"Bearer {bearer}"
         if method == "POST":
             headers["Content-Type"] = "application/json"
+        started = time.perf_counter()
         try:
-            async with self._client().request(method, url, headers=headers) as resp:
+            data = None if json_body is None else json.dumps(json_body).encode()
+            async with self._client().request(method, url, headers=headers, data=data) as resp:
                 raw = await resp.content.read(_MAX_BODY + 1)
                 reply_headers = {k: v for k, v in resp.headers.items() if k in _KEPT_HEADERS}
                 status = resp.status
         except TimeoutError:
+            self._observe(route, url, None, started)
             raise UnavailableError(
                 f"{route}: no answer from {_host(url)} within the timeout", route=route
             ) from None
         except aiohttp.ClientError as exc:
+            self._observe(route, url, None, started)
             raise UnavailableError(
                 f"{route}: cannot reach {_host(url)}: {scrub(str(exc)) or type(exc).__name__}",
                 route=route,
             ) from None
+        self._observe(route, url, status, started)
         if len(raw) > _MAX_BODY:
             raise MalformedResponseError(f"{route}: answer larger than 1 MiB", route=route)
         if status >= 300:
             raise translate(status, raw, reply_headers, route=route, what=what)
         return Reply(status, _json(raw, route) if raw else None, reply_headers)
+
+    def _observe(self, route: str, url: str, status: int | None, started: float) -> None:
+        # A cancelled call is left out: it neither failed nor got an answer.
+        if self._observer is not None:
+            self._observer(route, url, status, time.perf_counter() - started)
 
 
 _KEPT_HEADERS = frozenset({"Retry-After", "Date", "Operation-Location", "Location"})

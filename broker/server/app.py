@@ -6,13 +6,15 @@ import json
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from broker.cache import Store
+from broker.cache import Rotations, Store
 from broker.errors import LocalRequestError
 from broker.log import get_logger
-from broker.server import guards, routes
+from broker.metrics import Metrics
+from broker.server import guards, metrics_route, routes
 from broker.server.access import AccessRules
-from broker.server.keys import ACCESS, STORE
+from broker.server.keys import ACCESS, ROTATIONS, STORE
 
 log = get_logger("broker.server")
 
@@ -54,15 +56,30 @@ async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
-def make_app(store: Store, access: AccessRules, max_body_bytes: int = 65536) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json, guarded], client_max_size=max_body_bytes)
+def make_app(
+    store: Store,
+    access: AccessRules,
+    max_body_bytes: int = 65536,
+    *,
+    rotations: Rotations | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    middlewares: list[Middleware] = [errors_as_json, guarded]
+    if metrics is not None:
+        middlewares.insert(0, metrics_route.count_requests(metrics))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[STORE] = store
     app[ACCESS] = access
+    app[ROTATIONS] = rotations or Rotations(store)
     app[routes.RENDERED] = {}
     app.router.add_get("/v1/token/{service}", routes.token)
     app.router.add_post("/v1/token/{service}/refresh", routes.refresh)
     app.router.add_get("/v1/services", routes.services)
     app.router.add_get("/v1/services/{service}", routes.service)
+    app.router.add_post("/v1/services/{service}/keys/rotate", routes.rotate_key)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)
+    if metrics is not None:
+        app[metrics_route.METRICS] = metrics
+        app.router.add_get("/metrics", metrics_route.scrape)
     return app

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.cache import Store
+from broker.cache import Rotations, Store
 from broker.server.access import AccessRules
 
 STORE = web.AppKey("store", Store)
 ACCESS = web.AppKey("access", AccessRules)
+ROTATIONS = web.AppKey("rotations", Rotations)

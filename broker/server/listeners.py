@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -64,7 +65,7 @@ def _bind_unix(path: Path, mode: int, owner: int | None, group: int | None) -> s
     try:
         sock.bind(str(path))
         if owner is not None or group is not None:
-            os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
+            _chown(path, owner, group)
         path.chmod(mode)
         sock.listen(_BACKLOG)
     except OSError:
@@ -74,6 +75,18 @@ def _bind_unix(path: Path, mode: int, owner: int | None, group: int | None) -> s
         os.umask(old_umask)
     sock.setblocking(False)
     return sock
+
+
+def _chown(path: Path, owner: int | None, group: int | None) -> None:
+    try:
+        os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
+    except PermissionError:
+        raise ListenError(
+            f"cannot give {path} the configured owner/group: giving files away needs root "
+            "(CAP_CHOWN); run the broker as a member of that group instead, or under systemd "
+            "set SocketUser=/SocketGroup= in token-broker.socket and remove owner/group from "
+            "[listen.unix]"
+        ) from None
 
 
 def _answers(path: Path) -> bool:
@@ -149,7 +162,11 @@ class Listeners:
     """Both listeners of one application, started and stopped together."""
 
     def __init__(
-        self, app: web.Application, config: ListenConfig, shutdown_grace_s: float = 5.0
+        self,
+        app: web.Application,
+        config: ListenConfig,
+        shutdown_grace_s: float = 5.0,
+        inherited: Sequence[socket.socket] = (),
     ) -> None:
         # On stop, requests under way get `shutdown_grace_s` to finish; new ones are refused.
         # keepalive_timeout also closes a connection that trickles an incomplete request.
@@ -163,6 +180,8 @@ class Listeners:
             max_field_size=config.max_header_bytes,
         )
         self._config = config
+        self._inherited = list(inherited)
+        self._owns_unix_path = False
         self.unix_path: Path | None = None
         self.tcp_address: tuple[str, int] | None = None
 
@@ -176,24 +195,52 @@ class Listeners:
 
     async def _start_sites(self) -> None:
         unix, tcp = self._config.unix, self._config.tcp
-        if unix.enabled:
+        passed_unix = _passed(self._inherited, socket.AF_UNIX)
+        passed_tcp = _passed(self._inherited, socket.AF_INET) or _passed(
+            self._inherited, socket.AF_INET6
+        )
+        if passed_unix is not None:
+            self.unix_path = Path(passed_unix.getsockname())  # the service manager's to remove
+            await self._serve(passed_unix)
+        elif unix.enabled:
             sock = bind_unix(unix.path, unix.mode, unix.owner, unix.group)
-            self.unix_path = unix.path
-            await _CappedSite(self._runner, sock, self._config.max_connections).start()
-        if tcp.enabled:
+            self.unix_path, self._owns_unix_path = unix.path, True
+            await self._serve(sock)
+        if passed_tcp is not None:
+            _require_loopback(passed_tcp)
+            self.tcp_address = passed_tcp.getsockname()[:2]
+            await self._serve(passed_tcp)
+        elif tcp.enabled:
             sock = bind_tcp(tcp.host, tcp.port)
-            host, port = sock.getsockname()[:2]
-            self.tcp_address = (host, port)
-            await _CappedSite(self._runner, sock, self._config.max_connections).start()
+            self.tcp_address = sock.getsockname()[:2]
+            await self._serve(sock)
         log.info(
             "listeners.started",
             unix=str(self.unix_path) if self.unix_path else None,
             tcp=f"{self.tcp_address[0]}:{self.tcp_address[1]}" if self.tcp_address else None,
         )
 
+    async def _serve(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        await _CappedSite(self._runner, sock, self._config.max_connections).start()
+
     async def stop(self) -> None:
         await self._runner.cleanup()
-        if self.unix_path is not None:
+        if self.unix_path is not None and self._owns_unix_path:
             with contextlib.suppress(FileNotFoundError):
                 self.unix_path.unlink()
-            self.unix_path = None
+        self.unix_path = None
+
+
+def _passed(sockets: Sequence[socket.socket], family: int) -> socket.socket | None:
+    return next((s for s in sockets if s.family == family and s.type == socket.SOCK_STREAM), None)
+
+
+def _require_loopback(sock: socket.socket) -> None:
+    host = sock.getsockname()[0]
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ListenError(
+            f"the socket passed by the service manager listens on {host}, not on loopback; "
+            "the broker serves live credentials and must never listen beyond loopback: "
+            "use ListenStream=127.0.0.1:PORT"
+        )

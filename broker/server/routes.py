@@ -7,6 +7,7 @@ hot path is a dictionary lookup and a write.
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,8 +15,9 @@ from aiohttp import web
 
 from broker import __version__
 from broker.cache import Entry, Store
-from broker.errors import BadRequestError
-from broker.server.keys import ACCESS, STORE
+from broker.errors import BadRequestError, ForbiddenError
+from broker.server.access import peer_of
+from broker.server.keys import ACCESS, ROTATIONS, STORE
 
 _JSON = "application/json"
 
@@ -74,6 +76,26 @@ async def refresh(request: web.Request) -> web.Response:
     request.app[ACCESS].authorize(request, service)
     entry = await store.refresh_now(service)
     return web.Response(body=_render(request, store, entry).json, content_type=_JSON)
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    """Rotate a key service's key with no gap; for the broker's own user or root, on the socket."""
+    service = request.match_info["service"]
+    peer = peer_of(request)
+    if peer is None or peer.uid not in (0, os.geteuid()):
+        raise ForbiddenError(
+            "key rotation is allowed only on the Unix socket, to root or the broker's own user",
+            code="access_denied",
+        )
+    which = request.query.get("key", "primary")
+    if which not in ("primary", "secondary"):
+        raise BadRequestError(f"key must be primary or secondary, not {which[:40]!r}")
+    store = request.app[STORE]
+    store.entry(service)  # 404 before anything else for an unknown service
+    entry = await request.app[ROTATIONS].rotate(
+        service, "primary" if which == "primary" else "secondary"
+    )
+    return web.json_response({"rotated": which, **describe(store, entry)})
 
 
 async def services(request: web.Request) -> web.Response:

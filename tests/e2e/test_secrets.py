@@ -33,7 +33,14 @@ async def test_no_secret_in_any_output(
         client = broker.client(listener)
         for service in ("fraud", "churn"):
             secrets.append((await client.get(f"/v1/token/{service}")).json()["access_token"])
-        for path in ("/v1/services", "/v1/services/fraud", "/healthz", "/readyz", "/v1/token/x"):
+        for path in (
+            "/v1/services",
+            "/v1/services/fraud",
+            "/healthz",
+            "/readyz",
+            "/v1/token/x",
+            "/metrics",
+        ):
             outputs.append((await client.get(path)).text)
     secrets += emulator.state.current_keys(
         demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE, demo.KEY_SERVICE
@@ -48,6 +55,7 @@ async def test_no_secret_in_any_output(
         outputs.append((await broker.client().get(f"/v1/services/{service}")).text)
     broker.clock.advance(3600)
     outputs.append((await broker.client().get("/v1/token/fraud")).text)
+    outputs.append((await broker.client().get("/metrics")).text)
     sock = str(broker.daemon.unix_path)
     for argv in (["status", "--socket", sock], ["status", "--json", "--socket", sock]):
         await asyncio.to_thread(main, argv)

@@ -1,0 +1,204 @@
+"""Prometheus metrics of the broker, in a registry of its own.
+
+    token_broker_service_state{service, state}             gauge, computed at scrape time
+    token_broker_credential_expiry_seconds{service}        gauge, computed at scrape time
+    token_broker_last_refresh_age_seconds{service}         gauge, computed at scrape time
+    token_broker_refreshes_total{service, outcome, reason} counter, from `Store.on_result`
+    token_broker_upstream_request_duration_seconds{route, region, status}
+                                                           histogram, from `Upstream`'s observer
+    token_broker_requests_total{route, status}             counter, from the server's middleware
+    token_broker_build_info{version, python}               gauge, always 1
+
+Every label value comes from the configuration (service names), our own names (routes,
+states, outcomes, error kinds), Azure region names or HTTP status codes; never from a
+credential, an error message or a client's path, so no label can carry a secret and
+the number of series stays bounded by the configuration.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Iterable, Iterator
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from broker.cache import Entry, Store
+from broker.errors import (
+    MalformedResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    SignInError,
+    ThrottledError,
+    UnavailableError,
+    UnsupportedAuthError,
+    UpstreamError,
+)
+from broker.models import State
+
+# Azure ML calls take milliseconds on a good day and up to the 30 s timeout on a bad one.
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+GLOBAL = "global"
+UNMATCHED = "unmatched"
+TRANSPORT_ERROR = "error"
+
+# Most specific first: the first class an error is an instance of names its reason.
+_REASONS: tuple[tuple[type[UpstreamError], str], ...] = (
+    (SignInError, "sign_in"),
+    (PermissionDeniedError, "permission_denied"),
+    (NotFoundError, "not_found"),
+    (UnsupportedAuthError, "unsupported_auth"),
+    (ThrottledError, "throttled"),
+    (UnavailableError, "unavailable"),
+    (MalformedResponseError, "malformed_response"),
+)
+REASONS = frozenset({"ok", "upstream", *(name for _, name in _REASONS)})
+
+_REGION = re.compile(r"[a-z0-9]{1,40}")
+# `eastus.api.azureml.ms`, `eastus.modelmanagement.azureml.net`, and private-link hosts
+# such as `<id>.workspace.eastus.api.azureml.ms`: the region is the label before the API's.
+_REGIONAL_HOST = re.compile(r"(?:^|\.)([a-z0-9]{1,40})\.(?:api|modelmanagement)\.")
+
+
+def reason_of(error: UpstreamError | None) -> str:
+    """The refresh counter's `reason`: `ok` for a success, else the error's kind."""
+    if error is None:
+        return "ok"
+    for kind, name in _REASONS:
+        if isinstance(error, kind):
+            return name
+    return "upstream"
+
+
+def region_of(url: str) -> str:
+    """The Azure region a regional URL is served by (Azure's host or the emulator's
+    `/regions/{region}/` path), else `global`."""
+    parts = urlsplit(url)
+    found = _REGIONAL_HOST.search(parts.hostname or "")
+    if found is not None:
+        return found.group(1)
+    segments = parts.path.split("/", 3)
+    if len(segments) >= 3 and segments[1] == "regions" and _REGION.fullmatch(segments[2]):
+        return segments[2]
+    return GLOBAL
+
+
+class StoreCollector:
+    """Each service's state, expiry and refresh age, read from the store at scrape time."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        store = self._store
+        now = store.clock()
+        state, expiry, age = families = self._families()
+        for entry in store.entries:
+            current = store.state(entry)
+            for each in State:
+                state.add_metric([entry.service, each.value], 1.0 if each is current else 0.0)
+            if entry.token is not None and entry.token.expires_on is not None:
+                expiry.add_metric([entry.service], entry.token.expires_on - now)
+            if entry.last_success_at is not None:
+                age.add_metric([entry.service], now - entry.last_success_at)
+        yield from families
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "token_broker_service_state",
+                "1 for the state the service's cached credential is in, 0 for the others.",
+                labels=["service", "state"],
+            ),
+            GaugeMetricFamily(
+                "token_broker_credential_expiry_seconds",
+                "Seconds until the served credential expires; absent for keys and "
+                "services without a credential.",
+                labels=["service"],
+            ),
+            GaugeMetricFamily(
+                "token_broker_last_refresh_age_seconds",
+                "Seconds since the service's last successful refresh; absent before the first.",
+                labels=["service"],
+            ),
+        )
+
+
+class _Registry(CollectorRegistry):
+    """A registry that leaves out the `_created` series prometheus-client adds by default.
+
+    They would double the series of every counter and histogram for a timestamp that
+    Prometheus's text format does not use; turning them off globally would reach
+    beyond this registry.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
+class Metrics:
+    """Every metric of one broker; `render` is the body of `GET /metrics`."""
+
+    def __init__(self, store: Store, *, version: str) -> None:
+        self.registry: CollectorRegistry = _Registry()
+        self.registry.register(StoreCollector(store))
+        self._refreshes = Counter(
+            "token_broker_refreshes",
+            "Fetches of a service's credential by outcome; reason is the error kind of a "
+            "failure, ok for a success.",
+            ["service", "outcome", "reason"],
+            registry=self.registry,
+        )
+        self._upstream = Histogram(
+            "token_broker_upstream_request_duration_seconds",
+            "Duration of Azure Resource Manager and Azure ML calls by route, region and HTTP "
+            "status (error: no answer). Entra ID sign-ins go through MSAL and are not included.",
+            ["route", "region", "status"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+        self._requests = Counter(
+            "token_broker_requests",
+            "Local API requests by route template (unmatched: no route) and HTTP status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        Gauge(
+            "token_broker_build_info",
+            "Always 1; the labels say which broker and Python are running.",
+            ["version", "python"],
+            registry=self.registry,
+        ).labels(version, platform.python_version()).set(1)
+        # Children by label values: the request path then skips `labels()`'s validation.
+        self._request_counts: dict[tuple[str, int], Counter] = {}
+        store.on_result(self.observe_refresh)
+
+    def observe_refresh(self, entry: Entry) -> None:
+        """Count a finished fetch; the store calls this after every one."""
+        outcome = "success" if entry.last_error is None else "failure"
+        self._refreshes.labels(entry.service, outcome, reason_of(entry.last_error)).inc()
+
+    def observe_upstream(self, route: str, url: str, status: int | None, seconds: float) -> None:
+        """Time one Azure call; `Upstream` calls this with `status` None when no answer came."""
+        label = TRANSPORT_ERROR if status is None else str(status)
+        self._upstream.labels(route, region_of(url), label).observe(seconds)
+
+    def observe_request(self, route: str, status: int) -> None:
+        """Count one local request by its route template and status."""
+        child = self._request_counts.get((route, status))
+        if child is None:
+            child = self._request_counts[(route, status)] = self._requests.labels(
+                route, str(status)
+            )
+        child.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
