@@ -34,7 +34,14 @@ from broker.errors import ConfigError
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.models import Clock, State, system_clock
-from broker.providers import Throttles, Upstream, WebServiceProvider, Workspaces
+from broker.providers import (
+    EntraProvider,
+    Throttles,
+    TokenProvider,
+    Upstream,
+    WebServiceProvider,
+    Workspaces,
+)
 from broker.server import AccessRules, Listeners, make_app
 from broker.service_manager import Notifier, inherited_sockets
 
@@ -103,6 +110,8 @@ class Daemon:
             service.web_service,
             service.region or "",
             service.auth,
+            service.kind,
+            service.scope or "",
         )
 
     def _upstream(self) -> Upstream:
@@ -121,7 +130,9 @@ class Daemon:
             )
         return self.credentials[name]
 
-    def _provider(self, service: ServiceConfig) -> WebServiceProvider:
+    def _provider(self, service: ServiceConfig) -> TokenProvider:
+        if service.kind == "entra":
+            return EntraProvider(service, self._credential(service.identity))
         return WebServiceProvider(
             service,
             self.config.cloud,
@@ -244,7 +255,16 @@ def _same_target(a: ServiceConfig, b: ServiceConfig) -> bool:
 
 
 def _target(s: ServiceConfig) -> tuple[object, ...]:
-    return (s.subscription_id, s.resource_group, s.workspace, s.web_service, s.region, s.auth)
+    return (
+        s.kind,
+        s.scope,
+        s.subscription_id,
+        s.resource_group,
+        s.workspace,
+        s.web_service,
+        s.region,
+        s.auth,
+    )
 
 
 def _compare(

@@ -16,6 +16,7 @@ DEFAULT_CACHE_PATH = Path("/var/lib/token-broker/cache.bin")
 API_KEY_DIGEST_BYTES = 32
 
 AuthMode = Literal["auto", "token", "key"]
+ServiceKind = Literal["azureml-webservice", "entra"]
 LogFormat = Literal["auto", "json", "console"]
 IdentityKind = Literal["secret", "certificate", "federated"]
 
@@ -183,7 +184,8 @@ class IdentityConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    """One Azure ML web service that local clients ask for by `name`."""
+    """One credential local clients ask for by `name`: an Azure ML web service's token or
+    key, or (kind "entra") the principal's own Entra token for a scope."""
 
     name: str
     identity: str
@@ -197,6 +199,8 @@ class ServiceConfig:
     allow_users: tuple[int, ...] = ()  # peer uids, on the Unix socket
     allow_groups: tuple[int, ...] = ()  # peer gids, on the Unix socket
     api_keys: tuple[str, ...] = ()  # names of Config.api_keys
+    kind: ServiceKind = "azureml-webservice"
+    scope: str | None = None  # kind "entra": the scope whose token is served
 
 
 @dataclass(frozen=True, slots=True)

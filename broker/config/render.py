@@ -91,11 +91,16 @@ def _cache_values(cache: CacheConfig) -> dict[str, _Value]:
     return values
 
 
+_AZURE_ONLY = ("subscription_id", "resource_group", "workspace", "web_service", "region", "auth")
+
+
 def _service_values(service: ServiceConfig) -> dict[str, _Value]:
     values: dict[str, _Value] = {}
+    unused = _AZURE_ONLY if service.kind == "entra" else ()
     for f in fields(ServiceConfig):
         value = getattr(service, f.name)
-        if value is not None:  # region: absent means discovered from the workspace
+        # region None means discovered from the workspace; scope exists only for Entra
+        if value is not None and f.name not in unused:
             values[f.name] = value
     return values
 

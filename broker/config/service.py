@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import cast
 
 from broker.config.access import account_ids, service_api_keys
-from broker.config.model import ApiKey, AuthMode, ServiceConfig
+from broker.config.model import ApiKey, AuthMode, ServiceConfig, ServiceKind
 from broker.config.reader import Table, quote
 
 SERVICE_KEYS = tuple(f.name for f in fields(ServiceConfig))
@@ -21,6 +21,8 @@ _AZURE_NAMES = ("subscription_id", "resource_group", "workspace", "web_service")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _URL_SEGMENT = re.compile(r"[^/?#\s]+")  # Azure names travel as URL path segments
 _REGION = re.compile(r"[a-z0-9]+")
+_SCOPE = re.compile(r"(https://|api://)[^\s/?#]+(/[^\s?#]*)?/\.default")
+KINDS = ("azureml-webservice", "entra")
 
 
 def services(
@@ -63,6 +65,15 @@ def _service(table: Table, identity_names: list[str], keys: Mapping[str, ApiKey]
             f"service name {quote(name)} cannot be used in a URL",
             "use 1 to 64 letters, digits, '.', '_' or '-' (not only dots)",
         )
+    kind = cast(ServiceKind, table.choice("kind", KINDS, "azureml-webservice", "service kind"))
+    if kind == "entra":
+        return _entra_service(table, name, identity_names, keys)
+    if table.has("scope"):
+        table.problem(
+            "scope",
+            'scope is only used with kind = "entra"',
+            'remove it, or set kind = "entra" for an Entra token of that scope',
+        )
     subscription, group, workspace, web_service = (_azure_name(table, key) for key in _AZURE_NAMES)
     region = table.optional_text("region")
     if region is not None and not _REGION.fullmatch(region):
@@ -85,6 +96,39 @@ def _service(table: Table, identity_names: list[str], keys: Mapping[str, ApiKey]
         account_ids(table, "allow_users", "user"),
         account_ids(table, "allow_groups", "group"),
         service_api_keys(table, keys),
+    )
+
+
+def _entra_service(
+    table: Table, name: str, identity_names: list[str], keys: Mapping[str, ApiKey]
+) -> ServiceConfig:
+    for key in (*_AZURE_NAMES, "region", "auth"):
+        if table.has(key):
+            table.problem(
+                key,
+                f'{key} is not used with kind = "entra"',
+                "remove it: an Entra service is defined by its scope alone",
+            )
+    scope = table.required_text("scope", "the scope, like https://ml.azure.com/.default")
+    if scope and not _SCOPE.fullmatch(scope):
+        table.problem(
+            "scope",
+            f"scope {quote(scope)} is not an application scope",
+            "a service principal's token needs a resource's /.default scope, like "
+            "https://ml.azure.com/.default or https://management.azure.com/.default",
+        )
+    return ServiceConfig(
+        name,
+        _service_identity(table, identity_names),
+        "",
+        "",
+        "",
+        "",
+        allow_users=account_ids(table, "allow_users", "user"),
+        allow_groups=account_ids(table, "allow_groups", "group"),
+        api_keys=service_api_keys(table, keys),
+        kind="entra",
+        scope=scope,
     )
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from broker.providers.azureml_v1 import WebServiceProvider, Workspaces
 from broker.providers.base import KeyName, KeyRotator, TokenProvider
+from broker.providers.entra import EntraProvider
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Upstream
 
 __all__ = [
+    "EntraProvider",
     "KeyName",
     "KeyRotator",
     "Throttles",

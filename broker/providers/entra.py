@@ -1,0 +1,34 @@
+"""Entra ID scopes as services: the principal's own token for any Azure API.
+
+For APIs that take the service principal's Entra token directly — Azure ML v2
+endpoints in `AADToken` mode (`https://ml.azure.com/.default`), Azure Storage, Key
+Vault … — the credential is MSAL's token for the configured scope. MSAL keeps it
+cached and renews it near its expiry; the broker's refreshes ask MSAL, which answers
+from its cache until then.
+"""
+
+from __future__ import annotations
+
+from broker.config import ServiceConfig
+from broker.credentials import Credential
+from broker.models import AccessToken
+
+
+class EntraProvider:
+    """Serves the principal's Entra token for one scope."""
+
+    scoring_uri: str | None = None
+    clock_skew_s: float | None = None
+
+    def __init__(self, config: ServiceConfig, credential: Credential) -> None:
+        assert config.scope is not None
+        self._config = config
+        self._scope = config.scope
+        self._credential = credential
+
+    @property
+    def service(self) -> str:
+        return self._config.name
+
+    async def fetch(self) -> AccessToken:
+        return await self._credential.get_token(self._scope)
