@@ -43,6 +43,7 @@ from broker.providers import (
     Workspaces,
 )
 from broker.server import AccessRules, Listeners, make_app
+from broker.server.compat import Compat
 from broker.service_manager import Notifier, inherited_sockets
 
 log = get_logger("broker.daemon")
@@ -91,6 +92,7 @@ class Daemon:
             config.listen.max_body_bytes,
             rotations=self.rotations,
             metrics=self.metrics,
+            compat=self._compat(),
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
 
@@ -113,6 +115,13 @@ class Daemon:
             service.kind,
             service.scope or "",
         )
+
+    def _compat(self) -> Compat:
+        compat = self.config.compat
+        if not compat.enabled:
+            return Compat(compat, None, "")
+        identity = self.config.identities[compat.identity]
+        return Compat(compat, self._credential(compat.identity), identity.client_id)
 
     def _upstream(self) -> Upstream:
         return Upstream(
@@ -191,6 +200,8 @@ class Daemon:
         old = self.config
         if config.listen != old.listen:
             log.warning("config.listen_needs_restart", config=str(config.path))
+        if config.compat != old.compat:
+            log.warning("config.compat_needs_restart", config=str(config.path))
         cloud_changed = config.cloud != old.cloud
         changed_identities = {
             name

@@ -216,6 +216,21 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class CompatConfig:
+    """Managed-identity compatible routes (IMDS and App Service) for unmodified SDKs."""
+
+    imds: bool = False
+    app_service_header: Secret | None = None
+    resources: tuple[str, ...] = ()  # allowlist, without trailing "/"
+    identity: str = ""
+    header_source: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.imds or self.app_service_header is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     cloud: CloudProfile
@@ -226,6 +241,7 @@ class Config:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     api_keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
+    compat: CompatConfig = field(default_factory=CompatConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)

@@ -41,6 +41,13 @@ def render_effective(config: Config) -> str:
     ]
     blocks += [(f"[api_key.{_key(name)}]", {"sha256": _MASK}) for name in config.api_keys]
     blocks += [("[[service]]", _service_values(service)) for service in config.services]
+    if config.compat.enabled:
+        compat = config.compat
+        values: dict[str, _Value] = {"imds": compat.imds, "resources": compat.resources}
+        if compat.app_service_header is not None:
+            values["app_service_header_file"] = compat.header_source
+        values["identity"] = compat.identity
+        blocks.append(("[compat]", values))
     lines = [f"# Effective configuration of {config.path}; secrets are never shown."]
     for header, values in blocks:
         lines += ["", header, *(f"{_key(k)} = {_literal(v)}" for k, v in values.items())]

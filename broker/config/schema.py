@@ -19,6 +19,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from broker.config.access import account_id, api_keys
+from broker.config.compat import compat
 from broker.config.identity import identities
 from broker.config.model import (
     CLOUDS,
@@ -50,7 +51,17 @@ from broker.config.reader import (
 from broker.config.service import services
 from broker.errors import ConfigError
 
-TOP_KEYS = ("listen", "log", "cloud", "refresh", "cache", "identity", "api_key", "service")
+TOP_KEYS = (
+    "listen",
+    "log",
+    "cloud",
+    "refresh",
+    "cache",
+    "identity",
+    "api_key",
+    "service",
+    "compat",
+)
 LISTEN_LIMITS = ("max_connections", "idle_timeout_s", "max_header_bytes", "max_body_bytes")
 CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -92,6 +103,7 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
     by_name = identities(root, sources)
     keys = api_keys(root)
     served = services(root, list(by_name), keys)
+    compatible = compat(root, sources, list(by_name))
     if problems.items:
         raise ConfigError(problems.in_file_order())
     return Config(
@@ -104,6 +116,7 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
         refresh,
         cache,
         MappingProxyType(keys),
+        compatible,
     )
 
 

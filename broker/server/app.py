@@ -9,11 +9,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from broker.cache import Rotations, Store
+from broker.config import CompatConfig
 from broker.errors import LocalRequestError
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.server import guards, metrics_route, routes
 from broker.server.access import AccessRules
+from broker.server.compat import APP_SERVICE_PATH, COMPAT, IMDS_PATH, Compat, app_service, imds
 from broker.server.keys import ACCESS, ROTATIONS, STORE
 
 log = get_logger("broker.server")
@@ -62,6 +64,7 @@ def make_app(
     max_body_bytes: int = 65536,
     *,
     rotations: Rotations | None = None,
+    compat: Compat | None = None,
     metrics: Metrics | None = None,
 ) -> web.Application:
     middlewares: list[Middleware] = [errors_as_json, guarded]
@@ -71,6 +74,9 @@ def make_app(
     app[STORE] = store
     app[ACCESS] = access
     app[ROTATIONS] = rotations or Rotations(store)
+    app[COMPAT] = compat or Compat(CompatConfig(), None, "")
+    app.router.add_get(IMDS_PATH, imds)
+    app.router.add_get(APP_SERVICE_PATH, app_service)
     app[routes.RENDERED] = {}
     app.router.add_get("/v1/token/{service}", routes.token)
     app.router.add_post("/v1/token/{service}/refresh", routes.refresh)

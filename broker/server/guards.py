@@ -5,8 +5,9 @@
     absolute form  `GET http://host/…` → 400, whatever its Host: a confused proxy
     browser        an `Origin` header or a CORS preflight → 403: web pages must not read tokens
     host           on TCP, a `Host` that is not a loopback name → 403: DNS rebinding
-    metadata       `/v1/…` without `Metadata: true` → 400: blocks server-side request forgery
-                   through apps that fetch URLs for their users, which cannot add headers
+    metadata       `/v1/…` and `/metadata/…` without `Metadata: true` → 400: blocks server-side
+                   request forgery through apps that fetch URLs for their users, which cannot
+                   add headers (the App Service route requires its identity header instead)
 
 `/healthz`, `/readyz` and `/metrics` need no Metadata header; the other guards hold on
 every route. Who may fetch which service is `access.py`'s business.
@@ -29,7 +30,9 @@ FORWARDING_HEADERS = (
     "X-Forwarded-Proto",
     "X-Real-IP",
 )
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The token routes, native and IMDS-compatible; /healthz, /readyz and /metrics are open,
+# and the App Service route has its own secret header instead.
+_METADATA_PATHS = ("/v1/", "/metadata/")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
 
 
@@ -67,7 +70,10 @@ def check(request: web.Request) -> None:
             "only to localhost, 127.0.0.1 or [::1]",
             code="host_not_allowed",
         )
-    if request.path not in _OPEN_PATHS and headers.get(METADATA_HEADER, "").lower() != "true":
+    if (
+        request.path.startswith(_METADATA_PATHS)
+        and headers.get(METADATA_HEADER, "").lower() != "true"
+    ):
         raise BadRequestError(
             f"send the header '{METADATA_HEADER}: true' with every request to /v1/ routes",
             code="missing_metadata_header",
