@@ -151,7 +151,9 @@ def _announce(emulator: Emulator) -> None:
     print(
         f"# demo workspace: subscription {seed.SUBSCRIPTION_ID}, resource group "
         f"{seed.RESOURCE_GROUP}, workspace {seed.WORKSPACE} ({seed.REGION}); "
-        f"web services {seed.TOKEN_SERVICE} (token), {seed.KEY_SERVICE} (key)",
+        f"web services {seed.TOKEN_SERVICE} (token), {seed.KEY_SERVICE} (key); "
+        f"online endpoints {seed.ENDPOINT_TOKEN} (AMLToken), {seed.ENDPOINT_KEY} (Key), "
+        f"{seed.ENDPOINT_AAD} (AADToken)",
         flush=True,
     )
 

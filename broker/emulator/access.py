@@ -1,7 +1,9 @@
-"""How ARM and MMS decide who is calling: the Entra token in `Authorization: Bearer …`.
+"""How ARM, MMS and AADToken scoring decide who is calling: the Entra token in
+`Authorization: Bearer …`.
 
 The token must be signed by the emulator's Entra key, be unexpired by the emulator's
-clock, and carry the resource manager as its audience (with or without trailing slash).
+clock, and carry the expected audience: the resource manager (with or without trailing
+slash) for ARM and MMS, exactly `ML_AUDIENCE` for an online endpoint in AADToken mode.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import jwt
 from aiohttp import web
 
 from broker.emulator.context import site_of, state_of
+
+ML_AUDIENCE = "https://ml.azure.com"  # the scope https://ml.azure.com/.default names it
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +45,17 @@ def arm_caller(request: web.Request) -> Caller:
     if token is None:
         raise TokenRejected("The 'Authorization' header is missing or is not a Bearer token.")
     base = site_of(request).base_url
+    return entra_caller(request, token, (base, base + "/"))
+
+
+def entra_caller(request: web.Request, token: str, audiences: tuple[str, ...]) -> Caller:
+    """Who `token` speaks for, if the emulator's Entra issued it for one of `audiences`
+    and it is unexpired; raises `TokenRejected` saying why not."""
     try:
-        claims = state_of(request).token_key.verify(token, audience=[base, base + "/"])
+        claims = state_of(request).token_key.verify(token, audience=audiences)
     except jwt.InvalidAudienceError as exc:
         raise TokenRejected(
-            f"The access token has an invalid audience; expected '{base}'."
+            f"The access token has an invalid audience; expected '{audiences[0]}'."
         ) from exc
     except jwt.InvalidTokenError as exc:
         raise TokenRejected("The access token is invalid: its signature does not verify.") from exc

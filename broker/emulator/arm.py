@@ -1,4 +1,5 @@
-"""Emulated Azure Resource Manager workspace lookup and the regional discovery document.
+"""Emulated Azure Resource Manager workspace lookup and the regional discovery document,
+and the checks every ARM route shares (api-version, Entra token, workspace, permission).
 
 The workspace answers with its region and `properties.discoveryUrl`; discovery maps
 service names to the emulator's regional base, where MMS and scoring live.
@@ -28,22 +29,10 @@ def routes() -> list[web.RouteDef]:
 
 async def workspace(request: web.Request) -> web.Response:
     """`GET` a workspace: 401 without a valid token, 404 unknown, 403 without a role."""
-    if not request.query.get("api-version"):
-        raise arm_error(
-            400,
-            "MissingApiVersionParameter",
-            "The api-version query parameter (?api-version=) is required for all requests.",
-        )
-    caller = _caller(request)
-    ws = _workspace(request)
-    if not state_of(request).may_read(caller.app_id, ws):
-        raise arm_error(
-            403,
-            "AuthorizationFailed",
-            f"The client '{caller.app_id}' with object id '{caller.object_id}' does not have "
-            f"authorization to perform action '{READ_ACTION}' over scope '{ws.arm_id}' "
-            "or the scope is invalid.",
-        )
+    require_api_version(request)
+    caller = arm_request_caller(request)
+    ws = workspace_of(request)
+    require_action(request, caller, ws, READ_ACTION, ws.arm_id)
     site = site_of(request)
     return web.json_response(
         {
@@ -68,14 +57,42 @@ async def discovery(request: web.Request) -> web.Response:
     return web.json_response({name: base for name in names})
 
 
-def _caller(request: web.Request) -> Caller:
+def require_api_version(request: web.Request) -> str:
+    """The request's api-version; 400 MissingApiVersionParameter without one."""
+    version = request.query.get("api-version")
+    if not version:
+        raise arm_error(
+            400,
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        )
+    return version
+
+
+def arm_request_caller(request: web.Request) -> Caller:
+    """The caller; 401 InvalidAuthenticationToken without a valid resource-manager token."""
     try:
         return arm_caller(request)
     except TokenRejected as exc:
         raise arm_error(401, "InvalidAuthenticationToken", str(exc)) from None
 
 
-def _workspace(request: web.Request) -> Workspace:
+def require_action(
+    request: web.Request, caller: Caller, ws: Workspace, action: str, scope: str
+) -> None:
+    """403 AuthorizationFailed, naming `action` and `scope`, unless the caller may act."""
+    if not state_of(request).may_perform(caller.app_id, ws, action):
+        raise arm_error(
+            403,
+            "AuthorizationFailed",
+            f"The client '{caller.app_id}' with object id '{caller.object_id}' does not have "
+            f"authorization to perform action '{action}' over scope '{scope}' "
+            "or the scope is invalid.",
+        )
+
+
+def workspace_of(request: web.Request) -> Workspace:
+    """The workspace the path names; 404 ResourceNotFound if there is none."""
     info = request.match_info
     ws = state_of(request).workspace(info["sub"], info["rg"], info["ws"])
     if ws is None:

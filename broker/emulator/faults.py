@@ -1,9 +1,10 @@
 """Injected faults: make an emulated route fail, slow down or misbehave on purpose.
 
-A `Fault` is matched against each request by route name and, optionally, by web-service
-name and by region (requests under `/regions/{region}/`). Faults are taken in the order
-they were added, so `fail(route, status=500, times=2)` then `fail(route, status=429)`
-answers two 500s and then 429s. A region outage (`FaultBook.darken`) beats every fault:
+A `Fault` is matched against each request by route name and, optionally, by the name of
+the web service or online endpoint (`service`) and by region (requests under
+`/regions/{region}/`). Faults are taken in the order they were added, so
+`fail(route, status=500, times=2)` then `fail(route, status=429)` answers two 500s and
+then 429s. A region outage (`FaultBook.darken`) beats every fault:
 while a region is dark, each of its requests fails and no fault is consumed.
 
 How each kind looks on the wire is `broker.emulator.sabotage`'s business.
@@ -19,6 +20,11 @@ ROUTES: Final = (
     "entra.keys",
     "entra.token",
     "arm.workspace",
+    "arm.endpoint",
+    "arm.endpoint_token",
+    "arm.endpoint_keys",
+    "arm.endpoint_regenerate",
+    "arm.operation",
     "discovery",
     "mms.describe",
     "mms.token",

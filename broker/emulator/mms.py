@@ -7,7 +7,6 @@ Owner) on the workspace. Errors use MMS's flat shape `{"code", "statusCode", "me
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 
@@ -18,6 +17,7 @@ from broker.emulator.arm import WORKSPACE_PATH
 from broker.emulator.context import site_of, state_of
 from broker.emulator.records import Operation, WebService, Workspace
 from broker.emulator.replies import mms_error
+from broker.emulator.rotation import rotation_request
 
 PREFIX = "/regions/{region}/modelmanagement/v1.0" + WORKSPACE_PATH
 SERVICE = PREFIX + "/services/{name}"
@@ -92,7 +92,7 @@ async def regenerate_keys(request: web.Request) -> web.Response:
     """Start rotating one key; the old key stays valid until the operation succeeds."""
     _, service = _service(request)
     _require_key_auth(service)
-    key_type, value = await _rotation_request(request)
+    key_type, value = await rotation_request(request, mms_error)
     operation = state_of(request).start_key_rotation(service, key_type, value)
     location = f"{_prefix_url(request, service.workspace)}/operations/{operation.id}"
     return web.Response(status=202, headers={"Operation-Location": location})
@@ -103,7 +103,11 @@ async def operation_status(request: web.Request) -> web.Response:
     _, ws = _workspace(request)
     state = state_of(request)
     operation = state.operation(request.match_info["operation"])
-    if operation is None or operation.service.workspace is not ws:
+    if (
+        operation is None
+        or not isinstance(operation.service, WebService)
+        or operation.service.workspace is not ws
+    ):
         raise mms_error(404, "NotFound", "Operation not found.")
     return web.json_response(_operation_body(state.poll_operation(operation)))
 
@@ -154,20 +158,6 @@ def _require_key_auth(service: WebService) -> None:
             "BadRequest",
             f"Key authentication is not enabled for service '{service.name}' (authEnabled=false).",
         )
-
-
-async def _rotation_request(request: web.Request) -> tuple[str, str]:
-    try:
-        body = json.loads(await request.text() or "null")
-    except ValueError:
-        body = None
-    key_type = body.get("keyType") if isinstance(body, dict) else None
-    value = body.get("keyValue") if isinstance(body, dict) else None
-    if not isinstance(key_type, str) or key_type.lower() not in ("primary", "secondary"):
-        raise mms_error(400, "BadRequest", 'The body must be {"keyType": "Primary"|"Secondary"}.')
-    if value is not None and (not isinstance(value, str) or not value):
-        raise mms_error(400, "BadRequest", "keyValue must be null or a non-empty string.")
-    return key_type.capitalize(), value or secrets.token_urlsafe(32)
 
 
 def _sign_service_token(

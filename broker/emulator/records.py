@@ -1,5 +1,5 @@
-"""The records of the fake cloud: service principals, workspaces, web services, and the
-tokens and key-rotation operations the emulator has handed out.
+"""The records of the fake cloud: service principals, workspaces, v1 web services, v2
+online endpoints, and the tokens and key-rotation operations the emulator has handed out.
 
 Azure resource names are case-insensitive, so lookups use lower-cased keys while the
 records keep the spelling they were created with.
@@ -19,6 +19,12 @@ ServiceKey = tuple[str, str, str, str]
 
 PROVIDER = "Microsoft.MachineLearningServices"
 PLACEMENTS: Final = ("normal", "past", "after_expiry", "absent")
+AUTH_MODES: Final = ("Key", "AMLToken", "AADToken")
+
+ENDPOINT_READ_ACTION: Final = f"{PROVIDER}/workspaces/onlineEndpoints/read"
+ENDPOINT_TOKEN_ACTION: Final = f"{PROVIDER}/workspaces/onlineEndpoints/token/action"
+ENDPOINT_LIST_KEYS_ACTION: Final = f"{PROVIDER}/workspaces/onlineEndpoints/listKeys/action"
+ENDPOINT_REGENERATE_ACTION: Final = f"{PROVIDER}/workspaces/onlineEndpoints/regenerateKeys/action"
 
 
 def workspace_key(subscription_id: str, resource_group: str, workspace: str) -> WorkspaceKey:
@@ -112,11 +118,42 @@ class WebService:
 
 
 @dataclass(slots=True)
+class OnlineEndpoint:
+    """A v2 managed online endpoint: an ARM resource of a workspace with one auth mode
+    (`AUTH_MODES`); it has keys whatever the mode, but only `Key` lets them score."""
+
+    workspace: Workspace
+    name: str
+    auth_mode: str
+    token_lifetime_s: float
+    refresh_after_s: float
+    primary_key: str = field(repr=False)
+    secondary_key: str = field(repr=False)
+
+    @property
+    def key(self) -> ServiceKey:
+        return (*self.workspace.key, self.name.lower())
+
+    @property
+    def service_id(self) -> str:
+        """The endpoint's own id: the audience of the AMLTokens ARM issues for it."""
+        return stable_id("online-endpoint", *self.key)
+
+    @property
+    def arm_id(self) -> str:
+        return f"{self.workspace.arm_id}/onlineEndpoints/{self.name}"
+
+
+KeyHolder = WebService | OnlineEndpoint
+
+
+@dataclass(slots=True)
 class Operation:
-    """An asynchronous key rotation: it runs on its first poll and succeeds on the next."""
+    """An asynchronous key rotation: it runs on its first poll and succeeds on the next.
+    `service` is the v1 web service or v2 online endpoint whose key it replaces."""
 
     id: str
-    service: WebService
+    service: KeyHolder
     key_type: str  # "Primary" or "Secondary"
     new_value: str = field(repr=False)
     polls: int = 0
@@ -125,7 +162,8 @@ class Operation:
 
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
-    """What the scoring endpoint needs to know about an MMS token it is shown."""
+    """What the scoring endpoint needs to know about an MMS token or AMLToken it is shown:
+    the `service_id` of the service or endpoint it was issued for, and its expiry."""
 
     service_id: str
     expires_at: float

@@ -39,6 +39,10 @@ ESSENTIAL: Final[dict[str, tuple[tuple[str, ...], ...]]] = {
     "mms.listkeys": (("primaryKey",),),
     "mms.describe": (("computeType",),),
     "arm.workspace": (("properties", "discoveryUrl"),),
+    "arm.endpoint": (("properties", "authMode"), ("properties", "scoringUri")),
+    "arm.endpoint_token": (("accessToken",), ("expiryTimeUtc",)),
+    "arm.endpoint_keys": (("primaryKey",),),
+    "arm.operation": (("status",),),
     "discovery": (("modelmanagement",),),
     "entra.token": (("access_token",),),
 }

@@ -1,6 +1,6 @@
-"""The emulator's HTTPS server: one aiohttp app serving Entra ID, ARM, discovery, MMS,
-scoring and the control API on a single port, so every host of the cloud profile is
-the same base URL.
+"""The emulator's HTTPS server: one aiohttp app serving Entra ID, ARM (workspaces and
+online endpoints), discovery, MMS, scoring and the control API on a single port, so
+every host of the cloud profile is the same base URL.
 
 One middleware does what every route shares: count the call, apply an injected fault or
 region outage (`sabotage`), turn raised `EmulatorError`s and unknown routes into JSON
@@ -20,7 +20,7 @@ from typing import Self
 
 from aiohttp import hdrs, web
 
-from broker.emulator import arm, control, entra, mms, sabotage, scoring
+from broker.emulator import arm, control, endpoints, entra, mms, sabotage, scoring
 from broker.emulator.certs import TlsMaterial, create_tls
 from broker.emulator.context import SITE_KEY, STATE_KEY, STOPPING_KEY, Site, state_of
 from broker.emulator.faults import ROUTES, Fault
@@ -28,12 +28,15 @@ from broker.emulator.replies import EmulatorError, http_date, no_route
 from broker.emulator.state import Clock, EmulatorState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# aiohttp route names are unique; these routes count and take faults as another's.
+_COUNTED_AS = {"score.endpoint": "score"}
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 @web.middleware
 async def emulator_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.match_info.route.name or ""
+    route = _COUNTED_AS.get(route, route)
     if route.startswith("control."):
         try:
             control.require_loopback(request)
@@ -70,7 +73,7 @@ def _region_of(path: str) -> str | None:
 
 
 def _service_named(request: web.Request, route: str) -> str | None:
-    if route == "mms.operation":
+    if route in ("mms.operation", "arm.operation"):
         operation = state_of(request).operation(request.match_info["operation"])
         return operation.service.name if operation is not None else None
     return request.match_info.get("name")
@@ -84,7 +87,7 @@ def build_app(state: EmulatorState, site: Site) -> web.Application:
     app[STOPPING_KEY] = asyncio.Event()
     app.on_response_prepare.append(_stamp_date)
     app.on_shutdown.append(_release_waiters)
-    for module in (entra, arm, mms, scoring, control):
+    for module in (entra, arm, endpoints, mms, scoring, control):
         app.add_routes(module.routes())
     return app
 

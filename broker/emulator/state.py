@@ -1,5 +1,6 @@
-"""The emulator's in-memory cloud: who may sign in, which workspaces and web services
-exist, who holds which role, what was issued, what was called and which faults are armed.
+"""The emulator's in-memory cloud: who may sign in, which workspaces, web services and
+online endpoints exist, who holds which role or action, what was issued, what was called
+and which faults are armed.
 
 Plain Python, no I/O: build it before the server starts, change it while it runs.
 """
@@ -15,9 +16,12 @@ from cryptography import x509
 
 from broker.emulator.faults import Fault, FaultBook, Outage
 from broker.emulator.records import (
+    AUTH_MODES,
     PLACEMENTS,
     Client,
     IssuedToken,
+    KeyHolder,
+    OnlineEndpoint,
     Operation,
     ServiceKey,
     WebService,
@@ -32,6 +36,8 @@ Clock = Callable[[], float]
 FEDERATED_ISSUER = "https://oidc.emulator.invalid/workload-identity"
 FEDERATED_AUDIENCE = "api://AzureADTokenExchange"
 AUTHORISING_ROLES = frozenset({"reader", "contributor", "owner"})
+# Reader may do every `…/read`; Contributor and Owner may also do every `…/action`.
+ACTING_ROLES = frozenset({"contributor", "owner"})
 
 
 class EmulatorState:
@@ -47,7 +53,9 @@ class EmulatorState:
         self._clients: dict[tuple[str, str], Client] = {}
         self._workspaces: dict[WorkspaceKey, Workspace] = {}
         self._roles: dict[tuple[str, WorkspaceKey], set[str]] = {}
+        self._actions: dict[tuple[str, WorkspaceKey], set[str]] = {}
         self._services: dict[ServiceKey, WebService] = {}
+        self._endpoints: dict[ServiceKey, OnlineEndpoint] = {}
         self._service_calls: Counter[tuple[str, str]] = Counter()
         self._issued: dict[str, IssuedToken] = {}
         self._operations: dict[str, Operation] = {}
@@ -99,6 +107,30 @@ class EmulatorState:
         key = (client_id.lower(), workspace_key(subscription_id, resource_group, workspace))
         self._roles.get(key, set()).discard(role.lower())
 
+    def grant_action(
+        self,
+        client_id: str,
+        subscription_id: str,
+        resource_group: str,
+        workspace: str,
+        action: str,
+    ) -> None:
+        """Grant one ARM action on the workspace (a custom role holding just that action),
+        e.g. `Microsoft.MachineLearningServices/workspaces/onlineEndpoints/token/action`."""
+        key = (client_id.lower(), workspace_key(subscription_id, resource_group, workspace))
+        self._actions.setdefault(key, set()).add(action.lower())
+
+    def revoke_action(
+        self,
+        client_id: str,
+        subscription_id: str,
+        resource_group: str,
+        workspace: str,
+        action: str,
+    ) -> None:
+        key = (client_id.lower(), workspace_key(subscription_id, resource_group, workspace))
+        self._actions.get(key, set()).discard(action.lower())
+
     def add_web_service(
         self,
         subscription_id: str,
@@ -134,6 +166,42 @@ class EmulatorState:
             refresh_placement=refresh_placement,
         )
         self._services[service.key] = service
+
+    def add_online_endpoint(
+        self,
+        subscription_id: str,
+        resource_group: str,
+        workspace: str,
+        name: str,
+        *,
+        auth_mode: str = "Key",
+        token_lifetime_s: float = 3600.0,
+        refresh_after_s: float | None = None,
+    ) -> None:
+        """Create a v2 managed online endpoint in an existing workspace, with fresh random
+        keys; `auth_mode` is one of `AUTH_MODES`, the token times apply to AMLTokens
+        (refreshAfter defaults to half the lifetime)."""
+        ws = self._workspaces.get(workspace_key(subscription_id, resource_group, workspace))
+        if ws is None:
+            raise ValueError(f"workspace {workspace!r} does not exist: call add_workspace first")
+        mode = {m.lower(): m for m in AUTH_MODES}.get(auth_mode.lower())
+        if mode is None:
+            raise ValueError(f"auth_mode must be one of {', '.join(AUTH_MODES)}, not {auth_mode!r}")
+        if token_lifetime_s <= 0:
+            raise ValueError("token_lifetime_s must be positive")
+        taken = self.endpoint_at(ws.region, name)
+        if taken is not None and taken.workspace is not ws:
+            raise ValueError(f"an online endpoint {name!r} already exists in {ws.region!r}")
+        endpoint = OnlineEndpoint(
+            workspace=ws,
+            name=name,
+            auth_mode=mode,
+            token_lifetime_s=token_lifetime_s,
+            refresh_after_s=token_lifetime_s / 2 if refresh_after_s is None else refresh_after_s,
+            primary_key=secrets.token_urlsafe(32),
+            secondary_key=secrets.token_urlsafe(32),
+        )
+        self._endpoints[endpoint.key] = endpoint
 
     def set_token_lifetime(
         self,
@@ -244,6 +312,14 @@ class EmulatorState:
             raise KeyError(name)
         return service.primary_key, service.secondary_key
 
+    def current_endpoint_keys(
+        self, subscription_id: str, resource_group: str, workspace: str, name: str
+    ) -> tuple[str, str]:
+        endpoint = self.online_endpoint(subscription_id, resource_group, workspace, name)
+        if endpoint is None:
+            raise KeyError(name)
+        return endpoint.primary_key, endpoint.secondary_key
+
     # -- lookups the handlers make --------------------------------------------------------
 
     def has_tenant(self, tenant_id: str) -> bool:
@@ -260,6 +336,14 @@ class EmulatorState:
     def may_read(self, client_id: str, workspace: Workspace) -> bool:
         roles = self._roles.get((client_id.lower(), workspace.key), set())
         return bool(roles & AUTHORISING_ROLES)
+
+    def may_perform(self, client_id: str, workspace: Workspace, action: str) -> bool:
+        """Whether a role or a granted action lets the client do `action` on the workspace."""
+        key = (client_id.lower(), workspace.key)
+        roles = self._roles.get(key, set())
+        if roles & ACTING_ROLES or action.lower() in self._actions.get(key, set()):
+            return True
+        return action.lower().endswith("/read") and bool(roles & AUTHORISING_ROLES)
 
     def web_service(
         self, subscription_id: str, resource_group: str, workspace: str, name: str
@@ -279,20 +363,36 @@ class EmulatorState:
                 return service
         return None
 
+    def online_endpoint(
+        self, subscription_id: str, resource_group: str, workspace: str, name: str
+    ) -> OnlineEndpoint | None:
+        key = (*workspace_key(subscription_id, resource_group, workspace), name.lower())
+        return self._endpoints.get(key)
+
+    def endpoint_at(self, region: str, name: str) -> OnlineEndpoint | None:
+        """The endpoint a v2 scoring URI points at: its name is unique in its region."""
+        for endpoint in self._endpoints.values():
+            if (endpoint.workspace.region.lower(), endpoint.name.lower()) == (
+                region.lower(),
+                name.lower(),
+            ):
+                return endpoint
+        return None
+
     # -- what the handlers hand out -------------------------------------------------------
 
-    def remember_token(self, token: str, service: WebService, expires_at: float) -> None:
+    def remember_token(self, token: str, service: KeyHolder, expires_at: float) -> None:
         now = self.clock()
         self._issued = {t: i for t, i in self._issued.items() if i.expires_at > now}
         self._issued[token] = IssuedToken(service.service_id, expires_at)
 
-    def token_is_valid(self, token: str, service: WebService) -> bool:
+    def token_is_valid(self, token: str, service: KeyHolder) -> bool:
         issued = self._issued.get(token)
         if issued is None or issued.service_id != service.service_id:
             return False
         return self.clock() < issued.expires_at
 
-    def start_key_rotation(self, service: WebService, key_type: str, value: str) -> Operation:
+    def start_key_rotation(self, service: KeyHolder, key_type: str, value: str) -> Operation:
         operation = Operation(secrets.token_hex(16), service, key_type, value)
         self._operations[operation.id] = operation
         return operation

@@ -25,6 +25,9 @@ WS = "ws-test"
 REGION = "westeurope"
 AKS = "svc-aks"
 ACI = "svc-aci"
+TOKEN_EP = "ep-token"
+KEY_EP = "ep-key"
+AAD_EP = "ep-aad"
 MMS_PATH = (
     f"/regions/{REGION}/modelmanagement/v1.0/subscriptions/{SUB}/resourceGroups/{RG}"
     f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
@@ -34,6 +37,7 @@ WS_PATH = (
     f"Microsoft.MachineLearningServices/workspaces/{WS}"
 )
 SCORE_PATH = f"/regions/{REGION}/score/{WS}/{AKS}"
+ENDPOINTS_PATH = f"{WS_PATH}/onlineEndpoints"
 
 
 class FakeClock:
@@ -64,6 +68,11 @@ def state(clock: FakeClock) -> EmulatorState:
     state.add_web_service(
         SUB, RG, WS, ACI, compute_type="ACI", auth_enabled=True, aad_auth_enabled=False
     )
+    state.add_online_endpoint(
+        SUB, RG, WS, TOKEN_EP, auth_mode="AMLToken", token_lifetime_s=60.0, refresh_after_s=30.0
+    )
+    state.add_online_endpoint(SUB, RG, WS, KEY_EP, auth_mode="Key")
+    state.add_online_endpoint(SUB, RG, WS, AAD_EP, auth_mode="AADToken")
     return state
 
 
