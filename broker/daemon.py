@@ -36,6 +36,7 @@ from broker.metrics import Metrics
 from broker.models import Clock, State, system_clock
 from broker.providers import (
     EntraProvider,
+    OnlineEndpointProvider,
     Throttles,
     TokenProvider,
     Upstream,
@@ -114,6 +115,7 @@ class Daemon:
             service.auth,
             service.kind,
             service.scope or "",
+            service.endpoint or "",
         )
 
     def _compat(self) -> Compat:
@@ -142,6 +144,14 @@ class Daemon:
     def _provider(self, service: ServiceConfig) -> TokenProvider:
         if service.kind == "entra":
             return EntraProvider(service, self._credential(service.identity))
+        if service.kind == "azureml-online-endpoint":
+            return OnlineEndpointProvider(
+                service,
+                self.config.cloud,
+                self._credential(service.identity),
+                self.upstream,
+                self.throttles,
+            )
         return WebServiceProvider(
             service,
             self.config.cloud,
@@ -269,6 +279,7 @@ def _target(s: ServiceConfig) -> tuple[object, ...]:
     return (
         s.kind,
         s.scope,
+        s.endpoint,
         s.subscription_id,
         s.resource_group,
         s.workspace,

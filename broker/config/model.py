@@ -16,7 +16,7 @@ DEFAULT_CACHE_PATH = Path("/var/lib/token-broker/cache.bin")
 API_KEY_DIGEST_BYTES = 32
 
 AuthMode = Literal["auto", "token", "key"]
-ServiceKind = Literal["azureml-webservice", "entra"]
+ServiceKind = Literal["azureml-webservice", "entra", "azureml-online-endpoint"]
 LogFormat = Literal["auto", "json", "console"]
 IdentityKind = Literal["secret", "certificate", "federated"]
 
@@ -201,6 +201,7 @@ class ServiceConfig:
     api_keys: tuple[str, ...] = ()  # names of Config.api_keys
     kind: ServiceKind = "azureml-webservice"
     scope: str | None = None  # kind "entra": the scope whose token is served
+    endpoint: str | None = None  # kind "azureml-online-endpoint": the endpoint's name
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,10 @@ _AZURE_ONLY = ("subscription_id", "resource_group", "workspace", "web_service", 
 
 def _service_values(service: ServiceConfig) -> dict[str, _Value]:
     values: dict[str, _Value] = {}
-    unused = _AZURE_ONLY if service.kind == "entra" else ()
+    unused = {
+        "entra": _AZURE_ONLY,
+        "azureml-online-endpoint": ("web_service", "region", "auth"),
+    }.get(service.kind, ())
     for f in fields(ServiceConfig):
         value = getattr(service, f.name)
         # region None means discovered from the workspace; scope exists only for Entra

@@ -22,7 +22,7 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _URL_SEGMENT = re.compile(r"[^/?#\s]+")  # Azure names travel as URL path segments
 _REGION = re.compile(r"[a-z0-9]+")
 _SCOPE = re.compile(r"(https://|api://)[^\s/?#]+(/[^\s?#]*)?/\.default")
-KINDS = ("azureml-webservice", "entra")
+KINDS = ("azureml-webservice", "entra", "azureml-online-endpoint")
 
 
 def services(
@@ -68,6 +68,8 @@ def _service(table: Table, identity_names: list[str], keys: Mapping[str, ApiKey]
     kind = cast(ServiceKind, table.choice("kind", KINDS, "azureml-webservice", "service kind"))
     if kind == "entra":
         return _entra_service(table, name, identity_names, keys)
+    if kind == "azureml-online-endpoint":
+        return _endpoint_service(table, name, identity_names, keys)
     if table.has("scope"):
         table.problem(
             "scope",
@@ -129,6 +131,32 @@ def _entra_service(
         api_keys=service_api_keys(table, keys),
         kind="entra",
         scope=scope,
+    )
+
+
+def _endpoint_service(
+    table: Table, name: str, identity_names: list[str], keys: Mapping[str, ApiKey]
+) -> ServiceConfig:
+    for key in ("web_service", "region", "auth", "scope"):
+        if table.has(key):
+            table.problem(
+                key,
+                f'{key} is not used with kind = "azureml-online-endpoint"',
+                "remove it: the endpoint's auth mode and scoring URI come from Azure",
+            )
+    subscription, group, workspace = (_azure_name(table, key) for key in _AZURE_NAMES[:3])
+    return ServiceConfig(
+        name,
+        _service_identity(table, identity_names),
+        subscription,
+        group,
+        workspace,
+        "",
+        allow_users=account_ids(table, "allow_users", "user"),
+        allow_groups=account_ids(table, "allow_groups", "group"),
+        api_keys=service_api_keys(table, keys),
+        kind="azureml-online-endpoint",
+        endpoint=_azure_name(table, "endpoint"),
     )
 
 

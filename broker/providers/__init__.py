@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.providers.azureml_v1 import WebServiceProvider, Workspaces
+from broker.providers.azureml_v2 import OnlineEndpointProvider
 from broker.providers.base import KeyName, KeyRotator, TokenProvider
 from broker.providers.entra import EntraProvider
 from broker.providers.throttle import Throttles
@@ -12,6 +13,7 @@ __all__ = [
     "EntraProvider",
     "KeyName",
     "KeyRotator",
+    "OnlineEndpointProvider",
     "Throttles",
     "TokenProvider",
     "Upstream",

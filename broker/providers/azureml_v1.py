@@ -337,29 +337,40 @@ def clock_skew(headers: dict[str, str], now: float) -> float | None:
         return None
 
 
-def parse_token(body: Any, skew_s: float = 0.0) -> AccessToken:
-    """A web-service token from MMS's answer, or `MalformedResponseError`; never half of one.
+def parse_token(
+    body: Any,
+    skew_s: float = 0.0,
+    *,
+    route: str = "mms.token",
+    expiry_field: str = "expiryOn",
+    refresh_field: str = "refreshAfter",
+) -> AccessToken:
+    """A token from Azure ML's answer, or `MalformedResponseError`; never half of one.
 
-    Azure's times are moved onto our clock by `skew_s` (Azure's clock minus ours), so
-    a token is never served past its real expiry when the local clock is behind.
+    v1 web services name the times `expiryOn`/`refreshAfter`, v2 endpoints
+    `expiryTimeUtc`/`refreshAfterTimeUtc`. Azure's times are moved onto our clock by
+    `skew_s` (Azure's clock minus ours), so a token is never served past its real expiry
+    when the local clock is behind.
     """
     if not isinstance(body, dict):
-        raise MalformedResponseError("mms.token: the answer is not a JSON object")
+        raise MalformedResponseError(f"{route}: the answer is not a JSON object", route=route)
     value = body.get("accessToken")
     if not isinstance(value, str) or not value.strip():
-        raise MalformedResponseError("mms.token: the answer has no accessToken")
+        raise MalformedResponseError(f"{route}: the answer has no accessToken", route=route)
     register_secret(value)
-    expiry = _epoch(body.get("expiryOn"))
+    expiry = _epoch(body.get(expiry_field))
     if expiry is None:
         expiry = _jwt_exp(value)
     if expiry is None:
-        raise MalformedResponseError("mms.token: the answer has no usable expiryOn")
-    refresh = _epoch(body.get("refreshAfter"))
+        raise MalformedResponseError(
+            f"{route}: the answer has no usable {expiry_field}", route=route
+        )
+    refresh = _epoch(body.get(refresh_field))
     expiry -= skew_s
     refresh = None if refresh is None else refresh - skew_s
     token_type = body.get("tokenType") if isinstance(body.get("tokenType"), str) else "Bearer"
     return _valid(
-        lambda: AccessToken(value, AuthKind.TOKEN, expiry, refresh, str(token_type)), "mms.token"
+        lambda: AccessToken(value, AuthKind.TOKEN, expiry, refresh, str(token_type)), route
     )
 
 

@@ -1,0 +1,129 @@
+"""Azure ML v2 managed online endpoints: tokens, keys or Entra tokens, through ARM.
+
+The endpoint is described once to learn its `authMode` and `scoringUri`; then each
+fetch is `POST …/token` (`AMLToken`), `POST …/listKeys` (`Key`), or the principal's own
+Entra token for `https://ml.azure.com/.default` (`AADToken`). Unlike v1, Reader is not
+enough: a 403 names the action the principal lacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.config import CloudProfile, ServiceConfig
+from broker.credentials import Credential
+from broker.errors import MalformedResponseError, PermissionDeniedError, ThrottledError
+from broker.log import get_logger, register_secret
+from broker.models import AccessToken, AuthKind
+from broker.providers.azureml_v1 import API_VERSION, parse_token
+from broker.providers.base import KeyName
+from broker.providers.throttle import Throttles
+from broker.providers.upstream import Reply, Upstream
+
+log = get_logger("broker.providers.azureml_v2")
+
+ML_SCOPE = "https://ml.azure.com/.default"
+_ENDPOINTS = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
+_ACTIONS = {
+    "arm.endpoint": f"{_ENDPOINTS}/read",
+    "arm.endpoint_token": f"{_ENDPOINTS}/token/action",
+    "arm.endpoint_keys": f"{_ENDPOINTS}/listKeys/action",
+}
+
+
+class OnlineEndpointProvider:
+    """Fetches one v2 online endpoint's credential, whatever its auth mode."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        cloud: CloudProfile,
+        credential: Credential,
+        upstream: Upstream,
+        throttles: Throttles | None = None,
+    ) -> None:
+        self._config = config
+        self._cloud = cloud
+        self._credential = credential
+        self._upstream = upstream
+        self._throttles = throttles or Throttles()
+        self._throttle_key = (credential.principal, config.subscription_id.lower())
+        self.auth_mode: str | None = None
+        self.scoring_uri: str | None = None
+        self.clock_skew_s: float | None = None
+        self.serve_key: KeyName = "primary"
+
+    @property
+    def service(self) -> str:
+        return self._config.name
+
+    def _url(self, suffix: str = "") -> str:
+        c = self._config
+        return (
+            f"{self._cloud.resource_manager.rstrip('/')}/subscriptions/{c.subscription_id}"
+            f"/resourceGroups/{c.resource_group}/providers/Microsoft.MachineLearningServices"
+            f"/workspaces/{c.workspace}/onlineEndpoints/{c.endpoint}{suffix}"
+            f"?api-version={API_VERSION}"
+        )
+
+    async def fetch(self) -> AccessToken:
+        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        if self.auth_mode is None:
+            await self._describe(arm_token)
+        if self.auth_mode == "AADToken":
+            return await self._credential.get_token(ML_SCOPE)
+        if self.auth_mode == "AMLToken":
+            reply = await self._call("POST", self._url("/token"), "arm.endpoint_token", arm_token)
+            return parse_token(
+                reply.body,
+                route="arm.endpoint_token",
+                expiry_field="expiryTimeUtc",
+                refresh_field="refreshAfterTimeUtc",
+            )
+        reply = await self._call("POST", self._url("/listKeys"), "arm.endpoint_keys", arm_token)
+        return _key(reply.body, self.serve_key)
+
+    async def _describe(self, arm_token: str) -> None:
+        reply = await self._call("GET", self._url(), "arm.endpoint", arm_token)
+        properties = reply.body.get("properties") if isinstance(reply.body, dict) else None
+        mode = properties.get("authMode") if isinstance(properties, dict) else None
+        if mode not in ("AMLToken", "Key", "AADToken"):
+            raise MalformedResponseError(
+                f"arm.endpoint: endpoint {self._config.endpoint!r} has no known authMode",
+                route="arm.endpoint",
+            )
+        uri = properties.get("scoringUri") if isinstance(properties, dict) else None
+        self.auth_mode, self.scoring_uri = mode, uri if isinstance(uri, str) else None
+        log.info("endpoint.described", service=self.service, auth_mode=mode)
+
+    async def _call(self, method: str, url: str, route: str, bearer: str) -> Reply:
+        self._throttles.check(self._throttle_key, route)
+        try:
+            return await self._upstream.call(method, url, route=route, bearer=bearer)
+        except ThrottledError as exc:
+            self._throttles.note(self._throttle_key, exc.retry_after)
+            raise
+        except PermissionDeniedError as exc:
+            raise PermissionDeniedError(
+                f"{exc.message}. The principal {self._credential.principal} lacks the "
+                f"permission {_ACTIONS[route]} on workspace {self._config.workspace!r} — "
+                "grant a role that includes it (Reader does not)",
+                status=exc.status,
+                route=route,
+            ) from None
+
+
+def _key(body: Any, which: KeyName) -> AccessToken:
+    keys = body if isinstance(body, dict) else {}
+    for field in ("primaryKey", "secondaryKey"):
+        if isinstance(keys.get(field), str) and keys[field]:
+            register_secret(keys[field])
+    value = keys.get(f"{which}Key")
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedResponseError(
+            f"arm.endpoint_keys: the answer has no {which}Key", route="arm.endpoint_keys"
+        )
+    try:
+        return AccessToken(value, AuthKind.KEY, None)
+    except ValueError as exc:
+        raise MalformedResponseError(f"arm.endpoint_keys: {exc}") from None

@@ -1,0 +1,84 @@
+"""Azure ML v2 online endpoints: each auth mode served, and a 403 naming the missing action."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from broker.emulator import Emulator
+from broker.emulator import seed as demo
+from tests.conftest import config_text
+from tests.e2e.conftest import LISTENERS, StartBroker
+
+pytestmark = pytest.mark.timeout(30)
+
+ENDPOINTS = {
+    "v2-token": demo.ENDPOINT_TOKEN,
+    "v2-key": demo.ENDPOINT_KEY,
+    "v2-aad": demo.ENDPOINT_AAD,
+}
+
+
+def endpoints_config(emulator: Emulator, short_dir: Path, endpoints: dict[str, str]) -> str:
+    text = config_text(emulator, short_dir, services={"fraud": demo.TOKEN_SERVICE})
+    for name, endpoint in endpoints.items():
+        text += (
+            f'\n[[service]]\nname = "{name}"\nkind = "azureml-online-endpoint"\n'
+            f'subscription_id = "{demo.SUBSCRIPTION_ID}"\n'
+            f'resource_group = "{demo.RESOURCE_GROUP}"\n'
+            f'workspace = "{demo.WORKSPACE}"\nendpoint = "{endpoint}"\n'
+        )
+    return text
+
+
+async def score(emulator: Emulator, uri: str, credential: str) -> int:
+    context = ssl.create_default_context(cafile=str(emulator.ca_path))
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
+        session.post(
+            uri, json={"data": [1]}, headers={"Authorization": f"Bearer {credential}"}
+        ) as resp,
+    ):
+        return resp.status
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+async def test_each_auth_mode_is_served_and_accepted(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, listener: str
+) -> None:
+    """AMLToken, Key and AADToken endpoints each get a credential their scoring URI accepts."""
+    broker = await start_broker(endpoints_config(emulator, short_dir, ENDPOINTS))
+    client = broker.client(listener)
+    expected = {"v2-token": "token", "v2-key": "key", "v2-aad": "entra"}
+    for name, auth in expected.items():
+        reply = await client.get(f"/v1/token/{name}")
+        assert reply.status == 200, reply.text
+        body = reply.json()
+        assert body["auth"] == auth
+        uri = (await client.get(f"/v1/services/{name}")).json()["scoring_uri"]
+        assert await score(emulator, uri, body["access_token"]) == 200, name
+    assert emulator.state.count("arm.endpoint_token") == 1
+    assert emulator.state.count("arm.endpoint_keys") == 1
+
+
+async def test_missing_action_is_named(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """Without the token action a 403 names it: Reader is not enough for v2 tokens."""
+    emulator.state.revoke_action(
+        demo.CLIENT_ID,
+        demo.SUBSCRIPTION_ID,
+        demo.RESOURCE_GROUP,
+        demo.WORKSPACE,
+        "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/token/action",
+    )
+    broker = await start_broker(
+        endpoints_config(emulator, short_dir, {"v2-token": demo.ENDPOINT_TOKEN})
+    )
+    await broker.settled()
+    error = (await broker.client().get("/v1/services/v2-token")).json()["last_error"]
+    assert error["status"] == 403 and error["retryable"] is False
+    assert "onlineEndpoints/token/action" in error["message"]
