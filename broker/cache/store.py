@@ -61,6 +61,7 @@ class Store:
         self.client_refresh_window_s = client_refresh_window_s
         self._entries = {p.service: Entry(p.service, p) for p in providers}
         self._listeners: list[Callable[[Entry], None]] = []
+        self._waiters: list[asyncio.Future[None]] = []
         # Bounds calls to Azure, which throttles per principal and per subscription:
         # a thousand services starting at once queue here instead of bursting.
         self._upstream_slots = asyncio.Semaphore(max_concurrency)
@@ -96,6 +97,9 @@ class Store:
     @property
     def entries(self) -> list[Entry]:
         return list(self._entries.values())
+
+    def has(self, service: str) -> bool:
+        return service in self._entries
 
     def entry(self, service: str) -> Entry:
         try:
@@ -222,6 +226,16 @@ class Store:
             return  # removed by a reload while its fetch finished
         for listener in self._listeners:
             listener(entry)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Return after the next fetch of any service finishes (for push to clients)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     def _not_ready(self, entry: Entry) -> NotReadyError:
         now = self.clock()

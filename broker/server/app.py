@@ -74,6 +74,8 @@ def make_app(
     app[STORE] = store
     app[ACCESS] = access
     app[ROTATIONS] = rotations or Rotations(store)
+    app[routes.STREAMS] = set()
+    app.on_shutdown.append(routes.end_streams)
     app[COMPAT] = compat or Compat(CompatConfig(), None, "")
     app.router.add_get(IMDS_PATH, imds)
     app.router.add_get(APP_SERVICE_PATH, app_service)

@@ -6,6 +6,7 @@ hot path is a dictionary lookup and a write.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from datetime import UTC, datetime
@@ -20,6 +21,15 @@ from broker.server.access import peer_of
 from broker.server.keys import ACCESS, ROTATIONS, STORE
 
 _JSON = "application/json"
+SSE_HEARTBEAT_S = 15.0
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
+
+
+async def end_streams(app: web.Application) -> None:
+    """On shutdown, end every watch stream so stopping does not wait out the grace period."""
+    streams = app[STREAMS]
+    for task in tuple(streams):
+        task.cancel()
 
 
 class _Rendered:
@@ -55,18 +65,57 @@ def _render(request: web.Request, store: Store, entry: Entry) -> _Rendered:
     return cached
 
 
-async def token(request: web.Request) -> web.Response:
+async def token(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "header"):
         raise BadRequestError(f"format must be json or header, not {fmt[:40]!r}")
     service = request.match_info["service"]
     request.app[ACCESS].authorize(request, service)
+    if request.query.get("watch") == "true":
+        return await _watch(request, store, service)
     entry = await store.credential(service)
     rendered = _render(request, store, entry)
     if fmt == "header":
         return web.Response(body=rendered.header, content_type="text/plain")
     return web.Response(body=rendered.json, content_type=_JSON)
+
+
+async def _watch(request: web.Request, store: Store, service: str) -> web.StreamResponse:
+    """Server-Sent Events: the current credential at once, each new one as it comes, and
+    heartbeats between; until the client leaves or the service is removed."""
+    store.entry(service)  # 404 before the stream starts
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+    )
+    await response.prepare(request)
+    streams = request.app[STREAMS]
+    task = asyncio.current_task()
+    assert task is not None
+    streams.add(task)  # cancelled on shutdown: a stream never ends by itself
+    try:
+        await _stream(request, response, store, service)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        streams.discard(task)
+    return response
+
+
+async def _stream(
+    request: web.Request, response: web.StreamResponse, store: Store, service: str
+) -> None:
+    sent = None
+    while store.has(service):
+        entry = store.entry(service)
+        if store.usable(entry) and entry.generation != sent:
+            sent = entry.generation
+            data = _render(request, store, entry).json
+            await response.write(b"event: token\ndata: " + data + b"\n\n")
+        try:
+            await asyncio.wait_for(store.changed(), SSE_HEARTBEAT_S)
+        except TimeoutError:
+            await response.write(b": heartbeat\n\n")
 
 
 async def refresh(request: web.Request) -> web.Response:

@@ -1,0 +1,68 @@
+"""`GET /v1/token/{service}?watch=true`: the credential at once, each new one, and heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from broker.emulator import seed as demo
+from broker.server import routes
+from tests.e2e.conftest import Broker, StartBroker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def next_event(stream: aiohttp.StreamReader) -> str:
+    """The next SSE event or comment block, as text."""
+    lines = []
+    while (line := (await stream.readline()).decode()) != "\n":
+        lines.append(line)
+    return "".join(lines)
+
+
+async def open_watch(broker: Broker, session: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+    resp = await session.get(
+        "http://localhost/v1/token/fraud?watch=true", headers={"Metadata": "true"}
+    )
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    return resp
+
+
+async def test_watch_pushes_each_new_token(start_broker: StartBroker) -> None:
+    """The stream starts with the current token and carries the next one when it is fetched."""
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        resp = await open_watch(broker, session)
+        first = await asyncio.wait_for(next_event(resp.content), 10)
+        assert first.startswith("event: token\n")
+        token = json.loads(first.split("data: ", 1)[1])["access_token"]
+        await broker.daemon.store.fetch("fraud")
+        second = await asyncio.wait_for(next_event(resp.content), 10)
+        assert json.loads(second.split("data: ", 1)[1])["access_token"] != token
+        resp.close()
+
+
+async def test_watch_sends_heartbeats(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between tokens, comment lines keep the connection visibly alive."""
+    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        resp = await open_watch(broker, session)
+        events = [await asyncio.wait_for(next_event(resp.content), 10) for _ in range(4)]
+        assert events[0].startswith("event: token\n")
+        assert ": heartbeat\n" in events[1:]
+        resp.close()
+
+
+async def test_watch_of_unknown_service_is_404(start_broker: StartBroker) -> None:
+    """Watching a service that is not configured is a JSON 404, not an empty stream."""
+    broker = await start_broker()
+    reply = await broker.client().get("/v1/token/nope?watch=true")
+    assert reply.status == 404 and reply.json()["error"] == "unknown_service"
