@@ -14,12 +14,13 @@ import resource
 import signal
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from broker import __version__
 from broker import log as logging_setup
 from broker.cache import (
+    Entry,
     PersistedCache,
     Policy,
     Refresher,
@@ -342,7 +343,7 @@ async def serve(config: Config) -> None:
     try:
         await daemon.start()
         started.set()
-        daemon.store.on_result(lambda _: notifier.status(status_line(daemon.store)))
+        daemon.store.on_result(_status_updates(daemon.store, notifier))
         notifier.ready(status_line(daemon.store))
         watchdog = loop.create_task(_watchdog(notifier)) if notifier.watchdog_s else None
         await stop.wait()
@@ -357,6 +358,22 @@ async def serve(config: Config) -> None:
             task.cancel()
         await daemon.stop()
         notifier.close()
+
+
+def _status_updates(store: Store, notifier: Notifier) -> Callable[[Entry], None]:
+    """A store listener sending STATUS= at most once a second: counting every service on
+    every fetch would cost O(services²) at start-up."""
+    pending: list[asyncio.TimerHandle] = []
+
+    def send() -> None:
+        pending.clear()
+        notifier.status(status_line(store))
+
+    def on_result(_: Entry) -> None:
+        if notifier.active and not pending:
+            pending.append(asyncio.get_running_loop().call_later(1.0, send))
+
+    return on_result
 
 
 def status_line(store: Store) -> str:

@@ -37,38 +37,55 @@ _SHAPES = re.compile(
 
 
 class SecretRegistry:
-    """Values that must never be printed; thread-safe since MSAL runs in threads."""
+    """Values that must never be printed; thread-safe since MSAL runs in threads.
+
+    Scrubbing costs one pass over the text whatever the number of secrets: every run of
+    characters that secrets are made of is looked up in a set. (A regex of all the
+    secrets, recompiled whenever one is added, made logging quadratic in the number of
+    services.) The rare secret holding other characters is searched for directly.
+    """
 
     def __init__(self) -> None:
         self._values: set[str] = set()
+        self._unusual: set[str] = set()  # values a run of _SECRET_CHARS cannot hold whole
         self._lock = threading.Lock()
-        self._pattern: re.Pattern[str] | None = None
 
     def add(self, value: str) -> None:
         if len(value) < 6:  # too short to search for without masking ordinary words
             return
         with self._lock:
-            if value not in self._values:
+            if _SECRET_RUN.fullmatch(value):
                 self._values.add(value)
-                self._pattern = None
+            else:
+                self._unusual.add(value)
 
     def discard(self, value: str) -> None:
         with self._lock:
-            if value in self._values:
-                self._values.discard(value)
-                self._pattern = None
+            self._values.discard(value)
+            self._unusual.discard(value)
 
     def scrub(self, text: str) -> str:
         text = _SHAPES.sub(MASK, text)
-        pattern = self._compiled()
-        return pattern.sub(MASK, text) if pattern else text
+        values = self._values
+        if values:
+            text = _SECRET_RUN.sub(lambda m: _masked(m.group(0), values), text)
+        for value in tuple(self._unusual):
+            text = text.replace(value, MASK)
+        return text
 
-    def _compiled(self) -> re.Pattern[str] | None:
-        with self._lock:
-            if self._pattern is None and self._values:
-                alternatives = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in alternatives))
-            return self._pattern
+
+def _masked(run: str, values: set[str]) -> str:
+    if run in values:
+        return MASK
+    name, equals, rest = run.partition("=")  # a `name=value` pair is one run
+    if equals and rest in values:
+        return f"{name}={MASK}"
+    return run
+
+
+# What keys, client secrets and tokens are made of (base64, base64url, Azure's secret
+# alphabet); a registered value is found when it stands as a whole run of these.
+_SECRET_RUN = re.compile(r"[A-Za-z0-9+/=_\-.~]{6,}")
 
 
 SECRETS = SecretRegistry()
@@ -170,6 +187,8 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(max(threshold, logging.INFO))  # libraries' debug chatter stays out
+    # APScheduler reports every job it adds or runs at INFO: one line per refresh, twice.
+    logging.getLogger("apscheduler").setLevel(max(threshold, logging.WARNING))
 
 
 def reset() -> None:

@@ -134,6 +134,55 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+_BAD_METHOD = json.dumps(
+    {"error": "method_not_allowed", "message": "CONNECT is not served here"}
+).encode()
+
+
+class _NoConnect(asyncio.Protocol):
+    """Answers CONNECT before aiohttp parses it, then passes everything else through.
+
+    aiohttp's server fails on a CONNECT request line with no target: the connection's
+    task dies without answering or closing, and the connection holds one of the
+    `max_connections` places until the client leaves — a way for any local process to
+    shut everyone else out. The broker serves no CONNECT, so it is refused up front.
+    """
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self._inner = inner
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith((b"CONNECT", b"\r\nCONNECT", b"\nCONNECT")) or b"\nCONNECT " in data:
+            assert self._transport is not None
+            self._transport.write(
+                b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\n"
+                + f"Content-Length: {len(_BAD_METHOD)}\r\n\r\n".encode()
+                + _BAD_METHOD
+            )
+            self._transport.close()
+            return
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
 class _CappedSite(web.SockSite):
     """A site that refuses connections beyond `cap` open ones across the runner."""
 
@@ -150,7 +199,7 @@ class _CappedSite(web.SockSite):
         def protocol() -> asyncio.Protocol:
             if len(server.connections) >= cap:
                 return _Refuse()
-            return server()
+            return _NoConnect(server())
 
         factory: Callable[[], asyncio.Protocol] = protocol
         self._server = await asyncio.get_running_loop().create_server(

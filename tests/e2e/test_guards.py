@@ -279,3 +279,24 @@ async def test_oversized_header_gets_a_4xx(start_broker: StartBroker) -> None:
     reply = await broker.client("tcp").get("/v1/token/fraud", headers={"X-Big": "a" * 20000})
     assert 400 <= reply.status < 500
     assert (await broker.client("tcp").get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"CONNECT \r\n\r\n",
+        b"CONNECT \r\nX-0: v\r\n\r\n",
+        b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n",
+    ],
+)
+async def test_connect_is_answered_and_closed(
+    start_broker: StartBroker, listener: str, request_bytes: bytes
+) -> None:
+    """A CONNECT, even one aiohttp cannot parse, is answered 405 at once and holds no place."""
+    broker = await start_broker()
+    where = broker.daemon.tcp_address if listener == "tcp" else broker.daemon.unix_path
+    assert where is not None
+    status, body = await asyncio.wait_for(raw(where, request_bytes), 5)
+    assert status == 405 and body["error"] == "method_not_allowed"
+    assert (await broker.client(listener).get("/healthz")).status == 200

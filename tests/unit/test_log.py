@@ -83,3 +83,21 @@ def test_aiohttp_malformed_request_tracebacks_are_dropped(lines: io.StringIO) ->
     except ValueError:
         logging.getLogger("aiohttp.server").exception("Error handling request from %s", "x")
     assert "plain-value" not in lines.getvalue()
+
+
+def test_registered_values_are_found_in_any_context() -> None:
+    """A registered key is masked alone, quoted, after `name=`, and among many others."""
+    for n in range(2000):
+        log.register_secret(f"other-secret-value-{n:05d}")
+    log.register_secret("AbCdEf0123456789+/xyz==")
+    for text in (
+        "AbCdEf0123456789+/xyz==",
+        '{"primaryKey": "AbCdEf0123456789+/xyz=="}',
+        "key=AbCdEf0123456789+/xyz==",
+        "error: other-secret-value-01999 was refused",
+    ):
+        scrubbed = log.scrub(text)
+        assert "AbCdEf0123456789" not in scrubbed and "01999" not in scrubbed, scrubbed
+    for n in range(2000):
+        log.forget_secret(f"other-secret-value-{n:05d}")
+    log.forget_secret("AbCdEf0123456789+/xyz==")
