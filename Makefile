@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit fuzz clean
+.PHONY: demo test lint typecheck unit fuzz bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: lint typecheck unit
 # The property-based tests of hostile input with a large budget (make test runs a small one).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -m fuzz -p no:cacheprovider --hypothesis-show-statistics
+
+# Throughput, latency, memory and start-up against the emulator (about 9 minutes);
+# writes bench/results/latest.json, docs/benchmarks.md and docs/benchmarks-rps.png.
+bench: $(STAMP)
+	@$(BIN)/python -m pip install -qq -e '.[dev,bench]'
+	$(BIN)/python bench/run.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

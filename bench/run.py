@@ -1,0 +1,711 @@
+"""`make bench`: measure the broker as a real process against the in-process emulator.
+
+Writes bench/results/latest.json (every figure with its unit, the machine, the targets
+met or missed); bench/report.py renders it into docs/benchmarks.md and a plot.
+
+Layout on a 2-CPU machine: the broker and the reference servers run on CPU 1; this
+process (the emulator) and the load generator (bench/loadgen.py) on CPU 0. Comparisons
+are interleaved (A B A B …) and reported as medians of rounds.
+
+Knobs: BENCH_QUICK=1 (short runs, for trying the script), BENCH_ROUNDS, BENCH_DURATION_S,
+BENCH_IDLE_S (idle CPU window, default 60), BENCH_HAMMER_S, BENCH_INSTALL=1 (apt-get
+install nginx when missing, for the static-file reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from broker.emulator import Emulator
+from broker.emulator import seed as demo
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if QUICK else "3"))
+DURATION_S = float(os.environ.get("BENCH_DURATION_S", "2" if QUICK else "4"))
+IDLE_S = float(os.environ.get("BENCH_IDLE_S", "10" if QUICK else "60"))
+HAMMER_S = float(os.environ.get("BENCH_HAMMER_S", "12" if QUICK else "25"))
+READY_TIMEOUT_S = float(os.environ.get("BENCH_READY_TIMEOUT_S", "15" if QUICK else "45"))
+STORM_WINDOW_S = float(os.environ.get("BENCH_STORM_S", "8" if QUICK else "20"))
+INSTALL = os.environ.get("BENCH_INSTALL") == "1"
+CONNECTIONS = (1, 16, 64)
+TWO_CPUS = len(os.sched_getaffinity(0)) >= 2
+SERVER_CPU, CLIENT_CPU = (1, 0) if TWO_CPUS else (None, None)
+
+BIG = int(os.environ.get("BENCH_BIG", "10000"))  # services in the largest configuration
+STORM = int(os.environ.get("BENCH_STORM", "1000"))  # services refreshing together
+STORM_LIFETIME_S, STORM_REFRESH_AFTER_S = 40.0, 20.0
+HAMMER_SERVICES, HAMMER_CLIENTS = 10, 100
+HAMMER_LIFETIME_S, HAMMER_REFRESH_AFTER_S, HAMMER_MARGIN_S = 12.0, 11.0, 1.0
+METADATA = "Metadata: true"
+
+
+def bench_name(i: int) -> str:
+    return f"bench-{i:05d}"
+
+
+def log(*parts: object) -> None:
+    print("[bench]", *parts, file=sys.stderr, flush=True)
+
+
+def pin(cpu: int | None) -> Any:
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+# -- the emulator's cloud -------------------------------------------------------------------
+
+
+def build_state() -> Any:
+    state = demo.demo_state(token_lifetime_s=3600.0, refresh_after_s=1800.0)
+    ws = (demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE)
+    for i in range(BIG):
+        state.add_web_service(*ws, bench_name(i), token_lifetime_s=3600.0)
+    for i in range(STORM):
+        state.add_web_service(
+            *ws,
+            f"storm-{i:04d}",
+            token_lifetime_s=STORM_LIFETIME_S,
+            refresh_after_s=STORM_REFRESH_AFTER_S,
+        )
+    for i in range(HAMMER_SERVICES):
+        state.add_web_service(
+            *ws,
+            f"hammer-{i:02d}",
+            token_lifetime_s=HAMMER_LIFETIME_S,
+            refresh_after_s=HAMMER_REFRESH_AFTER_S,
+        )
+    return state
+
+
+_SERVICE = """
+[[service]]
+name = "{0}"
+subscription_id = "{1}"
+resource_group = "{2}"
+workspace = "{3}"
+web_service = "{0}"
+"""
+
+
+def config_text(emu: Emulator, directory: Path, services: list[str], refresh: str) -> str:
+    secret = directory / "client-secret"
+    secret.write_text(demo.CLIENT_SECRET + "\n")
+    secret.chmod(0o600)
+    head = f"""\
+[listen.unix]
+path = "{directory / "broker.sock"}"
+
+[listen.tcp]
+host = "127.0.0.1"
+port = {free_port()}
+
+{emu.cloud_profile_toml()}
+[refresh]
+{refresh}
+
+[identity.main]
+tenant_id = "{demo.TENANT_ID}"
+client_id = "{demo.CLIENT_ID}"
+client_secret_file = "{secret}"
+"""
+    ws = (demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE)
+    return head + "".join(_SERVICE.format(name, *ws) for name in services)
+
+
+# -- processes under test ------------------------------------------------------------------
+
+
+async def http_get(unix: str, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_unix_connection(unix)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{METADATA}\r\nConnection: close\r\n\r\n".encode()
+    )
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+class Broker:
+    """`python -m broker run -c FILE` on the server CPU, timed from exec."""
+
+    def __init__(self, emu: Emulator, services: list[str], refresh: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="tbb-", dir="/tmp"))
+        self.config = self.dir / "broker.toml"
+        self.config.write_text(config_text(emu, self.dir, services, refresh))
+        self.sock = str(self.dir / "broker.sock")
+        self.port = int(self.config.read_text().split("port = ")[1].split()[0])
+        self.proc: asyncio.subprocess.Process | None = None
+        self.listening_s = self.ready_s = float("nan")
+        self.ready_at = 0.0  # epoch
+        self.t0 = 0.0
+        self.waiting_at_timeout: int | None = None
+
+    async def start(
+        self, ready_poll_s: float = 0.02, timeout: float = READY_TIMEOUT_S, wait_ready: bool = True
+    ) -> Broker:
+        stderr = (self.dir / "broker.log").open("wb")
+        t0 = time.perf_counter()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", "run", "-c", str(self.config),
+            stdout=asyncio.subprocess.DEVNULL, stderr=stderr, preexec_fn=pin(SERVER_CPU),
+        )  # fmt: skip
+        while True:
+            with contextlib.suppress(OSError):
+                _, w = await asyncio.open_unix_connection(self.sock)
+                w.close()
+                break
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"broker exited: see {self.dir / 'broker.log'}")
+            await asyncio.sleep(0.002)
+        self.listening_s = time.perf_counter() - t0
+        self.t0 = t0
+        if wait_ready:
+            await self.wait_ready(ready_poll_s, timeout)
+        return self
+
+    async def wait_ready(self, poll_s: float = 0.02, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Wait for /readyz; past `timeout`, record how many services were still waiting."""
+        deadline = self.t0 + timeout
+        while True:
+            status, body = await http_get(self.sock, "/readyz")
+            if status == 200:
+                self.ready_s = time.perf_counter() - self.t0
+                self.ready_at = time.time()
+                return True
+            if time.perf_counter() > deadline:
+                self.waiting_at_timeout = len(json.loads(body)["waiting_for"])
+                self.ready_at = time.time()
+                return False
+            await asyncio.sleep(poll_s)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Reference:
+    """A reference server (bare aiohttp, nginx) on the server CPU, TCP + Unix."""
+
+    def __init__(self, name: str, argv: list[str], port: int, sock: str) -> None:
+        self.name, self.argv, self.port, self.sock = name, argv, port, sock
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Reference:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdout=asyncio.subprocess.DEVNULL, preexec_fn=pin(SERVER_CPU)
+        )
+        for _ in range(500):
+            with contextlib.suppress(OSError):
+                _, w = await asyncio.open_unix_connection(self.sock)
+                w.close()
+                return self
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"{self.name} did not start")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+
+
+def nginx_binary() -> str | None:
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found is None and INSTALL:
+        log("installing nginx (BENCH_INSTALL=1)")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx"], check=False,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        found = shutil.which("nginx") or (
+            "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+        )
+    return found
+
+
+def nginx_reference(binary: str, directory: Path, body: bytes) -> Reference:
+    (directory / "token.json").write_bytes(body)
+    port, sock = free_port(), str(directory / "nginx.sock")
+    user = "user root;" if os.geteuid() == 0 else ""
+    (directory / "nginx.conf").write_text(f"""\
+{user}
+worker_processes 1;
+daemon off;
+master_process on;
+pid {directory}/nginx.pid;
+error_log {directory}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  server {{
+    listen 127.0.0.1:{port};
+    listen unix:{sock};
+    location / {{ root {directory}; default_type application/json;
+                 rewrite ^ /token.json break; }}
+  }}
+}}
+""")
+    argv = [binary, "-p", str(directory), "-c", str(directory / "nginx.conf")]
+    return Reference("nginx", argv, port, sock)
+
+
+# -- load ----------------------------------------------------------------------------------
+
+
+async def load(
+    target: tuple[str, str],
+    connections: int,
+    duration: float,
+    paths: list[str],
+    server_pid: int | None = None,
+    timeline: Path | None = None,
+    warmup: float = 0.5,
+) -> dict[str, Any]:
+    kind, address = target
+    argv = [sys.executable, str(ROOT / "bench" / "loadgen.py"), f"--{kind}", address,
+            "-c", str(connections), "-d", str(duration), "--warmup", str(warmup),
+            "--header", METADATA]  # fmt: skip
+    if CLIENT_CPU is not None:
+        argv += ["--cpu", str(CLIENT_CPU)]
+    if len(paths) > 50:
+        paths_file = Path(tempfile.mkstemp(prefix="tbb-paths-", dir="/tmp")[1])
+        paths_file.write_text("\n".join(paths))
+        argv += ["--paths-file", str(paths_file)]
+    else:
+        paths_file = None
+        for p in paths:
+            argv += ["--path", p]
+    if timeline is not None:
+        argv += ["--timeline", str(timeline)]
+    cpu0, t0 = (proc_cpu_s(server_pid) if server_pid else 0.0), time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    wall = time.perf_counter() - t0
+    if paths_file is not None:
+        paths_file.unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {argv}")
+    result: dict[str, Any] = json.loads(out)
+    if server_pid:
+        result["server_cpu_pct"] = 100 * (proc_cpu_s(server_pid) - cpu0) / wall
+    return result
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rps": median_of(runs, "rps"),
+        "p50_ms": median_of(runs, "p50_ms"),
+        "p99_ms": median_of(runs, "p99_ms"),
+        "errors": sum(r["errors"] for r in runs),
+        "server_cpu_pct": median_of(runs, "server_cpu_pct")
+        if "server_cpu_pct" in runs[0]
+        else None,
+        "generator_cpu_pct": median_of(runs, "generator_cpu_pct"),
+        "rounds_rps": [round(r["rps"], 1) for r in runs],
+    }
+
+
+# -- the phases ----------------------------------------------------------------------------
+
+
+LONG_REFRESH = "max_concurrency = 64"
+
+
+async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
+    """Token route vs bare aiohttp vs nginx, TCP and Unix, 1/16/64 connections."""
+    broker = await Broker(emu, [bench_name(0)], LONG_REFRESH).start()
+    path = f"/v1/token/{bench_name(0)}"
+    status, body = await http_get(broker.sock, path)
+    assert status == 200, body
+    (work / "body.json").write_bytes(body)
+    servers: dict[str, Any] = {"broker": broker}
+    ref_sock = str(work / "ref.sock")
+    bare = Reference("aiohttp", [sys.executable, str(ROOT / "bench" / "refserver.py"),
+                                 str(work / "body.json"), str(free_port_holder := free_port()),
+                                 ref_sock], free_port_holder, ref_sock)  # fmt: skip
+    servers["aiohttp"] = await bare.start()
+    nginx = nginx_binary()
+    nginx_note = None
+    if nginx:
+        ndir = work / "nginx"
+        ndir.mkdir()
+        servers["nginx"] = await nginx_reference(nginx, ndir, body).start()
+    else:
+        nginx_note = "nginx not installed; run with BENCH_INSTALL=1 to add the nginx column"
+        log(nginx_note)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for transport in ("tcp", "unix"):
+            for conns in CONNECTIONS:
+                for rnd in range(ROUNDS):
+                    order = list(servers)
+                    order = order[rnd % len(order) :] + order[: rnd % len(order)]
+                    for name in order:
+                        srv = servers[name]
+                        target = (
+                            ("tcp", f"127.0.0.1:{srv.port}") if transport == "tcp"
+                            else ("unix", srv.sock)
+                        )  # fmt: skip
+                        r = await load(target, conns, DURATION_S, [path], srv.pid)
+                        runs.setdefault(f"{name}/{transport}/{conns}", []).append(r)
+                        log(f"{name:8} {transport:4} c={conns:<3} {r['rps']:9.0f} req/s "
+                            f"p99 {r['p99_ms']:.2f} ms srv {r.get('server_cpu_pct', 0):.0f}%")  # fmt: skip
+        body_bytes = len(body)
+    finally:
+        for srv in servers.values():
+            await srv.stop()
+    table = {key: summary(v) for key, v in runs.items()}
+    ratios: dict[str, Any] = {}
+    for transport in ("tcp", "unix"):
+        for conns in CONNECTIONS:
+            b = table[f"broker/{transport}/{conns}"]["rps"]
+            ratios[f"{transport}/{conns}"] = {
+                "vs_aiohttp": b / table[f"aiohttp/{transport}/{conns}"]["rps"],
+                "vs_nginx": (b / table[f"nginx/{transport}/{conns}"]["rps"]) if nginx else None,
+            }
+    return {
+        "servers": list(servers),
+        "body_bytes": body_bytes,
+        "nginx_note": nginx_note,
+        "results": table,
+        "ratios": ratios,
+    }
+
+
+async def refresh_storm(emu: Emulator, work: Path, idle_p99_ms: float) -> dict[str, Any]:
+    """p99 of one ready service while 1,000 others fetch their tokens at once, against the
+    idle p99 of the 1-service broker (throughput phase, Unix, 16 connections).
+
+    The broker's start-up fetch of every service is the storm: it is the same refresh
+    code path, all services at once, bounded by `max_concurrency`.
+    """
+    names = [f"storm-{i:04d}" for i in range(STORM)]
+    refresh = "max_concurrency = 64\nmargin_s = 0\njitter_s = 0\nclock_skew_s = 1"
+    state = emu.state
+    base = state.count("mms.token")
+    broker = Broker(emu, [bench_name(0), *names], refresh)
+    await broker.start(wait_ready=False)
+    path = f"/v1/token/{bench_name(0)}"
+    while (await http_get(broker.sock, path))[0] != 200:
+        await asyncio.sleep(0.01)
+    at_load = state.count("mms.token") - base
+    try:
+        r = await load(("unix", broker.sock), 16, STORM_WINDOW_S, [path], broker.pid, warmup=0.0)
+        during = state.count("mms.token") - base - at_load
+        ready = await broker.wait_ready(0.5, 0.0)
+    finally:
+        await broker.stop()
+    return {
+        "services": STORM,
+        "max_concurrency": 64,
+        "connections": 16,
+        "transport": "unix",
+        "window_s": STORM_WINDOW_S,
+        "upstream_fetches_before_load": at_load,
+        "upstream_fetches_during_load": during,
+        "fetch_rate_per_s": during / STORM_WINDOW_S,
+        "all_ready_by_end": ready,
+        "storm": {
+            k: r[k] for k in ("rps", "p50_ms", "p99_ms", "max_ms", "errors", "server_cpu_pct")
+        },  # fmt: skip
+        "idle_p99_ms": idle_p99_ms,
+        "p99_ratio": r["p99_ms"] / idle_p99_ms,
+    }
+
+
+async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
+    """Start-up times and RSS for 10/1,000/10,000 services; req/s 10,000 vs 1 service."""
+    startup: dict[str, Any] = {}
+    big: Broker | None = None
+    one: Broker | None = None
+    try:
+        for n in (10, 1_000, BIG):
+            starts = []
+            for _ in range(ROUNDS if n == 10 else 1):
+                b = Broker(emu, [bench_name(i) for i in range(n)], LONG_REFRESH)
+                await b.start(ready_poll_s=0.02 if n <= 1000 else 0.1)
+                log(
+                    f"{n} services: listening {b.listening_s:.3f} s, ready {b.ready_s:.2f} s, "
+                    f"waiting {b.waiting_at_timeout}"
+                )
+                await asyncio.sleep(2.0)
+                starts.append({"listening_s": b.listening_s, "ready_s": b.ready_s,
+                               "rss_mib": proc_rss_mib(b.pid),
+                               "waiting_at_timeout": b.waiting_at_timeout})  # fmt: skip
+                if n == BIG:
+                    big = b
+                else:
+                    await b.stop()
+            startup[str(n)] = {
+                "listening_s": statistics.median(s["listening_s"] for s in starts),
+                "ready_s": statistics.median(s["ready_s"] for s in starts),
+                "rss_mib": statistics.median(s["rss_mib"] for s in starts),
+                "runs": len(starts),
+                "ready_timeout_s": READY_TIMEOUT_S,
+                "services_waiting_at_timeout": starts[-1]["waiting_at_timeout"],
+            }
+        one = await Broker(emu, [bench_name(0)], LONG_REFRESH).start()
+        assert big is not None
+        # Only services already fetched can be asked for if start-up has not finished.
+        paths_big = [f"/v1/token/{bench_name(0)}"]
+        runs: dict[str, list[dict[str, Any]]] = {"1": [], str(BIG): []}
+        for rnd in range(ROUNDS):
+            pair = [("1", one, [f"/v1/token/{bench_name(0)}"]), (str(BIG), big, paths_big)]
+            for key, b, paths in pair if rnd % 2 == 0 else pair[::-1]:
+                r = await load(("tcp", f"127.0.0.1:{b.port}"), 16, DURATION_S, paths, b.pid)
+                runs[key].append(r)
+                log(f"{key:>5} services: {r['rps']:.0f} req/s")
+        scaling = {k: summary(v) for k, v in runs.items()}
+        scaling["ratio"] = scaling[str(BIG)]["rps"] / scaling["1"]["rps"]
+        scaling["transport"], scaling["connections"] = "tcp", 16
+        scaling["note"] = f"both are asked for {bench_name(0)}; the {BIG}-service broker was " + (
+            "ready"
+            if big.waiting_at_timeout is None
+            else f"still fetching ({big.waiting_at_timeout} services waiting at "
+            f"{READY_TIMEOUT_S:g} s), so its start-up work competes with the requests"
+        )
+    finally:
+        for b in (big, one):
+            if b is not None:
+                await b.stop()
+    return {"startup": startup, "scaling": scaling}
+
+
+async def hammer(emu: Emulator, work: Path) -> dict[str, Any]:
+    """Upstream token calls per service while 100 local clients ask continuously."""
+    names = [f"hammer-{i:02d}" for i in range(HAMMER_SERVICES)]
+    refresh = f"margin_s = {HAMMER_MARGIN_S}\njitter_s = 0\nclock_skew_s = 0.5"
+    before = {n: emu.state.count("mms.token", service=n) for n in names}
+    broker = await Broker(emu, names, refresh).start()
+    period = HAMMER_REFRESH_AFTER_S - HAMMER_MARGIN_S
+    paths = [f"/v1/token/{n}" for n in names]
+    try:
+        r = await load(("unix", broker.sock), HAMMER_CLIENTS, HAMMER_S, paths, broker.pid)
+        elapsed = time.time() - broker.ready_at
+    finally:
+        await broker.stop()
+    calls = {n: emu.state.count("mms.token", service=n) - before[n] for n in names}
+    # Tokens the schedule needs: the first plus one per refresh period elapsed.
+    scheduled = 1 + int(elapsed // period)
+    lifetimes = elapsed / HAMMER_LIFETIME_S
+    return {
+        "services": HAMMER_SERVICES,
+        "clients": HAMMER_CLIENTS,
+        "transport": "unix",
+        "token_lifetime_s": HAMMER_LIFETIME_S,
+        "refresh_period_s": period,
+        "elapsed_s": elapsed,
+        "calls_per_service": calls,
+        "scheduled_calls_per_service": scheduled,
+        "max_extra_calls": max(c - scheduled for c in calls.values()),
+        "calls_per_service_per_lifetime": max(calls.values()) / max(lifetimes, 1.0),
+        "calls_per_service_per_refresh_period": max(calls.values()) / scheduled,
+        "load": {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "errors")},
+    }
+
+
+# -- machine and targets -------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    tools: dict[str, str | None] = {"load generator": "bench/loadgen.py (asyncio protocols)"}
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        tools["uvloop (generator only)"] = uvloop.__version__
+    except ImportError:
+        tools["uvloop (generator only)"] = None
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if nginx:
+        v = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+        tools["nginx"] = v.stderr.strip().split("/")[-1]
+    for tool in ("wrk", "h2load"):
+        tools[tool] = "installed, not used" if shutil.which(tool) else None
+    return {
+        "cpu_model": cpu,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "pinning": (
+            f"broker/references on CPU {SERVER_CPU}, generator + emulator on CPU {CLIENT_CPU}"
+            if TWO_CPUS
+            else "none (one CPU)"
+        ),  # fmt: skip
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "tools": tools,
+    }
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, value: Any, met: bool | None, unit: str = "") -> None:
+        rounded = round(value, 3) if isinstance(value, float) else value
+        out.append({"target": name, "goal": goal, "measured": rounded, "unit": unit,
+                    "met": met})  # fmt: skip
+
+    ratios = r["throughput"]["ratios"]
+    for key in ("tcp/16", "tcp/64", "unix/16", "unix/64"):
+        v = ratios[key]["vs_aiohttp"]
+        add(f"token route vs bare aiohttp, {key} conns", ">= 1.0x", v, v >= 1.0, "x")
+    for key in ("tcp/16", "tcp/64", "unix/16", "unix/64"):
+        v = ratios[key]["vs_nginx"]
+        add(f"(stretch) token route vs nginx, {key} conns", ">= 0.5x", v,
+            None if v is None else v >= 0.5, "x")  # fmt: skip
+    storm = r["storm"]
+    v = storm.get("p99_ratio")
+    add("p99 during 1,000-service refresh storm vs idle p99", "<= 2x", v,
+        None if v is None else v <= 2.0, "x")  # fmt: skip
+    st = r["scale"]["startup"]
+    add(
+        "RSS idle, 10 services",
+        "<= 40 MiB",
+        r["idle"]["rss_mib"],
+        r["idle"]["rss_mib"] <= 40,
+        "MiB",
+    )
+    big_ready = st[str(BIG)]["services_waiting_at_timeout"] is None
+    add(f"RSS idle, {BIG} services" + ("" if big_ready else " (start-up unfinished)"),
+        "<= 120 MiB", st[str(BIG)]["rss_mib"],
+        (st[str(BIG)]["rss_mib"] <= 120) if big_ready else None, "MiB")  # fmt: skip
+    add("listening after exec (10 services)", "<= 0.5 s", st["10"]["listening_s"],
+        st["10"]["listening_s"] <= 0.5, "s")  # fmt: skip
+    add(
+        "idle CPU (10 services)", "<= 0.5 %", r["idle"]["cpu_pct"], r["idle"]["cpu_pct"] <= 0.5, "%"
+    )
+    ratio = r["scale"]["scaling"]["ratio"]
+    add(f"req/s with {BIG} services vs 1", "within 10 %", ratio, ratio >= 0.9, "x")
+    h = r["hammer"]
+    add("upstream token calls per service per token under 100 clients", "exactly 1",
+        h["calls_per_service_per_refresh_period"], h["max_extra_calls"] == 0
+        and min(h["calls_per_service"].values()) >= h["scheduled_calls_per_service"] - 1, "calls")  # fmt: skip
+    return out
+
+
+async def main() -> None:
+    if CLIENT_CPU is not None:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="tbb-", dir="/tmp"))
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {
+            "rounds": ROUNDS,
+            "duration_s": DURATION_S,
+            "idle_s": IDLE_S,
+            "hammer_s": HAMMER_S,
+            "quick": QUICK,
+            "connections": list(CONNECTIONS),
+        },  # fmt: skip
+    }
+    log("building the emulator's cloud")
+    state = build_state()
+    try:
+        async with Emulator(state=state, ca_dir=work) as emu:
+            # The idle broker waits through the other phases; its CPU time is its own.
+            idle = await Broker(emu, [bench_name(i) for i in range(10)], LONG_REFRESH).start()
+            await asyncio.sleep(1.0)
+            idle_cpu0, idle_t0 = proc_cpu_s(idle.pid), time.perf_counter()
+            log("throughput")
+            results["throughput"] = await throughput(emu, work)
+            log("refresh storm")
+            idle_p99 = results["throughput"]["results"]["broker/unix/16"]["p99_ms"]
+            results["storm"] = await refresh_storm(emu, work, idle_p99)
+            log("start-up, memory and 10,000 services")
+            results["scale"] = await scale(emu, work)
+            log("100 clients hammering")
+            results["hammer"] = await hammer(emu, work)
+            remaining = IDLE_S - (time.perf_counter() - idle_t0)
+            if remaining > 0:
+                log(f"idle broker: {remaining:.0f} s more")
+                await asyncio.sleep(remaining)
+            idle_wall = time.perf_counter() - idle_t0
+            results["idle"] = {
+                "services": 10,
+                "window_s": idle_wall,
+                "cpu_s": proc_cpu_s(idle.pid) - idle_cpu0,
+                "cpu_pct": 100 * (proc_cpu_s(idle.pid) - idle_cpu0) / idle_wall,
+                "rss_mib": proc_rss_mib(idle.pid),
+                "listening_s": idle.listening_s,
+            }
+            await idle.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["elapsed_s"] = time.time() - started
+    results["targets"] = targets(results)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {RESULTS.relative_to(ROOT)} in {results['elapsed_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
