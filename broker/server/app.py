@@ -54,7 +54,6 @@ async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_body(500, "internal", "internal error; see the broker's log")
 
 
-
 def make_app(
     store: Store,
     access: AccessRules,
