@@ -9,7 +9,6 @@ fetch is one `POST …/token` or `POST …/listkeys` with the principal's ARM to
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import math
 import time
 from collections.abc import Callable, Coroutine
@@ -23,14 +22,13 @@ from broker.credentials import Credential
 from broker.errors import (
     KeyRotationError,
     MalformedResponseError,
-    PermissionDeniedError,
-    ThrottledError,
     UnavailableError,
     UnsupportedAuthError,
     UpstreamError,
 )
 from broker.log import get_logger, register_secret, scrub
 from broker.models import AccessToken, AuthKind
+from broker.providers.azure_calls import AzureCalls
 from broker.providers.base import KeyName
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream, retry_after
@@ -38,7 +36,6 @@ from broker.providers.upstream import Reply, Upstream, retry_after
 log = get_logger("broker.providers.azureml_v1")
 
 API_VERSION = "2024-04-01"
-SKEW_TOLERANCE_S = 2.0  # Date has one-second resolution and the answer takes time to arrive
 _WORKSPACE = (
     "/subscriptions/{sub}/resourceGroups/{rg}"
     "/providers/Microsoft.MachineLearningServices/workspaces/{ws}"
@@ -135,9 +132,17 @@ class WebServiceProvider:
         self._credential = credential
         self._upstream = upstream
         self._workspaces = workspaces or Workspaces()
-        self._throttles = throttles or Throttles()
-        self._throttle_key = (credential.principal, config.subscription_id.lower())
-        self.clock_skew_s: float | None = None
+        self._calls = AzureCalls(
+            config.name,
+            upstream,
+            throttles or Throttles(),
+            credential.principal,
+            config.subscription_id,
+            lambda _: (
+                f"the Reader role on workspace {config.workspace!r} (resource group "
+                f"{config.resource_group!r}) — grant Reader on the workspace"
+            ),
+        )
         self.serve_key: KeyName = "primary"  # which key a key service hands out
         self._mms_base: str | None = None
         self._description: Description | None = None
@@ -207,8 +212,7 @@ class WebServiceProvider:
     async def _token(self, arm_token: str) -> AccessToken:
         url = await self._service_url(arm_token) + "/token"
         reply = await self._call("POST", url, "mms.token", arm_token)
-        skew = self.clock_skew_s or 0.0
-        return parse_token(reply.body, skew_s=skew if abs(skew) >= SKEW_TOLERANCE_S else 0.0)
+        return parse_token(reply.body, skew_s=self._calls.skew_to_apply())
 
     async def _keys(self, arm_token: str) -> AccessToken:
         url = await self._service_url(arm_token) + "/listkeys"
@@ -261,6 +265,10 @@ class WebServiceProvider:
                 )
             await asyncio.sleep(retry_after(poll.headers) or poll_s)
 
+    @property
+    def clock_skew_s(self) -> float | None:
+        return self._calls.clock_skew_s
+
     async def _call(
         self,
         method: str,
@@ -269,48 +277,14 @@ class WebServiceProvider:
         bearer: str | None,
         json_body: object = None,
     ) -> Reply:
-        self._throttles.check(self._throttle_key, route)
         try:
-            reply = await self._upstream.call(
-                method,
-                url,
-                route=route,
-                bearer=bearer,
-                what=self._role_hint(route),
-                json_body=json_body,
+            return await self._calls.call(
+                method, url, route, bearer, what=self._role_hint(route), json_body=json_body
             )
-        except ThrottledError as exc:
-            self._throttles.note(self._throttle_key, exc.retry_after)
-            raise
-        except PermissionDeniedError as exc:
-            raise PermissionDeniedError(
-                f"{exc.message}. The principal {self._credential.principal} lacks the "
-                f"Reader role on workspace {self._config.workspace!r} (resource group "
-                f"{self._config.resource_group!r}) — grant Reader on the workspace",
-                status=exc.status,
-                route=route,
-            ) from None
         except UpstreamError as exc:
             if self._description is not None and exc.status == 404:
                 self.auth = None  # the service may have been redeployed: describe again
             raise
-        self._note_skew(reply, route)
-        return reply
-
-    def _note_skew(self, reply: Reply, route: str) -> None:
-        skew = clock_skew(reply.headers, time.time())
-        if skew is None or not route.startswith("mms."):
-            return
-        previous, self.clock_skew_s = self.clock_skew_s, skew
-        if abs(skew) >= SKEW_TOLERANCE_S and (
-            previous is None or abs(skew - previous) >= SKEW_TOLERANCE_S
-        ):
-            log.warning(
-                "clock.skew_detected",
-                service=self.service,
-                skew_s=round(skew, 1),
-                note="Azure's clock is ahead of ours" if skew > 0 else "ours is ahead of Azure's",
-            )
 
     def _role_hint(self, route: str) -> str:
         if route.startswith("mms.") or route == "arm.workspace":
@@ -324,17 +298,6 @@ def _operation_error(body: Any) -> str:
         code, message = error.get("code"), error.get("message")
         return scrub(f"{code}: {message}" if code else str(message))
     return "Azure gave no reason"
-
-
-def clock_skew(headers: dict[str, str], now: float) -> float | None:
-    """Azure's clock minus ours, from an answer's `Date` header (one-second resolution)."""
-    value = headers.get("Date")
-    if not value:
-        return None
-    try:
-        return email.utils.parsedate_to_datetime(value).timestamp() - now
-    except (TypeError, ValueError):
-        return None
 
 
 def parse_token(

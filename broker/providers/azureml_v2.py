@@ -12,9 +12,10 @@ from typing import Any
 
 from broker.config import CloudProfile, ServiceConfig
 from broker.credentials import Credential
-from broker.errors import MalformedResponseError, PermissionDeniedError, ThrottledError
+from broker.errors import MalformedResponseError
 from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind
+from broker.providers.azure_calls import AzureCalls
 from broker.providers.azureml_v1 import API_VERSION, parse_token
 from broker.providers.base import KeyName
 from broker.providers.throttle import Throttles
@@ -45,13 +46,24 @@ class OnlineEndpointProvider:
         self._config = config
         self._cloud = cloud
         self._credential = credential
-        self._upstream = upstream
-        self._throttles = throttles or Throttles()
-        self._throttle_key = (credential.principal, config.subscription_id.lower())
+        self._calls = AzureCalls(
+            config.name,
+            upstream,
+            throttles or Throttles(),
+            credential.principal,
+            config.subscription_id,
+            lambda route: (
+                f"the permission {_ACTIONS[route]} on workspace {config.workspace!r} — "
+                "grant a role that includes it (Reader does not)"
+            ),
+        )
         self.auth_mode: str | None = None
         self.scoring_uri: str | None = None
-        self.clock_skew_s: float | None = None
         self.serve_key: KeyName = "primary"
+
+    @property
+    def clock_skew_s(self) -> float | None:
+        return self._calls.clock_skew_s
 
     @property
     def service(self) -> str:
@@ -76,6 +88,7 @@ class OnlineEndpointProvider:
             reply = await self._call("POST", self._url("/token"), "arm.endpoint_token", arm_token)
             return parse_token(
                 reply.body,
+                self._calls.skew_to_apply(),
                 route="arm.endpoint_token",
                 expiry_field="expiryTimeUtc",
                 refresh_field="refreshAfterTimeUtc",
@@ -97,20 +110,7 @@ class OnlineEndpointProvider:
         log.info("endpoint.described", service=self.service, auth_mode=mode)
 
     async def _call(self, method: str, url: str, route: str, bearer: str) -> Reply:
-        self._throttles.check(self._throttle_key, route)
-        try:
-            return await self._upstream.call(method, url, route=route, bearer=bearer)
-        except ThrottledError as exc:
-            self._throttles.note(self._throttle_key, exc.retry_after)
-            raise
-        except PermissionDeniedError as exc:
-            raise PermissionDeniedError(
-                f"{exc.message}. The principal {self._credential.principal} lacks the "
-                f"permission {_ACTIONS[route]} on workspace {self._config.workspace!r} — "
-                "grant a role that includes it (Reader does not)",
-                status=exc.status,
-                route=route,
-            ) from None
+        return await self._calls.call(method, url, route, bearer)
 
 
 def _key(body: Any, which: KeyName) -> AccessToken:

@@ -82,3 +82,19 @@ async def test_missing_action_is_named(
     error = (await broker.client().get("/v1/services/v2-token")).json()["last_error"]
     assert error["status"] == 403 and error["retryable"] is False
     assert "onlineEndpoints/token/action" in error["message"]
+
+
+async def test_endpoint_token_deadlines_follow_azures_clock(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """With ARM's clock ten minutes ahead, the endpoint token's expiry is moved onto ours."""
+    import time
+
+    emulator.state.clock = lambda: time.time() + 600
+    broker = await start_broker(
+        endpoints_config(emulator, short_dir, {"v2-token": demo.ENDPOINT_TOKEN})
+    )
+    body = (await broker.client().get("/v1/token/v2-token")).json()
+    detail = (await broker.client().get("/v1/services/v2-token")).json()
+    assert detail["clock_skew_s"] == pytest.approx(600, abs=2)
+    assert body["expires_on"] < time.time() + 600
