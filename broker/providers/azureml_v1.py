@@ -217,16 +217,7 @@ class WebServiceProvider:
     async def _keys(self, arm_token: str) -> AccessToken:
         url = await self._service_url(arm_token) + "/listkeys"
         reply = await self._call("POST", url, "mms.listkeys", arm_token)
-        body = reply.body if isinstance(reply.body, dict) else {}
-        for field in ("primaryKey", "secondaryKey"):
-            if isinstance(body.get(field), str) and body[field]:
-                register_secret(body[field])
-        value = body.get(f"{self.serve_key}Key")
-        if not isinstance(value, str) or not value.strip():
-            raise MalformedResponseError(
-                f"mms.listkeys: the answer has no {self.serve_key}Key", route="mms.listkeys"
-            )
-        return _valid(lambda: AccessToken(value, AuthKind.KEY, None), "mms.listkeys")
+        return parse_keys(reply.body, self.serve_key, route="mms.listkeys")
 
     async def regenerate(
         self, which: KeyName, *, poll_s: float = 2.0, within_s: float = 600.0
@@ -298,6 +289,21 @@ def _operation_error(body: Any) -> str:
         code, message = error.get("code"), error.get("message")
         return scrub(f"{code}: {message}" if code else str(message))
     return "Azure gave no reason"
+
+
+def parse_keys(body: Any, which: KeyName, *, route: str) -> AccessToken:
+    """The `which` key from a `{primaryKey, secondaryKey}` answer (v1 and v2 alike).
+
+    Both keys are registered as secrets, so neither can be printed, whichever is served.
+    """
+    keys = body if isinstance(body, dict) else {}
+    for field in ("primaryKey", "secondaryKey"):
+        if isinstance(keys.get(field), str) and keys[field]:
+            register_secret(keys[field])
+    value = keys.get(f"{which}Key")
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedResponseError(f"{route}: the answer has no {which}Key", route=route)
+    return _valid(lambda: AccessToken(value, AuthKind.KEY, None), route)
 
 
 def parse_token(

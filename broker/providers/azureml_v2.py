@@ -8,15 +8,13 @@ enough: a 403 names the action the principal lacks.
 
 from __future__ import annotations
 
-from typing import Any
-
 from broker.config import CloudProfile, ServiceConfig
 from broker.credentials import Credential
 from broker.errors import MalformedResponseError
-from broker.log import get_logger, register_secret
-from broker.models import AccessToken, AuthKind
+from broker.log import get_logger
+from broker.models import AccessToken
 from broker.providers.azure_calls import AzureCalls
-from broker.providers.azureml_v1 import API_VERSION, parse_token
+from broker.providers.azureml_v1 import API_VERSION, parse_keys, parse_token
 from broker.providers.base import KeyName
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
@@ -94,7 +92,7 @@ class OnlineEndpointProvider:
                 refresh_field="refreshAfterTimeUtc",
             )
         reply = await self._call("POST", self._url("/listKeys"), "arm.endpoint_keys", arm_token)
-        return _key(reply.body, self.serve_key)
+        return parse_keys(reply.body, self.serve_key, route="arm.endpoint_keys")
 
     async def _describe(self, arm_token: str) -> None:
         reply = await self._call("GET", self._url(), "arm.endpoint", arm_token)
@@ -111,19 +109,3 @@ class OnlineEndpointProvider:
 
     async def _call(self, method: str, url: str, route: str, bearer: str) -> Reply:
         return await self._calls.call(method, url, route, bearer)
-
-
-def _key(body: Any, which: KeyName) -> AccessToken:
-    keys = body if isinstance(body, dict) else {}
-    for field in ("primaryKey", "secondaryKey"):
-        if isinstance(keys.get(field), str) and keys[field]:
-            register_secret(keys[field])
-    value = keys.get(f"{which}Key")
-    if not isinstance(value, str) or not value.strip():
-        raise MalformedResponseError(
-            f"arm.endpoint_keys: the answer has no {which}Key", route="arm.endpoint_keys"
-        )
-    try:
-        return AccessToken(value, AuthKind.KEY, None)
-    except ValueError as exc:
-        raise MalformedResponseError(f"arm.endpoint_keys: {exc}") from None
