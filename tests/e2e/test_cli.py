@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -122,37 +120,6 @@ async def test_token_command_reports_refusal(
     missing = str(Path(sock).with_name("absent.sock"))
     assert await asyncio.to_thread(main, ["token", "fraud", "--socket", missing]) == EXIT_FAILURE
     assert "cannot reach the broker" in capsys.readouterr().err
-
-
-async def test_run_serves_and_stops_on_sigterm(emulator: Emulator, short_dir: Path) -> None:
-    """`token-broker run` serves a token, exits 0 on SIGTERM, and removes its socket."""
-    path = short_dir / "broker.toml"
-    path.write_text(config_text(emulator, short_dir))
-    sock = short_dir / "broker.sock"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker",
-        "run",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    started = False
-    while not started:
-        line = await asyncio.wait_for(proc.stderr.readline(), 20)
-        assert line, "the daemon exited before it started"
-        started = b"listeners.started" in line
-    code = await asyncio.to_thread(main, ["token", "fraud", "--socket", str(sock)])
-    assert code == EXIT_OK
-    proc.send_signal(signal.SIGTERM)
-    rest = await asyncio.wait_for(proc.stderr.read(), 20)
-    assert await asyncio.wait_for(proc.wait(), 20) == 0
-    assert b"broker.stopped" in rest
-    assert not sock.exists()
 
 
 def test_api_key_new_prints_the_key_once_and_its_digest(
