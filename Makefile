@@ -17,8 +17,8 @@ demo: $(STAMP)
 	$(BIN)/token-broker demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker tests
-	$(BIN)/ruff format --check broker tests
+	$(BIN)/ruff check broker tests bench
+	$(BIN)/ruff format --check broker tests bench
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)

@@ -90,8 +90,13 @@ def render(r: dict[str, Any]) -> str:
                     f"{fmt(x['p99_ms'])} | {fmt(x['server_cpu_pct'], 0)} | "
                     f"{fmt(x['generator_cpu_pct'], 0)} |"
                 )
-    lines += ["", "Ratios (broker ÷ reference, same run):", "",
-              "| transport/connections | vs bare aiohttp | vs nginx |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Ratios (broker ÷ reference, same run):",
+        "",
+        "| transport/connections | vs bare aiohttp | vs nginx |",
+        "|---|---|---|",
+    ]
     for key, v in t["ratios"].items():
         lines.append(f"| {key} | {fmt(v['vs_aiohttp'])}× | {fmt(v['vs_nginx'])}× |")
     lines += ["", f"![req/s by connections]({PLOT.name})", ""]
@@ -116,14 +121,19 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     sc = r["scale"]
-    lines += ["## Start-up and memory", "",
-              "| services | listening after exec, s | ready after exec, s | RSS after ready + 2 s, MiB |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Start-up and memory",
+        "",
+        "| services | listening after exec, s | ready after exec, s | RSS after ready + 2 s, MiB |",
+        "|---|---|---|---|",
+    ]
     for n, x in sc["startup"].items():
         ready = (
-            f"{x['ready_s']:.2f}" if x["services_waiting_at_timeout"] is None
-            else f"not ready at {x['ready_timeout_s']:g} s ({x['services_waiting_at_timeout']:,} waiting)"
-        )  # fmt: skip
+            f"{x['ready_s']:.2f}"
+            if x["services_waiting_at_timeout"] is None
+            else f"not ready at {x['ready_timeout_s']:g} s "
+            f"({x['services_waiting_at_timeout']:,} waiting)"
+        )
         lines.append(f"| {int(n):,} | {x['listening_s']:.3f} | {ready} | {x['rss_mib']:.1f} |")
     idle = r["idle"]
     lines += [
@@ -133,7 +143,7 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     g = sc["scaling"]
-    big = [k for k in g if k.isdigit() and k != "1"][0]
+    big = next(k for k in g if k.isdigit() and k != "1")
     lines += [
         f"## {int(big):,} services vs 1",
         "",
@@ -180,9 +190,9 @@ def render(r: dict[str, Any]) -> str:
         "## Re-running",
         "",
         "```sh",
-        "make bench                     # about 8 minutes; writes bench/results/latest.json and this page",
-        "BENCH_INSTALL=1 make bench     # also apt-get installs nginx for the static-file reference",
-        "BENCH_QUICK=1 make bench       # short runs, to try changes to the benchmark itself",
+        "make bench                  # about 5 minutes; writes latest.json and this page",
+        "BENCH_INSTALL=1 make bench  # also apt-get installs nginx for the static-file reference",
+        "BENCH_QUICK=1 make bench    # short runs, to try changes to the benchmark itself",
         "```",
         "",
         "Knobs: `BENCH_ROUNDS`, `BENCH_DURATION_S`, `BENCH_IDLE_S` (idle CPU window, default 60), "

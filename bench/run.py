@@ -155,7 +155,8 @@ client_secret_file = "{secret}"
 async def http_get(unix: str, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_unix_connection(unix)
     writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{METADATA}\r\nConnection: close\r\n\r\n".encode()
+        f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{METADATA}\r\n"
+        "Connection: close\r\n\r\n".encode()
     )
     data = await reader.read()
     writer.close()
@@ -184,9 +185,16 @@ class Broker:
         stderr = (self.dir / "broker.log").open("wb")
         t0 = time.perf_counter()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker", "run", "-c", str(self.config),
-            stdout=asyncio.subprocess.DEVNULL, stderr=stderr, preexec_fn=pin(SERVER_CPU),
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "broker",
+            "run",
+            "-c",
+            str(self.config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=pin(SERVER_CPU),
+        )
         while True:
             with contextlib.suppress(OSError):
                 _, w = await asyncio.open_unix_connection(self.sock)
@@ -268,8 +276,9 @@ def nginx_binary() -> str | None:
     )
     if found is None and INSTALL:
         log("installing nginx (BENCH_INSTALL=1)")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx"], check=False,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "nginx"], check=False, stdout=subprocess.DEVNULL
+        )
         found = shutil.which("nginx") or (
             "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
         )
@@ -316,9 +325,20 @@ async def load(
     warmup: float = 0.5,
 ) -> dict[str, Any]:
     kind, address = target
-    argv = [sys.executable, str(ROOT / "bench" / "loadgen.py"), f"--{kind}", address,
-            "-c", str(connections), "-d", str(duration), "--warmup", str(warmup),
-            "--header", METADATA]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "loadgen.py"),
+        f"--{kind}",
+        address,
+        "-c",
+        str(connections),
+        "-d",
+        str(duration),
+        "--warmup",
+        str(warmup),
+        "--header",
+        METADATA,
+    ]
     if CLIENT_CPU is not None:
         argv += ["--cpu", str(CLIENT_CPU)]
     if len(paths) > 50:
@@ -378,9 +398,18 @@ async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
     (work / "body.json").write_bytes(body)
     servers: dict[str, Any] = {"broker": broker}
     ref_sock = str(work / "ref.sock")
-    bare = Reference("aiohttp", [sys.executable, str(ROOT / "bench" / "refserver.py"),
-                                 str(work / "body.json"), str(free_port_holder := free_port()),
-                                 ref_sock], free_port_holder, ref_sock)  # fmt: skip
+    bare = Reference(
+        "aiohttp",
+        [
+            sys.executable,
+            str(ROOT / "bench" / "refserver.py"),
+            str(work / "body.json"),
+            str(free_port_holder := free_port()),
+            ref_sock,
+        ],
+        free_port_holder,
+        ref_sock,
+    )
     servers["aiohttp"] = await bare.start()
     nginx = nginx_binary()
     nginx_note = None
@@ -401,13 +430,16 @@ async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
                     for name in order:
                         srv = servers[name]
                         target = (
-                            ("tcp", f"127.0.0.1:{srv.port}") if transport == "tcp"
+                            ("tcp", f"127.0.0.1:{srv.port}")
+                            if transport == "tcp"
                             else ("unix", srv.sock)
-                        )  # fmt: skip
+                        )
                         r = await load(target, conns, DURATION_S, [path], srv.pid)
                         runs.setdefault(f"{name}/{transport}/{conns}", []).append(r)
-                        log(f"{name:8} {transport:4} c={conns:<3} {r['rps']:9.0f} req/s "
-                            f"p99 {r['p99_ms']:.2f} ms srv {r.get('server_cpu_pct', 0):.0f}%")  # fmt: skip
+                        log(
+                            f"{name:8} {transport:4} c={conns:<3} {r['rps']:9.0f} req/s "
+                            f"p99 {r['p99_ms']:.2f} ms srv {r.get('server_cpu_pct', 0):.0f}%"
+                        )
         body_bytes = len(body)
     finally:
         for srv in servers.values():
@@ -465,7 +497,7 @@ async def refresh_storm(emu: Emulator, work: Path, idle_p99_ms: float) -> dict[s
         "all_ready_by_end": ready,
         "storm": {
             k: r[k] for k in ("rps", "p50_ms", "p99_ms", "max_ms", "errors", "server_cpu_pct")
-        },  # fmt: skip
+        },
         "idle_p99_ms": idle_p99_ms,
         "p99_ratio": r["p99_ms"] / idle_p99_ms,
     }
@@ -487,9 +519,14 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
                     f"waiting {b.waiting_at_timeout}"
                 )
                 await asyncio.sleep(2.0)
-                starts.append({"listening_s": b.listening_s, "ready_s": b.ready_s,
-                               "rss_mib": proc_rss_mib(b.pid),
-                               "waiting_at_timeout": b.waiting_at_timeout})  # fmt: skip
+                starts.append(
+                    {
+                        "listening_s": b.listening_s,
+                        "ready_s": b.ready_s,
+                        "rss_mib": proc_rss_mib(b.pid),
+                        "waiting_at_timeout": b.waiting_at_timeout,
+                    }
+                )
                 if n == BIG:
                     big = b
                 else:
@@ -595,7 +632,7 @@ def machine() -> dict[str, Any]:
             f"broker/references on CPU {SERVER_CPU}, generator + emulator on CPU {CLIENT_CPU}"
             if TWO_CPUS
             else "none (one CPU)"
-        ),  # fmt: skip
+        ),
         "kernel": platform.release(),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -609,8 +646,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(name: str, goal: str, value: Any, met: bool | None, unit: str = "") -> None:
         rounded = round(value, 3) if isinstance(value, float) else value
-        out.append({"target": name, "goal": goal, "measured": rounded, "unit": unit,
-                    "met": met})  # fmt: skip
+        out.append({"target": name, "goal": goal, "measured": rounded, "unit": unit, "met": met})
 
     ratios = r["throughput"]["ratios"]
     for key in ("tcp/16", "tcp/64", "unix/16", "unix/64"):
@@ -618,12 +654,22 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"token route vs bare aiohttp, {key} conns", ">= 1.0x", v, v >= 1.0, "x")
     for key in ("tcp/16", "tcp/64", "unix/16", "unix/64"):
         v = ratios[key]["vs_nginx"]
-        add(f"(stretch) token route vs nginx, {key} conns", ">= 0.5x", v,
-            None if v is None else v >= 0.5, "x")  # fmt: skip
+        add(
+            f"(stretch) token route vs nginx, {key} conns",
+            ">= 0.5x",
+            v,
+            None if v is None else v >= 0.5,
+            "x",
+        )
     storm = r["storm"]
     v = storm.get("p99_ratio")
-    add("p99 during 1,000-service refresh storm vs idle p99", "<= 2x", v,
-        None if v is None else v <= 2.0, "x")  # fmt: skip
+    add(
+        "p99 during 1,000-service refresh storm vs idle p99",
+        "<= 2x",
+        v,
+        None if v is None else v <= 2.0,
+        "x",
+    )
     st = r["scale"]["startup"]
     add(
         "RSS idle, 10 services",
@@ -633,20 +679,34 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         "MiB",
     )
     big_ready = st[str(BIG)]["services_waiting_at_timeout"] is None
-    add(f"RSS idle, {BIG} services" + ("" if big_ready else " (start-up unfinished)"),
-        "<= 120 MiB", st[str(BIG)]["rss_mib"],
-        (st[str(BIG)]["rss_mib"] <= 120) if big_ready else None, "MiB")  # fmt: skip
-    add("listening after exec (10 services)", "<= 0.5 s", st["10"]["listening_s"],
-        st["10"]["listening_s"] <= 0.5, "s")  # fmt: skip
+    add(
+        f"RSS idle, {BIG} services" + ("" if big_ready else " (start-up unfinished)"),
+        "<= 120 MiB",
+        st[str(BIG)]["rss_mib"],
+        (st[str(BIG)]["rss_mib"] <= 120) if big_ready else None,
+        "MiB",
+    )
+    add(
+        "listening after exec (10 services)",
+        "<= 0.5 s",
+        st["10"]["listening_s"],
+        st["10"]["listening_s"] <= 0.5,
+        "s",
+    )
     add(
         "idle CPU (10 services)", "<= 0.5 %", r["idle"]["cpu_pct"], r["idle"]["cpu_pct"] <= 0.5, "%"
     )
     ratio = r["scale"]["scaling"]["ratio"]
     add(f"req/s with {BIG} services vs 1", "within 10 %", ratio, ratio >= 0.9, "x")
     h = r["hammer"]
-    add("upstream token calls per service per token under 100 clients", "exactly 1",
-        h["calls_per_service_per_refresh_period"], h["max_extra_calls"] == 0
-        and min(h["calls_per_service"].values()) >= h["scheduled_calls_per_service"] - 1, "calls")  # fmt: skip
+    add(
+        "upstream token calls per service per token under 100 clients",
+        "exactly 1",
+        h["calls_per_service_per_refresh_period"],
+        h["max_extra_calls"] == 0
+        and min(h["calls_per_service"].values()) >= h["scheduled_calls_per_service"] - 1,
+        "calls",
+    )
     return out
 
 
@@ -665,7 +725,7 @@ async def main() -> None:
             "hammer_s": HAMMER_S,
             "quick": QUICK,
             "connections": list(CONNECTIONS),
-        },  # fmt: skip
+        },
     }
     log("building the emulator's cloud")
     state = build_state()
