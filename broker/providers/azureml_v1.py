@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -20,18 +19,17 @@ import jwt
 from broker.config import CloudProfile, ServiceConfig
 from broker.credentials import Credential
 from broker.errors import (
-    KeyRotationError,
     MalformedResponseError,
-    UnavailableError,
     UnsupportedAuthError,
     UpstreamError,
 )
-from broker.log import get_logger, register_secret, scrub
+from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.base import KeyName
+from broker.providers.operations import wait_for_operation
 from broker.providers.throttle import Throttles
-from broker.providers.upstream import Reply, Upstream, retry_after
+from broker.providers.upstream import Reply, Upstream
 
 log = get_logger("broker.providers.azureml_v1")
 
@@ -234,27 +232,20 @@ class WebServiceProvider:
         location = reply.headers.get("Operation-Location")
         if location is None:
             return  # answered at once: nothing to wait for
-        deadline = time.monotonic() + within_s
-        while True:
+
+        async def poll() -> Reply:
             arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
-            poll = await self._call("GET", location, "mms.operation", arm_token)
-            state = poll.body.get("state") if isinstance(poll.body, dict) else None
-            if state == "Succeeded":
-                log.info("keys.regenerated", service=self.service, key=which)
-                return
-            if state in ("Failed", "Cancelled", "TimedOut"):
-                raise KeyRotationError(
-                    f"regenerating the {which} key of {self.service!r} ended {state}: "
-                    f"{_operation_error(poll.body)}",
-                    route="mms.operation",
-                )
-            if time.monotonic() >= deadline:
-                raise UnavailableError(
-                    f"regenerating the {which} key of {self.service!r} did not finish within "
-                    f"{within_s:.0f} s (last state {state!r})",
-                    route="mms.operation",
-                )
-            await asyncio.sleep(retry_after(poll.headers) or poll_s)
+            return await self._call("GET", location, "mms.operation", arm_token)
+
+        await wait_for_operation(
+            poll,
+            lambda reply: reply.body.get("state") if isinstance(reply.body, dict) else None,
+            what=f"regenerating the {which} key of {self.service!r}",
+            route="mms.operation",
+            poll_s=poll_s,
+            within_s=within_s,
+        )
+        log.info("keys.regenerated", service=self.service, key=which)
 
     @property
     def clock_skew_s(self) -> float | None:
@@ -281,14 +272,6 @@ class WebServiceProvider:
         if route.startswith("mms.") or route == "arm.workspace":
             return f"service {self.service!r}"
         return ""
-
-
-def _operation_error(body: Any) -> str:
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        code, message = error.get("code"), error.get("message")
-        return scrub(f"{code}: {message}" if code else str(message))
-    return "Azure gave no reason"
 
 
 def parse_keys(body: Any, which: KeyName, *, route: str) -> AccessToken:

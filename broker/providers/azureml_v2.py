@@ -16,6 +16,7 @@ from broker.models import AccessToken
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.azureml_v1 import API_VERSION, parse_keys, parse_token
 from broker.providers.base import KeyName
+from broker.providers.operations import wait_for_operation
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
 
@@ -27,6 +28,8 @@ _ACTIONS = {
     "arm.endpoint": f"{_ENDPOINTS}/read",
     "arm.endpoint_token": f"{_ENDPOINTS}/token/action",
     "arm.endpoint_keys": f"{_ENDPOINTS}/listKeys/action",
+    "arm.endpoint_regenerate": f"{_ENDPOINTS}/regenerateKeys/action",
+    "arm.operation": f"{_ENDPOINTS}/read",
 }
 
 
@@ -94,6 +97,41 @@ class OnlineEndpointProvider:
         reply = await self._call("POST", self._url("/listKeys"), "arm.endpoint_keys", arm_token)
         return parse_keys(reply.body, self.serve_key, route="arm.endpoint_keys")
 
+    async def regenerate(
+        self, which: KeyName, *, poll_s: float = 2.0, within_s: float = 600.0
+    ) -> None:
+        """Regenerate one key of a `Key` endpoint and wait for ARM's operation to end.
+
+        ARM answers 200 when done at once, or 202 with `Azure-AsyncOperation` (a body
+        with `status`) or only `Location` (202 while running, 200/204 when done).
+        Raises `KeyRotationError` with Azure's error when it ends badly and
+        `UnavailableError` when it outlasts `within_s`.
+        """
+        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        body = {"keyType": which.capitalize(), "keyValue": None}
+        url = self._url("/regenerateKeys")
+        reply = await self._calls.call(
+            "POST", url, "arm.endpoint_regenerate", arm_token, json_body=body
+        )
+        async_operation = reply.headers.get("Azure-AsyncOperation")
+        location = async_operation or reply.headers.get("Location")
+        if reply.status != 202 or location is None:
+            return  # answered at once: nothing to wait for
+
+        async def poll() -> Reply:
+            arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+            return await self._call("GET", location, "arm.operation", arm_token)
+
+        await wait_for_operation(
+            poll,
+            _async_operation_status if async_operation else _location_status,
+            what=f"regenerating the {which} key of {self.service!r}",
+            route="arm.operation",
+            poll_s=poll_s,
+            within_s=within_s,
+        )
+        log.info("keys.regenerated", service=self.service, key=which)
+
     async def _describe(self, arm_token: str) -> None:
         reply = await self._call("GET", self._url(), "arm.endpoint", arm_token)
         properties = reply.body.get("properties") if isinstance(reply.body, dict) else None
@@ -109,3 +147,13 @@ class OnlineEndpointProvider:
 
     async def _call(self, method: str, url: str, route: str, bearer: str) -> Reply:
         return await self._calls.call(method, url, route, bearer)
+
+
+def _async_operation_status(reply: Reply) -> str | None:
+    """An `Azure-AsyncOperation` poll: `{"status": "InProgress"|"Succeeded"|"Failed"|…}`."""
+    return reply.body.get("status") if isinstance(reply.body, dict) else None
+
+
+def _location_status(reply: Reply) -> str | None:
+    """A `Location` poll: 202 while running, 200 or 204 once done."""
+    return "InProgress" if reply.status == 202 else "Succeeded"

@@ -131,7 +131,9 @@ class Upstream:
             self._observer(route, url, status, time.perf_counter() - started)
 
 
-_KEPT_HEADERS = frozenset({"Retry-After", "Date", "Operation-Location", "Location"})
+_KEPT_HEADERS = frozenset(
+    {"Retry-After", "Date", "Operation-Location", "Location", "Azure-AsyncOperation"}
+)
 
 
 def _host(url: str) -> str:
