@@ -29,7 +29,7 @@ from broker.cache import (
     Store,
     fingerprint,
 )
-from broker.config import Config, ServiceConfig, load_config
+from broker.config import CompatConfig, Config, ServiceConfig, load_config
 from broker.credentials import ServicePrincipalCredential
 from broker.errors import ConfigError
 from broker.log import get_logger
@@ -88,13 +88,14 @@ class Daemon:
             self.saver = Saver(self.store, cache, self._fingerprint)
         self.access = AccessRules(config)
         self.rotations = Rotations(self.store)
+        self.compat = Compat(*self._compat())
         app = make_app(
             self.store,
             self.access,
             config.listen.max_body_bytes,
             rotations=self.rotations,
             metrics=self.metrics,
-            compat=self._compat(),
+            compat=self.compat,
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
 
@@ -119,12 +120,13 @@ class Daemon:
             service.endpoint or "",
         )
 
-    def _compat(self) -> Compat:
+    def _compat(self) -> tuple[CompatConfig, ServicePrincipalCredential | None, str]:
+        """What the managed-identity compatible routes serve, and as whom."""
         compat = self.config.compat
         if not compat.enabled:
-            return Compat(compat, None, "")
+            return compat, None, ""
         identity = self.config.identities[compat.identity]
-        return Compat(compat, self._credential(compat.identity), identity.client_id)
+        return compat, self._credential(compat.identity), identity.client_id
 
     def _upstream(self) -> Upstream:
         return Upstream(
@@ -205,14 +207,12 @@ class Daemon:
 
         A service whose definition is unchanged keeps its credential and its schedule.
         One whose identity changed keeps serving its credential while it signs in again
-        at once. One whose Azure coordinates changed starts from nothing. Listener
-        changes need a restart and are reported, not applied.
+        at once. One whose Azure coordinates changed starts from nothing. `[compat]`
+        applies at once. Listener changes need a restart and are reported, not applied.
         """
         old = self.config
         if config.listen != old.listen:
             log.warning("config.listen_needs_restart", config=str(config.path))
-        if config.compat != old.compat:
-            log.warning("config.compat_needs_restart", config=str(config.path))
         cloud_changed = config.cloud != old.cloud
         changed_identities = {
             name
@@ -223,6 +223,7 @@ class Daemon:
         self._swap_shared_parts(cloud_changed, changed_identities)
         summary = self._apply_services(old, config, changed_identities)
         self.access.update(config)
+        self.compat.update(*self._compat())  # after the swap: its identity may be new
         self.store.policy = Policy(config.refresh)
         self.store.client_refresh_window_s = config.refresh.client_refresh_window_s
         if config.log != old.log:

@@ -38,6 +38,10 @@ class Compat:
     """What the compatible routes serve: the allowlist and the principal behind them."""
 
     def __init__(self, config: CompatConfig, credential: Credential | None, client_id: str) -> None:
+        self.update(config, credential, client_id)
+
+    def update(self, config: CompatConfig, credential: Credential | None, client_id: str) -> None:
+        """Serve a new `[compat]` table (on reload); requests under way finish with the old."""
         self.config = config
         self._credential = credential
         self._client_id = client_id

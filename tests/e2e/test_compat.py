@@ -12,6 +12,7 @@ from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 from azure.identity.aio import ManagedIdentityCredential as AsyncManagedIdentityCredential
 
+from broker.config import load_config
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from tests.conftest import config_text
@@ -151,3 +152,32 @@ async def test_routes_are_absent_unless_configured(start_broker: StartBroker) ->
     reply = await client.get("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x")
     assert reply.status == 404
     assert (await client.get("/msi/token?api-version=2019-08-01&resource=x")).status == 404
+
+
+async def test_compat_changes_apply_on_reload(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """A reload applies [compat] at once: a new identity header, a narrower allowlist, and
+    the routes gone when the table is removed — no restart."""
+    broker = await compat_broker(start_broker, emulator, short_dir)
+    client = broker.client("tcp")
+    app_service = "/msi/token?api-version=2019-08-01&resource=https://ml.azure.com"
+    imds = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource="
+    old = {"X-IDENTITY-HEADER": IDENTITY_SECRET}
+    assert (await client.get(app_service, headers=old)).status == 200
+    assert (await client.get(imds + "https://management.azure.com")).status == 200
+
+    rotated = "identity-header-rotated-0123456789"
+    (short_dir / "identity-header").write_text(rotated + "\n")
+    config = short_dir / "broker.toml"
+    config.write_text(config.read_text().replace(', "https://management.azure.com/"', ""))
+    await broker.daemon.reload(load_config(config))
+    assert (await client.get(app_service, headers=old)).status == 403
+    assert (await client.get(app_service, headers={"X-IDENTITY-HEADER": rotated})).status == 200
+    narrowed = await client.get(imds + "https://management.azure.com")
+    assert narrowed.status == 403 and narrowed.json()["error"] == "invalid_resource"
+
+    config.write_text(config.read_text().split("\n[compat]")[0] + "\n")
+    await broker.daemon.reload(load_config(config))
+    assert (await client.get(imds + "https://ml.azure.com")).status == 404
+    assert (await client.get(app_service, headers={"X-IDENTITY-HEADER": rotated})).status == 404
