@@ -98,3 +98,37 @@ async def test_endpoint_token_deadlines_follow_azures_clock(
     detail = (await broker.client().get("/v1/services/v2-token")).json()
     assert detail["clock_skew_s"] == pytest.approx(600, abs=2)
     assert body["expires_on"] < time.time() + 600
+
+
+@pytest.mark.parametrize(
+    ("name", "endpoint", "issued_by"),
+    [("v2-token", demo.ENDPOINT_TOKEN, "arm.endpoint_token"), ("v2-aad", demo.ENDPOINT_AAD, None)],
+)
+async def test_endpoint_tokens_are_refreshed_and_accepted(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    short_dir: Path,
+    name: str,
+    endpoint: str,
+    issued_by: str | None,
+) -> None:
+    """`AMLToken` and `AADToken` endpoints with 4-second tokens: the broker renews each
+    before it lapses, and the endpoint accepts the new token."""
+    target = emulator.state.online_endpoint(
+        demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE, endpoint
+    )
+    assert target is not None
+    target.token_lifetime_s, target.refresh_after_s = 4.0, 2.0
+    emulator.state.entra_token_lifetime_s = 4.0
+    broker = await start_broker(endpoints_config(emulator, short_dir, {name: endpoint}))
+    client = broker.client()
+    first = (await client.get(f"/v1/token/{name}")).json()
+    entry = await broker.next_result(name)
+    assert entry.last_error is None
+    second = (await client.get(f"/v1/token/{name}")).json()
+    assert second["access_token"] != first["access_token"]
+    assert second["expires_on"] >= first["expires_on"]
+    uri = (await client.get(f"/v1/services/{name}")).json()["scoring_uri"]
+    assert await score(emulator, uri, second["access_token"]) == 200
+    if issued_by is not None:
+        assert emulator.state.count(issued_by) == 2
