@@ -8,6 +8,7 @@ import json
 import aiohttp
 import pytest
 
+from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from broker.server import routes
 from tests.e2e.conftest import Broker, StartBroker
@@ -44,6 +45,33 @@ async def test_watch_pushes_each_new_token(start_broker: StartBroker) -> None:
         second = await asyncio.wait_for(next_event(resp.content), 10)
         assert json.loads(second.split("data: ", 1)[1])["access_token"] != token
         resp.close()
+
+
+async def test_watch_follows_scheduled_refreshes(
+    start_broker: StartBroker, emulator: Emulator
+) -> None:
+    """With 3-second tokens, each scheduled refresh reaches the stream as the token the
+    store now holds. The heartbeat is 15 s and the test ends long before: every event came
+    from the store's change notification, not from a poll."""
+    emulator.state.set_token_lifetime(3.0, refresh_after_s=1.5)
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    fetched: list[str] = []
+    broker.daemon.store.on_result(
+        lambda entry: fetched.append(entry.token.value) if entry.token is not None else None
+    )
+    connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        resp = await open_watch(broker, session)
+        pushed = []
+        for _ in range(4):
+            event = await asyncio.wait_for(next_event(resp.content), 10)
+            assert event.startswith("event: token\n"), event
+            pushed.append(json.loads(event.split("data: ", 1)[1])["access_token"])
+        resp.close()
+    assert len(set(pushed)) == 4
+    # The first event is whatever the store held; then each refresh, in order, none missed.
+    start = fetched.index(pushed[1])
+    assert pushed[1:] == fetched[start : start + 3]
 
 
 async def test_watch_sends_heartbeats(
