@@ -22,6 +22,8 @@ CREDENTIAL_KEYS = (*SECRET_KEYS, "certificate_file", "federated_token_file", "cl
 PASSWORD_KEYS = ("certificate_password_file", "certificate_password_env", "certificate_password")
 INLINE_KEYS = ("client_secret", "certificate_password")
 FEDERATED_ENV = "AZURE_FEDERATED_TOKEN_FILE"
+TENANT_ENV = "AZURE_TENANT_ID"  # set, with the two below, by Azure workload identity
+CLIENT_ENV = "AZURE_CLIENT_ID"
 _FEDERATED_REFERENCES = (f"${FEDERATED_ENV}", f"${{{FEDERATED_ENV}}}")  # only these expand
 
 _TENANT = re.compile(r"[A-Za-z0-9._-]+")
@@ -50,14 +52,18 @@ def _identity(name: str, table: Table, sources: Sources) -> IdentityConfig:
     table.known("tenant_id", "client_id", *CREDENTIAL_KEYS, *PASSWORD_KEYS)
     for key in (k for k in INLINE_KEYS if table.has(k)):
         _private_file(table, key, sources)
-    tenant = table.required_text("tenant_id", "the Entra directory (tenant) ID, a GUID")
+    tenant = _from_environment(table, "tenant_id", TENANT_ENV, sources)
+    if tenant is None:
+        tenant = table.required_text("tenant_id", "the Entra directory (tenant) ID, a GUID")
     if tenant and not _TENANT.fullmatch(tenant):
         table.problem(
             "tenant_id",
             f"tenant_id {quote(tenant)} is not a tenant ID or domain",
             "copy the Directory (tenant) ID of the app registration, a GUID",
         )
-    client = table.required_text("client_id", "the Application (client) ID of the principal")
+    client = _from_environment(table, "client_id", CLIENT_ENV, sources)
+    if client is None:
+        client = table.required_text("client_id", "the Application (client) ID of the principal")
     given = [key for key in CREDENTIAL_KEYS if table.has(key)]
     if len(given) != 1:
         table.problem(
@@ -219,6 +225,23 @@ def _secret_from_file(table: Table, key: str, what: str, path: Path) -> Secret |
         table.problem(key, f"{path} is empty", f"write the {what} into it")
         return None
     return Secret(value)
+
+
+def _from_environment(table: Table, key: str, variable: str, sources: Sources) -> str | None:
+    """The value of `variable` when `key` is exactly `$variable` or `${variable}` (the only
+    expansion there is), else None; a problem when that variable is not set."""
+    if table.data.get(key) not in (f"${variable}", f"${{{variable}}}"):
+        return None
+    value = sources.environ.get(variable, "").strip()
+    if not value:
+        table.problem(
+            key,
+            f"{key} is ${variable}, which is not set",
+            f"run in a pod with Azure workload identity enabled (it sets {variable}), "
+            f"set {variable} in the broker's environment, or write the ID itself",
+        )
+        return ""
+    return value
 
 
 def _federated_token_file(table: Table, sources: Sources) -> Path | None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from broker.config import load_config
-from broker.config.identity import FEDERATED_ENV
+from broker.config.identity import CLIENT_ENV, FEDERATED_ENV, TENANT_ENV
 from broker.emulator import seed as demo
 from broker.server.guards import FORWARDING_HEADERS, loopback_host
 
@@ -332,26 +332,40 @@ def test_config_mount_holds_the_file_the_broker_is_told_to_read(variant: str) ->
 
 
 def test_workload_identity_config_is_valid_with_the_webhooks_environment(tmp_path: Path) -> None:
-    """The ConfigMap's broker.toml loads when the webhook's AZURE_FEDERATED_TOKEN_FILE is set,
-    and names the same client as the ServiceAccount the pod runs as."""
+    """The ConfigMap's broker.toml loads with the environment the webhook gives the pod
+    (AZURE_TENANT_ID, AZURE_CLIENT_ID from the ServiceAccount, AZURE_FEDERATED_TOKEN_FILE),
+    and so signs in as the client the ServiceAccount names, without repeating it."""
     objects = manifests("workload-identity")
+    account = objects["ServiceAccount"]
+    client_id = account["metadata"]["annotations"]["azure.workload.identity/client-id"]
     token = tmp_path / "azure-identity-token"
     token.write_text("eyJ.federated.token")
     config_file = tmp_path / "broker.toml"
     config_file.write_text(broker_toml("workload-identity"))
-    config = load_config(config_file, environ={FEDERATED_ENV: str(token)})
+    webhook = {
+        FEDERATED_ENV: str(token),
+        TENANT_ENV: "contoso.onmicrosoft.com",
+        CLIENT_ENV: client_id,
+    }
+    config = load_config(config_file, environ=webhook)
     [identity] = config.identities.values()
     assert identity.kind == "federated"
     assert identity.federated_token_file == token
-    assert FEDERATED_ENV == "AZURE_FEDERATED_TOKEN_FILE"
-    raw = tomllib.loads(broker_toml("workload-identity"))["identity"]
-    assert [i["federated_token_file"] for i in raw.values()] == [f"${FEDERATED_ENV}"]
-    account = objects["ServiceAccount"]
+    assert (identity.tenant_id, identity.client_id) == ("contoso.onmicrosoft.com", client_id)
+    assert (FEDERATED_ENV, TENANT_ENV, CLIENT_ENV) == (
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_TENANT_ID",
+        "AZURE_CLIENT_ID",
+    )
+    [raw] = tomllib.loads(broker_toml("workload-identity"))["identity"].values()
+    assert raw == {
+        "tenant_id": f"${TENANT_ENV}",
+        "client_id": f"${CLIENT_ENV}",
+        "federated_token_file": f"${FEDERATED_ENV}",
+    }
     template = pod("workload-identity")
     assert template["spec"]["serviceAccountName"] == account["metadata"]["name"]
     assert template["metadata"]["labels"]["azure.workload.identity/use"] == "true"
-    client_id = account["metadata"]["annotations"]["azure.workload.identity/client-id"]
-    assert identity.client_id == client_id
     _, app = containers("workload-identity")
     skipped = template["metadata"]["annotations"]["azure.workload.identity/skip-containers"]
     assert skipped.split(";") == [app["name"]]

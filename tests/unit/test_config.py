@@ -474,6 +474,36 @@ def test_federated_token_file_may_come_from_the_environment(workdir: Path, refer
     assert identity.secret_source == f"federated token file {workdir / 'token'}"
 
 
+@pytest.mark.parametrize("braces", [False, True])
+def test_tenant_and_client_ids_may_come_from_workload_identity(workdir: Path, braces: bool) -> None:
+    """With Azure workload identity, tenant_id and client_id may name the variables the
+    webhook injects, so the manifest does not repeat the IDs."""
+    tenant, client = "$AZURE_TENANT_ID", "$AZURE_CLIENT_ID"
+    if braces:
+        tenant, client = "${AZURE_TENANT_ID}", "${AZURE_CLIENT_ID}"
+    text = MINIMAL.replace(
+        'tenant_id = "00000000-0000-0000-0000-000000000001"', f'tenant_id = "{tenant}"'
+    ).replace('client_id = "11111111-0000-0000-0000-000000000001"', f'client_id = "{client}"')
+    env = environment(workdir) | {"AZURE_TENANT_ID": "contoso.example", "AZURE_CLIENT_ID": "c-wi"}
+    identity = load(workdir, text, env).identities["main"]
+    assert (identity.tenant_id, identity.client_id) == ("contoso.example", "c-wi")
+
+
+@pytest.mark.parametrize("key", ["tenant_id", "client_id"])
+def test_unset_workload_identity_variable_is_explained(workdir: Path, key: str) -> None:
+    """`$AZURE_TENANT_ID` with the variable unset is one problem naming it, not two."""
+    variable = {"tenant_id": "AZURE_TENANT_ID", "client_id": "AZURE_CLIENT_ID"}[key]
+    value = {
+        "tenant_id": "00000000-0000-0000-0000-000000000001",
+        "client_id": "11111111-0000-0000-0000-000000000001",
+    }[key]
+    text = MINIMAL.replace(f'{key} = "{value}"', f'{key} = "${variable}"')
+    problem = only_problem(workdir, text)
+    assert problem.key == f"identity.main.{key}"
+    assert f"${variable}, which is not set" in problem.message
+    assert "workload identity" in problem.fix
+
+
 def test_relative_paths_are_taken_from_the_config_files_directory(workdir: Path) -> None:
     """A relative path in the file means the same wherever the broker is started from."""
     config = load(workdir, MINIMAL)
