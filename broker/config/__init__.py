@@ -9,6 +9,7 @@ problem it found, each naming the file, the line, the key and the fix.
     identity.py  identities and their secret sources
     access.py    API keys, users and groups: who may reach the broker
     service.py   the services, and who may ask for each
+    sink.py      a service's file sink: where its credential is copied, and the command
     render.py    the effective configuration with secrets masked
 """
 
@@ -41,6 +42,8 @@ from broker.config.model import (
     Secret,
     SecretBytes,
     ServiceConfig,
+    SinkConfig,
+    SinkFormat,
     TcpListener,
     UnixListener,
 )
@@ -79,6 +82,8 @@ __all__ = [
     "Secret",
     "SecretBytes",
     "ServiceConfig",
+    "SinkConfig",
+    "SinkFormat",
     "TcpListener",
     "UnixListener",
     "hash_api_key",

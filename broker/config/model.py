@@ -19,6 +19,7 @@ AuthMode = Literal["auto", "token", "key"]
 ServiceKind = Literal["azureml-webservice", "entra", "azureml-online-endpoint"]
 LogFormat = Literal["auto", "json", "console"]
 IdentityKind = Literal["secret", "certificate", "federated"]
+SinkFormat = Literal["token", "header", "json"]
 
 
 class Secret:
@@ -183,6 +184,27 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """A file a service's current credential is copied to, and a command run after each copy."""
+
+    path: Path  # absolute; replaced atomically, never rewritten in place
+    format: SinkFormat = "token"  # bare value, "Bearer …" line, or the /v1/token JSON body
+    mode: int = 0o600
+    owner: int | None = None  # uid to chown the file to; None leaves the broker's own
+    group: int | None = None  # gid to chown the file to; None leaves the broker's own
+    command: tuple[str, ...] = ()  # argv, run without a shell; () runs nothing
+    command_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.path.is_absolute():
+            raise ValueError(f"a sink path must be absolute, not {self.path}")
+        if not 0 <= self.mode <= 0o777 or self.mode & 0o007:
+            raise ValueError(f"a sink mode must not give other users access, not {self.mode:o}")
+        if self.command_timeout_s <= 0:
+            raise ValueError("a sink command's timeout must be more than zero")
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     """One credential local clients ask for by `name`: an Azure ML web service's token or
     key, or (kind "entra") the principal's own Entra token for a scope."""
@@ -202,6 +224,7 @@ class ServiceConfig:
     kind: ServiceKind = "azureml-webservice"
     scope: str | None = None  # kind "entra": the scope whose token is served
     endpoint: str | None = None  # kind "azureml-online-endpoint": the endpoint's name
+    sink: SinkConfig | None = None  # a file the credential is written to, if any
 
 
 @dataclass(frozen=True, slots=True)

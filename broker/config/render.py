@@ -12,6 +12,7 @@ from broker.config.model import (
     ListenConfig,
     RefreshConfig,
     ServiceConfig,
+    SinkConfig,
     UnixListener,
 )
 from broker.config.reader import quote
@@ -40,7 +41,10 @@ def render_effective(config: Config) -> str:
         (f"[identity.{_key(name)}]", _identity_values(i)) for name, i in config.identities.items()
     ]
     blocks += [(f"[api_key.{_key(name)}]", {"sha256": _MASK}) for name in config.api_keys]
-    blocks += [("[[service]]", _service_values(service)) for service in config.services]
+    for service in config.services:
+        blocks.append(("[[service]]", _service_values(service)))
+        if service.sink is not None:
+            blocks.append(("[service.sink]", _sink_values(service.sink)))
     if config.compat.enabled:
         compat = config.compat
         values: dict[str, _Value] = {"imds": compat.imds, "resources": compat.resources}
@@ -110,8 +114,23 @@ def _service_values(service: ServiceConfig) -> dict[str, _Value]:
     for f in fields(ServiceConfig):
         value = getattr(service, f.name)
         # region None means discovered from the workspace; scope exists only for Entra
-        if value is not None and f.name not in unused:
+        if value is not None and f.name not in unused and f.name != "sink":
             values[f.name] = value
+    return values
+
+
+def _sink_values(sink: SinkConfig) -> dict[str, _Value]:
+    values: dict[str, _Value] = {
+        "path": str(sink.path),
+        "format": sink.format,
+        "mode": f"{sink.mode:04o}",
+    }
+    for key in ("owner", "group"):  # absent: the file keeps the broker's own
+        if getattr(sink, key) is not None:
+            values[key] = getattr(sink, key)
+    if sink.command:
+        values["command"] = sink.command
+        values["command_timeout_s"] = sink.command_timeout_s
     return values
 
 

@@ -49,6 +49,7 @@ from broker.config.reader import (
     read_text,
 )
 from broker.config.service import services
+from broker.config.sink import sink_conflicts
 from broker.errors import ConfigError
 
 TOP_KEYS = (
@@ -102,7 +103,8 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
     cache = _cache(root.table("cache"), sources)
     by_name = identities(root, sources)
     keys = api_keys(root)
-    served = services(root, list(by_name), keys)
+    served = services(root, list(by_name), keys, sources.environ)
+    sink_conflicts(problems, served, listen, cache, path)
     compatible = compat(root, sources, list(by_name))
     if problems.items:
         raise ConfigError(problems.in_file_order())

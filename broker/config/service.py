@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import cast
 
 from broker.config.access import account_ids, service_api_keys
 from broker.config.model import ApiKey, AuthMode, ServiceConfig, ServiceKind
 from broker.config.reader import Table, quote
+from broker.config.sink import service_sink
 
 SERVICE_KEYS = tuple(f.name for f in fields(ServiceConfig))
 
@@ -26,7 +27,10 @@ KINDS = ("azureml-webservice", "entra", "azureml-online-endpoint")
 
 
 def services(
-    root: Table, identity_names: list[str], keys: Mapping[str, ApiKey]
+    root: Table,
+    identity_names: list[str],
+    keys: Mapping[str, ApiKey],
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[ServiceConfig, ...]:
     """Every `[[service]]` of the file, in file order; names unique, references resolved."""
     tables = root.array_of_tables(
@@ -43,6 +47,7 @@ def services(
     first_use: dict[str, int] = {}
     for index, table in enumerate(tables):
         service = _service(table, identity_names, keys)
+        service = replace(service, sink=service_sink(table, environ or {}))
         if service.name in first_use:
             table.problem(
                 "name",

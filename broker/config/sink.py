@@ -1,0 +1,235 @@
+"""A service's `[service.sink]` table: a file its credential is copied to, and a command.
+
+    [[service]]
+    name = "fraud"
+    # …
+    [service.sink]
+    path = "/run/app/fraud.token"
+    format = "token"          # token | header | json
+    mode = "0640"
+    group = "app"
+    command = ["/usr/bin/systemctl", "reload", "app"]
+
+Users and groups are resolved, and the command's program found, once at load time.
+Conflicts between files (two sinks, the socket, the persisted cache) need the whole
+configuration and are checked by `sink_conflicts` once every section is read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import cast
+
+from broker.config.access import account_id
+from broker.config.model import CacheConfig, ListenConfig, ServiceConfig, SinkConfig, SinkFormat
+from broker.config.reader import Problems, Table, describe, quote
+
+SINK_KEYS = tuple(f.name for f in fields(SinkConfig))
+FORMATS = ("token", "header", "json")
+
+_OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
+_MODE_FIX = 'use read and write bits for the owner and, if needed, the group: "0600" or "0640"'
+
+
+def service_sink(table: Table, environ: Mapping[str, str]) -> SinkConfig | None:
+    """The `sink` sub-table of a `[[service]]`; None when absent or wrong (with problems)."""
+    if not table.has("sink"):
+        return None
+    sink = table.table("sink")
+    if not isinstance(table.data.get("sink"), dict):
+        return None
+    sink.known(*SINK_KEYS)
+    before = len(sink.problems.items)
+    path = _path(sink)
+    form = cast(SinkFormat, sink.choice("format", FORMATS, "token", "sink format"))
+    mode = _mode(sink)
+    owner = _account(sink, "owner")
+    group = _account(sink, "group")
+    command = _command(sink, environ)
+    timeout = _timeout(sink)
+    if path is None or len(sink.problems.items) > before:
+        return None
+    return SinkConfig(path, form, mode, owner, group, command, timeout)
+
+
+def _path(table: Table) -> Path | None:
+    value = table.required_text("path", "the absolute path of the file to write")
+    if not value:
+        return None
+    path = Path(value)
+    if "\0" in value or not path.is_absolute():
+        table.problem(
+            "path",
+            f"sink path {quote(value)} is not an absolute path",
+            'write the whole path, like "/run/app/fraud.token"',
+        )
+        return None
+    if path.is_dir() or value.endswith("/"):
+        table.problem(
+            "path",
+            f"{value} is a directory",
+            'give the path of the file itself, like "/run/app/fraud.token"',
+        )
+        return None
+    return path
+
+
+def _mode(table: Table) -> int:
+    default = SinkConfig.__dataclass_fields__["mode"].default
+    raw = table.data.get("mode")
+    if raw is None:
+        return cast(int, default)
+    if isinstance(raw, str) and _OCTAL_MODE.fullmatch(raw):
+        mode = int(raw.removeprefix("0o"), 8)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        mode = raw
+    else:
+        table.problem(
+            "mode",
+            f'expected an octal permission mode such as "0600", got {describe(raw)}',
+            'write mode = "0640" (octal digits in quotes) or mode = 0o640',
+        )
+        return cast(int, default)
+    problem = _mode_problem(mode, raw)
+    if problem is not None:
+        table.problem("mode", problem, _MODE_FIX)
+    return mode if problem is None else cast(int, default)
+
+
+def _mode_problem(mode: int, raw: object) -> str | None:
+    if not 0 <= mode <= 0o777 and isinstance(raw, int):
+        return (
+            f"mode = {raw} is not a permission mode: TOML reads it as the decimal {raw} "
+            '(write octal as "0640" or 0o640)'
+        )
+    if not 0 <= mode <= 0o777:
+        return f"{quote(str(raw))} is not a permission mode (no setuid, setgid or sticky bits)"
+    if mode & 0o007:
+        return (
+            f"mode {mode:04o} lets every user on this machine "
+            f"{'write' if mode & 0o002 and not mode & 0o004 else 'read'} the file, "
+            "which holds a live credential"
+        )
+    if mode & 0o111:
+        return f"mode {mode:04o} sets execute bits, which mean nothing on a credential file"
+    return None
+
+
+def _account(table: Table, key: str) -> int | None:
+    if not table.has(key):
+        return None
+    return account_id(table, key, table.data[key], "user" if key == "owner" else "group")
+
+
+def _command(table: Table, environ: Mapping[str, str]) -> tuple[str, ...]:
+    if not table.has("command"):
+        return ()
+    example = '["/usr/bin/systemctl", "reload", "app"]'
+    argv = table.array("command", example)
+    if not isinstance(table.data["command"], list):
+        return ()  # reported by array()
+    if not argv:
+        table.problem(
+            "command",
+            "command is an empty array",
+            f"give the program and its arguments, like {example}, or remove command",
+        )
+        return ()
+    for index, arg in enumerate(argv):
+        if not isinstance(arg, str) or "\0" in arg:
+            table.problem(
+                ("command", index),
+                f"expected a string, got {describe(arg)}",
+                f"write every argument in quotes: command = {example} (no shell is used)",
+            )
+            return ()
+    words = tuple(cast(Sequence[str], argv))
+    _program(table, words[0], environ)
+    return words
+
+
+def _program(table: Table, program: str, environ: Mapping[str, str]) -> None:
+    """Report a program the broker could not run: missing, or not executable."""
+    if not program:
+        table.problem(
+            ("command", 0),
+            "the program to run is an empty string",
+            'give its path, like "/usr/bin/systemctl"',
+        )
+    elif "/" in program:
+        if not (Path(program).is_file() and os.access(program, os.X_OK)):
+            table.problem(
+                ("command", 0),
+                f"{program} is not an executable file",
+                "fix the path, or make the file executable by the broker's user",
+            )
+    elif " " in program:
+        table.problem(
+            ("command", 0),
+            f"the program name {quote(program)} contains a space",
+            'no shell is used: give each argument as its own string, like ["kill", "-HUP", "1"]',
+        )
+    elif shutil.which(program, path=environ.get("PATH", os.defpath)) is None:
+        table.problem(
+            ("command", 0),
+            f"no program named {quote(program)} on the broker's PATH",
+            "give the program's absolute path, like /usr/bin/systemctl",
+        )
+
+
+def _timeout(table: Table) -> float:
+    default = cast(float, SinkConfig.__dataclass_fields__["command_timeout_s"].default)
+    value = table.number("command_timeout_s", default)
+    if value <= 0:
+        table.problem(
+            "command_timeout_s",
+            f"command_timeout_s must be more than zero, got {value:g}",
+            f"use a number of seconds, or remove it for the default ({default:g})",
+        )
+        return default
+    return value
+
+
+def sink_conflicts(
+    problems: Problems,
+    services: Sequence[ServiceConfig],
+    listen: ListenConfig,
+    cache: CacheConfig,
+    config_file: Path,
+) -> None:
+    """Report sinks that would overwrite each other, the socket, the cache or the file."""
+    reserved = {_normal(config_file): "the configuration file itself"}
+    if listen.unix.enabled:
+        reserved[_normal(listen.unix.path)] = "the Unix socket ([listen.unix] path)"
+    if cache.enabled:
+        reserved[_normal(cache.path)] = "the persisted cache ([cache] path)"
+    first_use: dict[Path, int] = {}
+    for index, service in enumerate(services):
+        if service.sink is None:
+            continue
+        path = _normal(service.sink.path)
+        where = ("service", index, "sink", "path")
+        if path in reserved:
+            problems.add(
+                where,
+                f"the sink of {quote(service.name)} would overwrite {reserved[path]}",
+                "give the sink a path of its own",
+            )
+        elif path in first_use:
+            problems.add(
+                where,
+                f"service[{first_use[path] + 1}] already writes its sink to {path}",
+                "give each service's sink a path of its own: each file holds one credential",
+            )
+        else:
+            first_use[path] = index
+
+
+def _normal(path: Path) -> Path:
+    """The path with `.` and `..` resolved by name (the files may not exist yet)."""
+    return Path(os.path.normpath(path.absolute()))
