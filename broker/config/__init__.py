@@ -9,6 +9,8 @@ problem it found, each naming the file, the line, the key and the fix.
     identity.py  identities and their secret sources
     access.py    API keys, users and groups: who may reach the broker
     service.py   the services, and who may ask for each
+    compat.py    the managed-identity compatible routes
+    proxy.py     how requests are forwarded to scoring URIs
     sink.py      a service's file sink: where its credential is copied, and the command
     render.py    the effective configuration with secrets masked
 """
@@ -38,6 +40,7 @@ from broker.config.model import (
     ListenConfig,
     LogConfig,
     LogFormat,
+    ProxyConfig,
     RefreshConfig,
     Secret,
     SecretBytes,
@@ -78,6 +81,7 @@ __all__ = [
     "ListenConfig",
     "LogConfig",
     "LogFormat",
+    "ProxyConfig",
     "RefreshConfig",
     "Secret",
     "SecretBytes",

@@ -255,6 +255,27 @@ class CompatConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """`ANY /v1/proxy/{service}/{path}`: requests forwarded to a service's scoring URI."""
+
+    enabled: bool = True
+    max_body_bytes: int = 16 << 20  # a longer request body is refused with 413
+    retry_buffer_bytes: int = 64 << 10  # bodies up to this are kept to retry once after a 401
+    timeout_s: float = 60.0  # bound on a whole forwarded call, body and answer included
+    connect_timeout_s: float = 10.0  # bound on connecting to the scoring host
+    max_header_bytes: int = 16384  # longest header line a scoring host may answer with
+    max_connections: int = 64  # pooled connections to scoring hosts, all services together
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.retry_buffer_bytes <= self.max_body_bytes:
+            raise ValueError("retry_buffer_bytes must be from 0 to max_body_bytes")
+        if not 0 < self.connect_timeout_s <= self.timeout_s:
+            raise ValueError("connect_timeout_s must be more than zero and at most timeout_s")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be 1 or more")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     cloud: CloudProfile
@@ -266,6 +287,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     api_keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     compat: CompatConfig = field(default_factory=CompatConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)

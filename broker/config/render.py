@@ -10,6 +10,7 @@ from broker.config.model import (
     Config,
     IdentityConfig,
     ListenConfig,
+    ProxyConfig,
     RefreshConfig,
     ServiceConfig,
     SinkConfig,
@@ -52,6 +53,7 @@ def render_effective(config: Config) -> str:
             values["app_service_header_file"] = compat.header_source
         values["identity"] = compat.identity
         blocks.append(("[compat]", values))
+    blocks.append(("[proxy]", {f.name: getattr(config.proxy, f.name) for f in fields(ProxyConfig)}))
     lines = [f"# Effective configuration of {config.path}; secrets are never shown."]
     for header, values in blocks:
         lines += ["", header, *(f"{_key(k)} = {_literal(v)}" for k, v in values.items())]

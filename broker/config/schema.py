@@ -37,6 +37,7 @@ from broker.config.model import (
     TcpListener,
     UnixListener,
 )
+from broker.config.proxy import proxy
 from broker.config.reader import (
     LineIndex,
     Problems,
@@ -62,6 +63,7 @@ TOP_KEYS = (
     "api_key",
     "service",
     "compat",
+    "proxy",
 )
 LISTEN_LIMITS = ("max_connections", "idle_timeout_s", "max_header_bytes", "max_body_bytes")
 CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
@@ -106,6 +108,7 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
     served = services(root, list(by_name), keys, sources.environ)
     sink_conflicts(problems, served, listen, cache, path)
     compatible = compat(root, sources, list(by_name))
+    proxying = proxy(root)
     if problems.items:
         raise ConfigError(problems.in_file_order())
     return Config(
@@ -119,6 +122,7 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
         cache,
         MappingProxyType(keys),
         compatible,
+        proxy=proxying,
     )
 
 

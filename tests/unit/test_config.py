@@ -314,7 +314,8 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
     assert SECRET not in text and PASSWORD not in text
     assert hash_api_key(SCORER_KEY) not in text and SCORER_KEY not in text
     assert list(parsed) == [
-        *("listen", "log", "cloud", "refresh", "cache", "identity", "api_key", "service")
+        *("listen", "log", "cloud", "refresh", "cache", "identity", "api_key", "service"),
+        "proxy",
     ]
     assert parsed["listen"]["unix"]["mode"] == "0640"
     assert (parsed["listen"]["unix"]["owner"], parsed["listen"]["unix"]["group"]) == (0, 2000)
