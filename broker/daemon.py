@@ -26,6 +26,7 @@ from broker.cache import (
     Refresher,
     Rotations,
     Saver,
+    Sinks,
     Store,
     fingerprint,
 )
@@ -86,6 +87,7 @@ class Daemon:
         if config.cache.enabled and config.cache.key is not None:
             cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
             self.saver = Saver(self.store, cache, self._fingerprint)
+        self.sinks = Sinks(self.store, config.services)
         self.access = AccessRules(config)
         self.rotations = Rotations(self.store)
         self.compat = Compat(*self._compat())
@@ -175,6 +177,7 @@ class Daemon:
     async def start(self) -> None:
         if self.saver is not None:
             self.saver.restore()
+        self.sinks.start()  # writes restored credentials at once, the rest as they come
         await self.listeners.start()
         self.refresher.start()
         log.info(
@@ -188,6 +191,7 @@ class Daemon:
         """Stop accepting, let what is under way finish within a grace period, release all."""
         await self.listeners.stop()
         await self.refresher.stop(STOP_GRACE_S)
+        await self.sinks.close(STOP_GRACE_S)
         if self.saver is not None:
             await self.saver.close()
         await self.upstream.close()
@@ -222,6 +226,7 @@ class Daemon:
         self.config = config
         self._swap_shared_parts(cloud_changed, changed_identities)
         summary = self._apply_services(old, config, changed_identities)
+        self.sinks.update(config.services)
         self.access.update(config)
         self.compat.update(*self._compat())  # after the swap: its identity may be new
         self.store.policy = Policy(config.refresh)
@@ -296,8 +301,8 @@ def _compare(
     after: ServiceConfig,
     changed_identities: set[str],
 ) -> str:
-    """`added`, `kept` (same Azure service, same identity: access lists may differ) or
-    `changed`."""
+    """`added`, `kept` (same Azure service, same identity: access lists and the sink may
+    differ, and the credential stays) or `changed`."""
     if before is None:
         return "added"
     same_identity = before.identity == after.identity and after.identity not in changed_identities

@@ -1,4 +1,5 @@
-"""Where credentials are kept: refresh policy (pure maths), the store, the refresher."""
+"""Where credentials are kept: refresh policy (pure maths), the store, the refresher, and
+the copies made of them: the persisted cache and file sinks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from broker.cache.policy import Policy
 from broker.cache.refresher import Refresher
 from broker.cache.rotation import Rotations
 from broker.cache.saver import Saver
+from broker.cache.sinks import Sinks
 from broker.cache.store import Entry, Store
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "Refresher",
     "Rotations",
     "Saver",
+    "Sinks",
     "Store",
     "fingerprint",
 ]

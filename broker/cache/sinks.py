@@ -1,0 +1,372 @@
+"""File sinks: a service's current credential copied to a file, and a command run after.
+
+A sink writes when its service's credential changes (the entry's `generation`), never on
+a fetch that brought the same credential, and once at start for a usable credential
+(one restored from the persisted cache included). A reader of the file sees the old
+credential or the new one, never part of either: the file is written beside the target
+with its final mode and owner, synced, and renamed over it.
+
+File I/O runs in a worker thread, one write at a time per sink, always of the latest
+credential. A failed write is logged and retried at the service's next fetch; it never
+stops serving. The command runs without a shell after each successful write, one at a
+time per sink: changes arriving while it runs make it run once more afterwards. Its
+output is logged with every credential masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from broker.cache.store import Entry, Store
+from broker.config import ServiceConfig, SinkConfig
+from broker.log import MASK, get_logger, scrub
+
+log = get_logger("broker.cache.sinks")
+
+OUTPUT_KEPT_BYTES = 65536  # of a command's output; the rest is read and dropped
+OUTPUT_LOGGED_CHARS = 2000
+_RECENT = 16  # credentials a sink remembers to mask in its command's output
+_KILL_WAIT_S = 1.0  # after SIGKILL, how long a stray holder of the output pipe is waited for
+
+
+def render(sink: SinkConfig, store: Store, entry: Entry) -> bytes:
+    """What the sink's file holds for the entry's credential, by the sink's format."""
+    token = entry.token
+    assert token is not None
+    if sink.format == "header":  # the same bytes as GET /v1/token/{service}?format=header
+        return f"{token.token_type} {token.value}\n".encode()
+    if sink.format == "json":  # the same body as GET /v1/token/{service}
+        refresh_by = store.refresh_by(entry)
+        body = {
+            "service": entry.service,
+            "token_type": token.token_type,
+            "access_token": token.value,
+            "expires_on": None if token.expires_on is None else int(token.expires_on),
+            "refresh_by": None if refresh_by is None else int(refresh_by),
+            "auth": token.auth.value,
+        }
+        return json.dumps(body).encode()
+    return token.value.encode()
+
+
+def write_atomically(sink: SinkConfig, data: bytes) -> None:
+    """Replace the sink's file with `data`; blocking, for a worker thread.
+
+    The temporary file is created with the final mode (never wider, whatever the umask
+    did) and owner before a byte is written, so the credential is never readable by
+    anyone the target would not let read it, even for an instant.
+    """
+    path = sink.path
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, sink.mode)
+    try:
+        try:
+            os.fchmod(fd, sink.mode)
+            if sink.owner is not None or sink.group is not None:
+                uid = -1 if sink.owner is None else sink.owner
+                os.fchown(fd, uid, -1 if sink.group is None else sink.group)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        temporary.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash
+    finally:
+        os.close(directory)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """How a sink command ended, and the start of what it printed (not yet masked)."""
+
+    status: int | None  # exit status; negative: killed by that signal; None: never started
+    output: bytes = b""  # stdout and stderr, interleaved, at most OUTPUT_KEPT_BYTES
+    cut: bool = False  # whether more output was dropped
+    timed_out: bool = False
+    error: str | None = None  # why it could not start
+
+
+async def run_command(service: str, sink: SinkConfig) -> CommandResult:
+    """Run the sink's command once, with no shell and stdin closed; kill it at the timeout.
+
+    Its environment is the broker's plus TOKEN_BROKER_SERVICE and TOKEN_BROKER_SINK; the
+    credential is passed in neither.
+    """
+    env = {**os.environ, "TOKEN_BROKER_SERVICE": service, "TOKEN_BROKER_SINK": str(sink.path)}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *sink.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group, so a kill reaches its children
+        )
+    except OSError as exc:
+        return CommandResult(None, error=exc.strerror or type(exc).__name__)
+    assert process.stdout is not None
+    reader = asyncio.ensure_future(_read_bounded(process.stdout))
+    timed_out = False
+    try:
+        async with asyncio.timeout(sink.command_timeout_s):
+            await process.wait()
+            await asyncio.wait({reader})  # its children may still hold the pipe: same deadline
+    except TimeoutError:
+        timed_out = True
+    except asyncio.CancelledError:  # the broker is stopping and the grace period is over
+        _kill_group(process.pid)
+        reader.cancel()
+        raise
+    if process.returncode is None or not reader.done():
+        _kill_group(process.pid)
+    await process.wait()
+    if not reader.done():
+        await asyncio.wait({reader}, timeout=_KILL_WAIT_S)  # a holder outside the group
+        reader.cancel()
+    kept, cut = (b"", True) if reader.cancelled() else reader.result()
+    return CommandResult(process.returncode, kept, cut, timed_out)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _read_bounded(stream: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """The first bytes of the stream, and whether more were dropped; reads it to its end."""
+    kept = bytearray()
+    cut = False
+    while chunk := await stream.read(65536):
+        room = OUTPUT_KEPT_BYTES - len(kept)
+        kept += chunk[: max(room, 0)]
+        cut = cut or len(chunk) > room
+    return bytes(kept), cut
+
+
+def loggable(output: bytes, cut: bool, credentials: Iterable[str]) -> str:
+    """A command's output with every credential masked, shortened for a log line.
+
+    A credential holds no whitespace, so output cut short is first cut back to its last
+    whitespace: a credential split by the cut could not be recognised and masked.
+    Masking comes before shortening for the same reason.
+    """
+    text = output.decode("utf-8", errors="replace")
+    if cut:
+        end = max(text.rfind(c) for c in " \t\r\n")
+        text = text[: end + 1] if end >= 0 else ""
+    for value in credentials:
+        text = text.replace(value, MASK)
+    text = scrub(text).strip()
+    if cut or len(text) > OUTPUT_LOGGED_CHARS:
+        text = text[:OUTPUT_LOGGED_CHARS] + " …(truncated)"
+    return text
+
+
+Runner = Callable[[str, SinkConfig], Awaitable[CommandResult]]
+
+
+class _Sink:
+    """One service's sink: its writes and its command, each one at a time."""
+
+    def __init__(self, sinks: Sinks, service: str, config: SinkConfig) -> None:
+        self._sinks = sinks
+        self.service = service
+        self.config = config
+        self.closed = False
+        # (generation, what decides the file's bytes and access): a reload that moves the
+        # file or changes its format or owner writes it again, an unchanged fetch never
+        self._written: tuple[int, tuple[object, ...]] | None = None
+        # the credentials this file held lately: a command's output may show any of them,
+        # and the store forgets (unregisters) a credential once it is replaced
+        self._recent: deque[str] = deque(maxlen=_RECENT)
+        self._dirty = False
+        self._writer: asyncio.Task[None] | None = None
+        self._command_wanted = False
+        self._runner: asyncio.Task[None] | None = None
+
+    def kick(self) -> None:
+        """Write the current credential, if it is new to this file, after any write under way."""
+        self._dirty = True
+        if not self.closed and (self._writer is None or self._writer.done()):
+            self._writer = self._sinks.spawn(self._write_while_dirty(), f"sink:{self.service}")
+
+    async def _write_while_dirty(self) -> None:
+        while self._dirty and not self.closed:
+            self._dirty = False
+            await self._write_current()
+
+    async def _write_current(self) -> None:
+        store = self._sinks.store
+        if not store.has(self.service):
+            return
+        entry = store.entry(self.service)
+        if entry.token is None or not store.usable(entry):
+            return
+        config = self.config
+        written = (entry.generation, _file_facts(config))
+        if written == self._written:
+            return
+        value = entry.token.value
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(write_atomically, config, render(config, store, entry))
+        except OSError as exc:
+            self._write_failed(config, exc)
+            return
+        self._written = written
+        self._recent.append(value)
+        log.info(
+            "sink.written",
+            service=self.service,
+            path=str(config.path),
+            format=config.format,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        if config.command:
+            self._command_wanted = True
+            if self._runner is None or self._runner.done():
+                self._runner = self._sinks.spawn(
+                    self._run_while_wanted(), f"sink-command:{self.service}"
+                )
+
+    def _write_failed(self, config: SinkConfig, exc: OSError) -> None:
+        log.warning(
+            "sink.write_failed",
+            service=self.service,
+            path=str(config.path),
+            error=exc.strerror or type(exc).__name__,
+            errno=exc.errno,
+            fix="make sure the directory exists and the broker's user may create files in it "
+            "(and may chown them to the configured owner and group); it is retried at the "
+            "next refresh, and the credential is still served",
+        )
+
+    async def _run_while_wanted(self) -> None:
+        while self._command_wanted and not self.closed:
+            self._command_wanted = False
+            config = self.config
+            result = await self._sinks.runner(self.service, config)
+            self._log_result(config, result)
+
+    def _log_result(self, config: SinkConfig, result: CommandResult) -> None:
+        output = loggable(result.output, result.cut, self._recent)
+        context = {"service": self.service, "path": str(config.path), "output": output}
+        if result.error is not None:
+            log.warning(
+                "sink.command_not_started",
+                program=config.command[0],
+                error=result.error,
+                fix="check the program's path and that the broker's user may run it",
+                **context,
+            )
+        elif result.timed_out:
+            log.warning(
+                "sink.command_timed_out",
+                timeout_s=config.command_timeout_s,
+                exit_status=result.status,
+                **context,
+            )
+        elif result.status != 0:
+            log.warning("sink.command_failed", exit_status=result.status, **context)
+        else:
+            log.info("sink.command_finished", exit_status=result.status, **context)
+
+
+def _file_facts(config: SinkConfig) -> tuple[object, ...]:
+    return (config.path, config.format, config.mode, config.owner, config.group)
+
+
+class Sinks:
+    """Every service's file sink, kept in step with the store and the configuration."""
+
+    def __init__(
+        self,
+        store: Store,
+        services: Iterable[ServiceConfig],
+        runner: Runner = run_command,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self._sinks: dict[str, _Sink] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._configure(services)
+        store.on_result(self._on_result)
+
+    def start(self) -> None:
+        """Write every usable credential (restored ones included); then follow changes."""
+        self._started = True
+        for sink in self._sinks.values():
+            sink.kick()
+
+    def update(self, services: Iterable[ServiceConfig]) -> None:
+        """Apply a reloaded configuration: new sinks start, removed ones stop (their files
+        stay), changed ones write again where and how they are now configured."""
+        self._configure(services)
+        if self._started:
+            for sink in self._sinks.values():
+                sink.kick()
+
+    def _configure(self, services: Iterable[ServiceConfig]) -> None:
+        wanted = {s.name: s.sink for s in services if s.sink is not None}
+        for name in [n for n in self._sinks if n not in wanted]:
+            self._sinks.pop(name).closed = True
+            log.info("sink.stopped", service=name, note="the file is left in place")
+        for name, config in wanted.items():
+            sink = self._sinks.get(name)
+            if sink is None:
+                self._sinks[name] = _Sink(self, name, config)
+            elif sink.config != config:
+                sink.config = config
+
+    def _on_result(self, entry: Entry) -> None:
+        sink = self._sinks.get(entry.service)
+        if sink is not None and self._started:
+            sink.kick()
+
+    def spawn(self, work: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sink.crashed", task=task.get_name(), error=repr(task.exception()))
+
+    async def idle(self) -> None:
+        """Return once no write or command is under way or due."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def close(self, grace_s: float) -> None:
+        """Start nothing new; let writes and commands under way end within `grace_s`, then
+        cancel them (a cancelled command is killed)."""
+        for sink in self._sinks.values():
+            sink.closed = True
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
