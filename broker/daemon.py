@@ -66,6 +66,7 @@ class Daemon:
         inherited: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
+        _register_secrets(config)
         self.clock = clock
         self.workspaces = Workspaces()
         self.throttles = Throttles(clock)
@@ -215,8 +216,11 @@ class Daemon:
         applies at once. Listener changes need a restart and are reported, not applied.
         """
         old = self.config
+        _register_secrets(config)
         if config.listen != old.listen:
             log.warning("config.listen_needs_restart", config=str(config.path))
+        if config.proxy != old.proxy or config.cloud.ca_bundle != old.cloud.ca_bundle:
+            log.warning("config.proxy_needs_restart", config=str(config.path))
         cloud_changed = config.cloud != old.cloud
         changed_identities = {
             name
@@ -275,6 +279,15 @@ class Daemon:
             self.store.add(self._provider(service))
             self.refresher.track(service.name)
         return summary
+
+
+def _register_secrets(config: Config) -> None:
+    """Make every secret of the configuration known to redaction before it is ever used:
+    no log line, error or sink command's environment may then carry it."""
+    for identity in config.identities.values():
+        for secret in (identity.client_secret, identity.certificate_password):
+            if secret is not None:
+                logging_setup.register_secret(secret.reveal())
 
 
 def _same_target(a: ServiceConfig, b: ServiceConfig) -> bool:

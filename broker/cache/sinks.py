@@ -107,10 +107,13 @@ class CommandResult:
 async def run_command(service: str, sink: SinkConfig) -> CommandResult:
     """Run the sink's command once, with no shell and stdin closed; kill it at the timeout.
 
-    Its environment is the broker's plus TOKEN_BROKER_SERVICE and TOKEN_BROKER_SINK; the
-    credential is passed in neither.
+    Its environment is the broker's plus TOKEN_BROKER_SERVICE and TOKEN_BROKER_SINK, less
+    every variable whose value holds a secret the broker knows (a client secret given by
+    `client_secret_env`, a certificate password, anything secret-shaped): the credential
+    is passed in neither, and neither is what the broker signs in with.
     """
-    env = {**os.environ, "TOKEN_BROKER_SERVICE": service, "TOKEN_BROKER_SINK": str(sink.path)}
+    env = {name: value for name, value in os.environ.items() if scrub(value) == value}
+    env |= {"TOKEN_BROKER_SERVICE": service, "TOKEN_BROKER_SINK": str(sink.path)}
     try:
         process = await asyncio.create_subprocess_exec(
             *sink.command,

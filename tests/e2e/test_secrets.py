@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from broker.cli import main
+from broker.config import load_config
+from broker.daemon import Daemon
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
-from tests.conftest import CLIENT_SECRET
+from broker.log import MASK, forget_secret, scrub
+from tests.conftest import CLIENT_SECRET, config_text
 from tests.e2e.conftest import StartBroker
 
 pytestmark = pytest.mark.timeout(30)
@@ -79,3 +82,17 @@ async def test_no_secret_in_any_output(
     everything = "\n".join(outputs)
     for secret in secrets:
         assert secret not in everything
+
+
+def test_configured_secrets_are_redacted_before_any_sign_in(
+    emulator: Emulator, short_dir: Path
+) -> None:
+    """The daemon makes its configuration's secrets known to redaction when it is built,
+    not at the first sign-in: a log line or a sink command's environment before then is
+    scrubbed too."""
+    forget_secret(CLIENT_SECRET)
+    assert scrub(CLIENT_SECRET) == CLIENT_SECRET  # not known, and not secret-shaped
+    path = short_dir / "broker.toml"
+    path.write_text(config_text(emulator, short_dir))
+    Daemon(load_config(path))
+    assert scrub(f"secret={CLIENT_SECRET}") == f"secret={MASK}"

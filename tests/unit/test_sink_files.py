@@ -26,7 +26,7 @@ from broker.cache.sinks import (
     write_atomically,
 )
 from broker.config import ServiceConfig, SinkConfig
-from broker.log import MASK
+from broker.log import MASK, register_secret
 from broker.models import AccessToken, AuthKind
 
 pytestmark = pytest.mark.timeout(10)
@@ -394,6 +394,23 @@ async def test_the_command_gets_its_environment_and_no_stdin(tmp_path: Path) -> 
     result = await run_command("fraud", sink_running(tmp_path, script))
     assert result.status == 3 and not result.timed_out
     assert result.output.split() == [b"fraud", str(tmp_path / "t").encode(), b"True", b"''", b"err"]
+
+
+async def test_the_command_never_inherits_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable holding the client secret (client_secret_env) or a token-shaped value is
+    withheld from the command; the rest of the environment is passed."""
+    secret = "sp-secret-" + "k" * 24
+    register_secret(secret)
+    monkeypatch.setenv("SP_SECRET", secret)
+    monkeypatch.setenv("LEFTOVER_AUTH", "Bearer abc.def")
+    monkeypatch.setenv("HARMLESS", "just-a-setting")
+    script = "import os; print(sorted(os.environ))"
+    result = await run_command("fraud", sink_running(tmp_path, script))
+    names = result.output.decode()
+    assert "'HARMLESS'" in names and "'TOKEN_BROKER_SERVICE'" in names
+    assert "SP_SECRET" not in names and "LEFTOVER_AUTH" not in names
 
 
 async def test_a_command_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
