@@ -53,6 +53,7 @@ log = get_logger("broker.daemon")
 
 _PR_SET_DUMPABLE = 4  # from <linux/prctl.h>
 STOP_GRACE_S = 5.0  # how long requests and fetches under way may take to finish on stop
+_SINK_LAST_WORD_S = 0.5  # the least a sink write under way gets on stop
 
 
 class Daemon:
@@ -191,8 +192,12 @@ class Daemon:
     async def stop(self) -> None:
         """Stop accepting, let what is under way finish within a grace period, release all."""
         await self.listeners.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE_S  # one grace period for fetches and sinks
         await self.refresher.stop(STOP_GRACE_S)
-        await self.sinks.close(STOP_GRACE_S)
+        # A fetch that ended during the stop may have started a write: give it what is
+        # left of the grace period (and a moment, however little is left).
+        await self.sinks.close(max(_SINK_LAST_WORD_S, deadline - loop.time()))
         if self.saver is not None:
             await self.saver.close()
         await self.upstream.close()
