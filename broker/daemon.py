@@ -47,6 +47,7 @@ from broker.providers import (
 )
 from broker.server import AccessRules, Listeners, make_app
 from broker.server.compat import Compat
+from broker.server.proxy import Proxy
 from broker.service_manager import Notifier, inherited_sockets
 
 log = get_logger("broker.daemon")
@@ -100,6 +101,7 @@ class Daemon:
             rotations=self.rotations,
             metrics=self.metrics,
             compat=self.compat,
+            proxy=Proxy(config.proxy, config.cloud, observer=self.metrics.observe_proxy),
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
 

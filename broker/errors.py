@@ -16,7 +16,11 @@
         ├── NotReadyError           503: no valid credential yet (Retry-After)
         ├── BadRequestError         400: the request itself is wrong
         ├── ForbiddenError          403: a guard or the service's access list refuses it
-        └── UpstreamFailedError     502: an operation asked of Azure failed
+        ├── UpstreamFailedError     502: an operation asked of Azure failed
+        │   ├── UpstreamUnreachableError  502: a proxied call got no usable answer
+        │   └── UpstreamTimeoutError      504: a proxied call got no answer in time
+        ├── PayloadTooLargeError    413: a proxied request's body is over the limit
+        └── NoScoringUriError       409: a proxied service has no scoring URI
 
 Foreign exceptions (aiohttp, requests, MSAL) are translated into these where they
 enter, in `broker.credentials` and `broker.providers`; nothing above sees them.
@@ -173,3 +177,32 @@ class UpstreamFailedError(LocalRequestError):
 
     status = 502
     code = "upstream_failed"
+
+
+class UpstreamUnreachableError(UpstreamFailedError):
+    """Raised when a proxied call cannot connect, is cut off, or gets an answer that is not
+    valid HTTP."""
+
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeoutError(UpstreamFailedError):
+    """Raised when a proxied call gets no answer within the proxy's timeout."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class PayloadTooLargeError(LocalRequestError):
+    """Raised when a proxied request's body is longer than `[proxy] max_body_bytes`."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class NoScoringUriError(LocalRequestError):
+    """Raised when a proxied service has no scoring URI to forward to (an Entra scope,
+    or a web service Azure described without one)."""
+
+    status = 409
+    code = "no_scoring_uri"

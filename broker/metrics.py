@@ -7,6 +7,8 @@
     token_broker_upstream_request_duration_seconds{route, region, status}
                                                            histogram, from `Upstream`'s observer
     token_broker_requests_total{route, status}             counter, from the server's middleware
+    token_broker_proxy_requests_total{service, status}     counter, from the proxy: the scoring
+                                                           host's status, or error (no answer)
     token_broker_build_info{version, python}               gauge, always 1
 
 Every label value comes from the configuration (service names), our own names (routes,
@@ -171,6 +173,13 @@ class Metrics:
             ["route", "status"],
             registry=self.registry,
         )
+        self._proxied = Counter(
+            "token_broker_proxy_requests",
+            "Requests forwarded to scoring URIs by service and the scoring host's HTTP "
+            "status (error: no answer).",
+            ["service", "status"],
+            registry=self.registry,
+        )
         Gauge(
             "token_broker_build_info",
             "Always 1; the labels say which broker and Python are running.",
@@ -199,6 +208,10 @@ class Metrics:
                 route, str(status)
             )
         child.inc()
+
+    def observe_proxy(self, service: str, status: int | None) -> None:
+        """Count one proxied call; `status` None when the scoring host gave no answer."""
+        self._proxied.labels(service, TRANSPORT_ERROR if status is None else str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

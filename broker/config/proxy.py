@@ -16,7 +16,7 @@ from broker.config.reader import Table
 
 _KEYS = tuple(f.name for f in fields(ProxyConfig))
 _MAX_BYTES = 1 << 40  # a bound that no real body reaches, so typos of many digits are caught
-_MAX_RETRY_BUFFER = 16 << 20  # kept in memory per request under way: stay modest
+_MAX_RETRY_BUFFER = 1 << 20  # kept in memory per request under way: stay modest
 _HEADER_LIMITS = (1024, 1 << 20)
 
 

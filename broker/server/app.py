@@ -17,6 +17,7 @@ from broker.server import guards, metrics_route, routes
 from broker.server.access import AccessRules
 from broker.server.compat import APP_SERVICE_PATH, COMPAT, IMDS_PATH, Compat, app_service, imds
 from broker.server.keys import ACCESS, ROTATIONS, STORE
+from broker.server.proxy import Proxy, install
 
 log = get_logger("broker.server")
 
@@ -62,6 +63,7 @@ def make_app(
     rotations: Rotations | None = None,
     compat: Compat | None = None,
     metrics: Metrics | None = None,
+    proxy: Proxy | None = None,
 ) -> web.Application:
     middlewares: list[Middleware] = [guarded]
     if metrics is not None:
@@ -83,6 +85,8 @@ def make_app(
     app.router.add_post("/v1/services/{service}/keys/rotate", routes.rotate_key)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)
+    if proxy is not None and proxy.config.enabled:
+        install(app, proxy)
     if metrics is not None:
         app[metrics_route.METRICS] = metrics
         app.router.add_get("/metrics", metrics_route.scrape)
