@@ -273,7 +273,10 @@ async def _hold(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bo
     """Up to `limit` bytes of the answer's body, and whether that is all of it."""
     held = bytearray()
     while len(held) <= limit:
-        chunk = await upstream.content.read(limit + 1 - len(held))
+        try:
+            chunk = await upstream.content.read(limit + 1 - len(held))
+        except (TimeoutError, aiohttp.ClientError):
+            break  # relaying what came, the failure recurs and cuts the answer
         if not chunk:
             return bytes(held), True
         held += chunk

@@ -32,6 +32,7 @@ SCHEMA: dict[str, tuple[str, frozenset[str]]] = {
         frozenset({"route", "region", "status"}),
     ),
     "token_broker_requests": ("counter", frozenset({"route", "status"})),
+    "token_broker_proxy_requests": ("counter", frozenset({"service", "status"})),
     "token_broker_build_info": ("gauge", frozenset({"version", "python"})),
 }
 SAMPLE_SUFFIXES = {"counter": {"_total"}, "gauge": {""}, "histogram": {"_bucket", "_count", "_sum"}}
@@ -93,6 +94,7 @@ async def test_scrape_schema_is_pinned(
     await broker.settled()
     await fetch_credentials(broker)
     await fail_one_refresh(broker, emulator)
+    await broker.client().get("/v1/proxy/churn")  # one proxied call, for a sample
     text = await scrape(broker, listener)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert set(families) == set(SCHEMA)
