@@ -147,6 +147,7 @@ class Daemon:
                 self.config.identities[name],
                 self.config.cloud,
                 timeout_s=self.config.refresh.timeout_s,
+                clock=self.clock,
             )
         return self.credentials[name]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +19,7 @@ import requests
 from broker.config import CloudProfile, IdentityConfig
 from broker.errors import SignInError, UnavailableError, UpstreamError
 from broker.log import get_logger, register_secret, scrub
-from broker.models import AccessToken, AuthKind
+from broker.models import AccessToken, AuthKind, Clock, system_clock
 
 log = get_logger("broker.credentials")
 
@@ -78,8 +77,10 @@ class ServicePrincipalCredential:
         cloud: CloudProfile,
         session: requests.Session | None = None,
         timeout_s: float = 30.0,
+        clock: Clock = system_clock,
     ) -> None:
         self.identity = identity
+        self._clock = clock  # Entra gives lifetimes; they are placed on the broker's clock
         self._cloud = cloud
         self._session = session or http_session(cloud, timeout_s)
         self._timeout_s = timeout_s
@@ -142,7 +143,7 @@ class ServicePrincipalCredential:
         register_secret(value)
         expires_in = float(result.get("expires_in", 0))
         refresh_in = result.get("refresh_in")
-        now = time.time()
+        now = self._clock()
         return AccessToken(
             value=value,
             auth=AuthKind.ENTRA,

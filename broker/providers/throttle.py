@@ -23,7 +23,7 @@ class Throttles:
     """When each (principal, subscription) pair may call Azure again."""
 
     def __init__(self, clock: Clock = system_clock) -> None:
-        self._clock = clock
+        self.clock = clock  # the broker's clock, which Azure's times are compared with
         self._until: dict[ThrottleKey, float] = {}
 
     def check(self, key: ThrottleKey, route: str) -> None:
@@ -31,7 +31,7 @@ class Throttles:
         until = self._until.get(key)
         if until is None:
             return
-        remaining = until - self._clock()
+        remaining = until - self.clock()
         if remaining <= 0:
             del self._until[key]
             return
@@ -46,7 +46,7 @@ class Throttles:
     def note(self, key: ThrottleKey, retry_after: float | None) -> None:
         """Record a 429 for the pair."""
         hold = retry_after if retry_after is not None else DEFAULT_HOLD_S
-        until = self._clock() + hold
+        until = self.clock() + hold
         if until > self._until.get(key, 0.0):
             self._until[key] = until
             log.warning(

@@ -132,3 +132,24 @@ async def test_endpoint_tokens_are_refreshed_and_accepted(
     assert await score(emulator, uri, second["access_token"]) == 200
     if issued_by is not None:
         assert emulator.state.count(issued_by) == 2
+
+
+async def test_deadlines_are_on_the_brokers_clock(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """With the broker's clock and Azure's both a day ahead of the wall clock (agreeing
+    with each other), no skew is seen and every kind of token is fresh: Azure's times are
+    compared with the broker's clock, never the wall clock."""
+    text = endpoints_config(emulator, short_dir, {"v2-token": demo.ENDPOINT_TOKEN})
+    text += '\n[[service]]\nname = "aml"\nkind = "entra"\nscope = "https://ml.azure.com/.default"\n'
+    broker = await start_broker(text)
+    emulator.state.clock = broker.clock
+    broker.clock.advance(86400)
+    client = broker.client()
+    for name in ("fraud", "v2-token", "aml"):
+        await broker.daemon.store.fetch(name)
+        token = (await client.get(f"/v1/token/{name}")).json()
+        assert token["expires_on"] > broker.clock() + 10, name
+        detail = (await client.get(f"/v1/services/{name}")).json()
+        assert detail["state"] == "fresh", name
+        assert detail["clock_skew_s"] in (None, pytest.approx(0, abs=2)), name
