@@ -3,7 +3,8 @@
 Everything runs in this process on loopback with a temporary directory: the
 emulator (HTTPS, its own CA), the broker configured through a real TOML file,
 and a client that fetches over the Unix socket and over TCP, calls the scoring
-endpoint, and waits for the broker to refresh the token before `refreshAfter`.
+endpoint with the token and through the broker's proxy, and waits for the broker to
+refresh the token before `refreshAfter`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ async def _get(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return body
 
 
+async def _proxied(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """A scoring call through the broker's proxy: the client sends no credential."""
+    body = {"data": [[1, 2, 3]]}
+    async with session.post(url, json=body, headers={"Metadata": "true"}) as resp:
+        result: dict[str, Any] = await resp.json()
+        result["status"] = resp.status
+        return result
+
+
 async def _score(emu: Emulator, uri: str, credential: str) -> dict[str, Any]:
     context = ssl.create_default_context(cafile=str(emu.ca_path))
     async with (
@@ -154,6 +164,10 @@ async def _walkthrough(emu: Emulator, daemon: Daemon) -> bool:
         churn = await _get(unix, "http://localhost/v1/services/churn")
         key_scored = await _score(emu, churn["scoring_uri"], key["access_token"])
         _say("key service", f"{_fingerprint(key['access_token'])} → HTTP {key_scored['status']}")
+        proxied = await _proxied(unix, "http://localhost/v1/proxy/fraud/score")
+        _say(
+            "scoring through the broker (no credential sent)", f"HTTP {proxied['status']} {proxied}"
+        )
 
         daemon.store.on_result(lambda entry: refreshed.set() if entry.service == "fraud" else None)
         _say("waiting", f"for the broker to refresh before {_clock(first['refresh_by'])}")
@@ -175,6 +189,7 @@ async def _walkthrough(emu: Emulator, daemon: Daemon) -> bool:
             same,
             scored["status"] == 200,
             key_scored["status"] == 200,
+            proxied["status"] == 200,
             new,
             before,
             rescored["status"] == 200,

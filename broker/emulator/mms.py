@@ -35,7 +35,10 @@ def routes() -> list[web.RouteDef]:
 
 def scoring_uri(request: web.Request, service: WebService) -> str:
     ws = service.workspace
-    return f"{site_of(request).region_base(ws.region)}/score/{ws.name}/{service.name}"
+    # Shaped like an AKS scoring URI (…/api/v1/service/{name}/score), with the workspace
+    # ahead of it since service names are unique only per workspace.
+    base = site_of(request).region_base(ws.region)
+    return f"{base}/workspaces/{ws.name}/api/v1/service/{service.name}/score"
 
 
 async def describe(request: web.Request) -> web.Response:

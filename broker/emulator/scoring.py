@@ -36,11 +36,12 @@ from broker.emulator.replies import score_error
 
 _CHUNK = 1 << 16
 _ENDPOINT_PATH = "/regions/{region}/endpoints/{name}"
+_SERVICE_PATH = "/regions/{region}/workspaces/{ws}/api/v1/service/{name}"
 
 
 def routes() -> list[web.RouteDef]:
     return [
-        web.post("/regions/{region}/score/{ws}/{name}", score, name="score"),
+        web.post(_SERVICE_PATH + "/score", score, name="score"),
         web.post(_ENDPOINT_PATH + "/score", score_endpoint, name="score.endpoint"),
         web.route("*", _ENDPOINT_PATH + "/{path:.+}", endpoint_path, name="endpoint.path"),
     ]

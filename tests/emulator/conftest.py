@@ -36,7 +36,7 @@ WS_PATH = (
     f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/"
     f"Microsoft.MachineLearningServices/workspaces/{WS}"
 )
-SCORE_PATH = f"/regions/{REGION}/score/{WS}/{AKS}"
+SCORE_PATH = f"/regions/{REGION}/workspaces/{WS}/api/v1/service/{AKS}/score"
 ENDPOINTS_PATH = f"{WS_PATH}/onlineEndpoints"
 
 

@@ -122,7 +122,9 @@ async def test_every_route_is_counted(
     """Requests are counted per route, failed ones included."""
     state.fail("score", status=500, times=1)
     for _ in range(2):
-        async with http.post(f"/regions/westeurope/score/ws-test/{AKS}") as resp:
+        async with http.post(
+            f"/regions/westeurope/workspaces/ws-test/api/v1/service/{AKS}/score"
+        ) as resp:
             await resp.read()
     assert state.count("score") == 2
     assert state.count("score", service=AKS) == 2

@@ -43,7 +43,10 @@ async def test_describe_reports_auth_modes_and_scoring_uri(
     assert body["computeType"] == "AKS"
     assert body["state"] == "Healthy"
     assert (body["authEnabled"], body["aadAuthEnabled"]) == (False, True)
-    assert body["scoringUri"] == f"{emu.base_url}/regions/{REGION}/score/{WS}/{AKS}"
+    assert (
+        body["scoringUri"]
+        == f"{emu.base_url}/regions/{REGION}/workspaces/{WS}/api/v1/service/{AKS}/score"
+    )
     assert body["id"]
 
 

@@ -10,7 +10,7 @@ from tests.emulator.conftest import ACI, AKS, MMS_PATH, REGION, RG, SUB, WS, Fak
 
 pytestmark = pytest.mark.timeout(15)
 
-SCORE = f"/regions/{REGION}/score/{WS}"
+SCORE = f"/regions/{REGION}/workspaces/{WS}/api/v1/service"
 
 
 async def _service_token(http: aiohttp.ClientSession, arm_token: str, name: str = AKS) -> str:
@@ -22,7 +22,7 @@ async def _score(
     http: aiohttp.ClientSession, name: str, credential: str | None
 ) -> tuple[int, object]:
     headers = bearer(credential) if credential is not None else {}
-    async with http.post(f"{SCORE}/{name}", json={"data": [1]}, headers=headers) as resp:
+    async with http.post(f"{SCORE}/{name}/score", json={"data": [1]}, headers=headers) as resp:
         return resp.status, await resp.json()
 
 

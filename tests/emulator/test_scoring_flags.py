@@ -14,7 +14,7 @@ from tests.emulator.conftest import ACI, KEY_EP, REGION, RG, SCORE_PATH, SUB, WS
 
 pytestmark = pytest.mark.timeout(15)
 
-ACI_SCORE = f"/regions/{REGION}/score/{WS}/{ACI}"
+ACI_SCORE = f"/regions/{REGION}/workspaces/{WS}/api/v1/service/{ACI}/score"
 ENDPOINT = f"/regions/{REGION}/endpoints/{KEY_EP}"
 
 
