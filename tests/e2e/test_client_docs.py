@@ -57,6 +57,7 @@ def snippets() -> dict[str, Snippet]:
 class Run:
     listener: str  # which of the broker's listeners the snippet is pointed at
     scores: bool = True  # whether it calls the model (else it describes the service)
+    proxied: bool = False  # whether it calls the model through the broker's proxy
 
 
 RUN = {
@@ -69,6 +70,8 @@ RUN = {
     "node-fetch": Run("tcp"),
     "node-http-unix": Run("unix"),
     "java-tcp": Run("tcp"),
+    "proxy-curl-unix": Run("unix", proxied=True),
+    "proxy-python-requests": Run("tcp", proxied=True),
 }
 NOT_RUN = {
     "go-unix": ("go", "no Go toolchain on the project's machines"),
@@ -162,6 +165,9 @@ def snippet_env(live: Live, run: Run, service: str, scoring_uri: str) -> dict[st
     one would find its default, where no broker listens, and fail."""
     other = "TOKEN_BROKER_SOCKET" if run.listener == "tcp" else "TOKEN_BROKER_URL"
     env = {k: v for k, v in live.env.items() if k != other}
+    if run.proxied:  # no scoring URI and no CA: the broker makes the call
+        ca = ("CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")
+        return {k: v for k, v in env.items() if k not in ca} | {"SERVICE": service}
     return env | {"SERVICE": service, "SCORING_URI": scoring_uri}
 
 
@@ -196,6 +202,11 @@ async def check_snippet(live: Live, name: str, service: str, *, expected_auth: s
         return
     assert json.loads(stdout) == {"accepted": True, "auth": expected_auth}, stderr
     assert live.emulator.state.count("score") == scored_before + 1
+
+
+async def test_proxied_key_services_work_the_same(live: Live) -> None:
+    """Through the proxy, a key service needs nothing more from the client either."""
+    await check_snippet(live, "proxy-curl-unix", "churn", expected_auth="key")
 
 
 def test_every_block_is_marked_and_accounted_for() -> None:
