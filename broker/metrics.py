@@ -202,12 +202,17 @@ class Metrics:
 
     def observe_request(self, route: str, status: int) -> None:
         """Count one local request by its route template and status."""
+        self.request_count(route, status).inc()
+
+    def request_count(self, route: str, status: int) -> Counter:
+        """The counter of requests to `route` answered with `status`, for callers that keep
+        it (the server's middleware, per matched route)."""
         child = self._request_counts.get((route, status))
         if child is None:
             child = self._request_counts[(route, status)] = self._requests.labels(
                 route, str(status)
             )
-        child.inc()
+        return child
 
     def observe_proxy(self, service: str, status: int | None) -> None:
         """Count one proxied call; `status` None when the scoring host gave no answer."""
