@@ -93,7 +93,7 @@ class Daemon:
         self.sinks = Sinks(self.store, config.services)
         self.access = AccessRules(config)
         self.rotations = Rotations(self.store)
-        self.compat = Compat(*self._compat())
+        self.compat = Compat(*self._compat(), clock=clock)
         app = make_app(
             self.store,
             self.access,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import time
 
 from aiohttp import web
 
@@ -25,7 +24,7 @@ from broker.config import CompatConfig
 from broker.credentials import Credential
 from broker.errors import BadRequestError, ForbiddenError, NotReadyError, UpstreamError
 from broker.log import get_logger
-from broker.models import AccessToken
+from broker.models import AccessToken, Clock, system_clock
 
 log = get_logger("broker.compat")
 
@@ -37,7 +36,15 @@ IDENTITY_HEADER = "X-IDENTITY-HEADER"
 class Compat:
     """What the compatible routes serve: the allowlist and the principal behind them."""
 
-    def __init__(self, config: CompatConfig, credential: Credential | None, client_id: str) -> None:
+    def __init__(
+        self,
+        config: CompatConfig,
+        credential: Credential | None,
+        client_id: str,
+        *,
+        clock: Clock = system_clock,
+    ) -> None:
+        self._clock = clock  # the broker's: token expiry times are on it
         self.update(config, credential, client_id)
 
     def update(self, config: CompatConfig, credential: Credential | None, client_id: str) -> None:
@@ -68,7 +75,8 @@ class Compat:
 
     def body(self, resource: str, token: AccessToken, *, imds: bool) -> bytes:
         expires_on = int(token.expires_on or 0)
-        expires_in = max(0, expires_on - int(time.time()))
+        now = int(self._clock())
+        expires_in = max(0, expires_on - now)
         fields: dict[str, str] = {
             "access_token": token.value,
             "client_id": self._client_id,
@@ -77,11 +85,10 @@ class Compat:
             "token_type": token.token_type,
         }
         if imds:
-            now = str(int(time.time()))
             fields |= {
                 "expires_in": str(expires_in),
                 "ext_expires_in": str(expires_in),
-                "not_before": now,
+                "not_before": str(now),
             }
         return json.dumps(fields).encode()
 

@@ -181,3 +181,20 @@ async def test_compat_changes_apply_on_reload(
     await broker.daemon.reload(load_config(config))
     assert (await client.get(imds + "https://ml.azure.com")).status == 404
     assert (await client.get(app_service, headers={"X-IDENTITY-HEADER": rotated})).status == 404
+
+
+async def test_lifetimes_are_counted_on_the_brokers_clock(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """`expires_in` and `not_before` come from the broker's clock, as the expiry does: with
+    that clock an hour ahead, a fresh token still has its whole lifetime left."""
+    broker = await compat_broker(start_broker, emulator, short_dir)
+    broker.clock.advance(3600)
+    reply = await broker.client("tcp").get(
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://ml.azure.com"
+    )
+    body = reply.json()
+    lifetime = emulator.state.entra_token_lifetime_s
+    assert lifetime - 60 <= int(body["expires_in"]) <= lifetime
+    assert int(body["expires_on"]) - int(body["not_before"]) == int(body["expires_in"])
+    assert abs(int(body["not_before"]) - broker.clock()) < 60
