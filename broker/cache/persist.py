@@ -23,15 +23,13 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import TYPE_CHECKING, Any
 
 from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind, Clock, system_clock
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 log = get_logger("broker.cache.persist")
 
@@ -76,8 +74,13 @@ class PersistedCache:
     def __init__(self, path: Path, key_material: bytes, *, clock: Clock = system_clock) -> None:
         if len(key_material) < MIN_KEY_BYTES:
             raise ValueError(f"the cache key must be at least {MIN_KEY_BYTES} bytes")
+        # Imported here: cryptography costs about 8 MiB of RSS, and only this cache uses it.
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
         hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO)
-        self._aead = AESGCM(hkdf.derive(key_material))
+        self._aead: AESGCM = AESGCM(hkdf.derive(key_material))
         self.path = path
         self._clock = clock
 
@@ -176,6 +179,8 @@ class PersistedCache:
             )
         if len(body) < _NONCE_BYTES + _TAG_BYTES:
             raise _Ignored("truncated")
+        from cryptography.exceptions import InvalidTag
+
         try:
             return self._aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], header)
         except InvalidTag:

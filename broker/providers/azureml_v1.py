@@ -14,8 +14,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-
 from broker.config import CloudProfile, ServiceConfig
 from broker.credentials import Credential
 from broker.errors import (
@@ -346,6 +344,8 @@ def _epoch(value: Any) -> float | None:
 
 def _jwt_exp(value: str) -> float | None:
     """A JWT's `exp`, read without verification: the last resort for an expiry."""
+    import jwt  # here: it loads cryptography (about 8 MiB), and Azure's answers rarely need it
+
     try:
         claims = jwt.decode(value, options={"verify_signature": False})
     except jwt.PyJWTError:
