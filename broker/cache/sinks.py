@@ -7,10 +7,10 @@ credential or the new one, never part of either: the file is written beside the 
 with its final mode and owner, synced, and renamed over it.
 
 File I/O runs in a worker thread, one write at a time per sink, always of the latest
-credential. A failed write is logged and retried at the service's next fetch; it never
-stops serving. The command runs without a shell after each successful write, one at a
-time per sink: changes arriving while it runs make it run once more afterwards. Its
-output is logged with every credential masked.
+credential. A failed write is logged and retried (after 1 s, doubling up to a minute, and
+at each new credential); it never stops serving. The command runs without a shell after
+each successful write, one at a time per sink: changes arriving while it runs make it run
+once more afterwards. Its output is logged with every credential masked.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ OUTPUT_KEPT_BYTES = 65536  # of a command's output; the rest is read and dropped
 OUTPUT_LOGGED_CHARS = 2000
 _RECENT = 16  # credentials a sink remembers to mask in its command's output
 _KILL_WAIT_S = 1.0  # after SIGKILL, how long a stray holder of the output pipe is waited for
+RETRY_MIN_S = 1.0  # after a failed write, the first retry; doubling up to RETRY_MAX_S
+RETRY_MAX_S = 60.0
 
 
 def render(sink: SinkConfig, store: Store, entry: Entry) -> bytes:
@@ -204,6 +206,14 @@ class _Sink:
         self._writer: asyncio.Task[None] | None = None
         self._command_wanted = False
         self._runner: asyncio.Task[None] | None = None
+        self._failures = 0  # consecutive failed writes
+        self._retry: asyncio.TimerHandle | None = None
+
+    def stop(self) -> None:
+        """Start nothing new: no write, no command, no retry."""
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
 
     def kick(self) -> None:
         """Write the current credential, if it is new to this file, after any write under way."""
@@ -234,6 +244,9 @@ class _Sink:
         except OSError as exc:
             self._write_failed(config, exc)
             return
+        self._failures = 0
+        if self._retry is not None:
+            self._retry.cancel()
         self._written = written
         self._recent.append(value)
         log.info(
@@ -251,16 +264,23 @@ class _Sink:
                 )
 
     def _write_failed(self, config: SinkConfig, exc: OSError) -> None:
+        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2**self._failures)
+        self._failures += 1
         log.warning(
             "sink.write_failed",
             service=self.service,
             path=str(config.path),
             error=exc.strerror or type(exc).__name__,
             errno=exc.errno,
+            retry_in_s=delay,
             fix="make sure the directory exists and the broker's user may create files in it "
-            "(and may chown them to the configured owner and group); it is retried at the "
-            "next refresh, and the credential is still served",
+            "(and may chown them to the configured owner and group); it is retried, and the "
+            "credential is still served",
         )
+        if self._retry is not None:
+            self._retry.cancel()
+        if not self.closed:
+            self._retry = asyncio.get_running_loop().call_later(delay, self.kick)
 
     async def _run_while_wanted(self) -> None:
         while self._command_wanted and not self.closed:
@@ -331,7 +351,7 @@ class Sinks:
     def _configure(self, services: Iterable[ServiceConfig]) -> None:
         wanted = {s.name: s.sink for s in services if s.sink is not None}
         for name in [n for n in self._sinks if n not in wanted]:
-            self._sinks.pop(name).closed = True
+            self._sinks.pop(name).stop()
             log.info("sink.stopped", service=name, note="the file is left in place")
         for name, config in wanted.items():
             sink = self._sinks.get(name)
@@ -366,7 +386,7 @@ class Sinks:
         """Start nothing new; let writes and commands under way end within `grace_s`, then
         cancel them (a cancelled command is killed)."""
         for sink in self._sinks.values():
-            sink.closed = True
+            sink.stop()
         if not self._tasks:
             return
         _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from broker.cache import Policy, Sinks, Store
+from broker.cache import sinks as sinks_module
 from broker.cache.sinks import (
     OUTPUT_KEPT_BYTES,
     OUTPUT_LOGGED_CHARS,
@@ -291,6 +292,47 @@ async def test_a_failed_write_is_logged_and_retried_at_the_next_fetch(
     await sinks.idle()
     assert path.read_text() == "tok-secret-1" and len(runner.runs) == 1
     assert "tok-secret-1" not in logs.getvalue()
+
+
+async def test_a_failed_write_is_retried_without_waiting_for_a_fetch(
+    store: Store,
+    provider: FakeProvider,
+    tmp_path: Path,
+    runner: FakeRunner,
+    logs: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key may not change for days: a failed write is retried on a timer, with backoff,
+    until it succeeds; then the retries stop."""
+    monkeypatch.setattr(sinks_module, "RETRY_MIN_S", 0.01)
+    loop = asyncio.get_running_loop()
+    attempts: asyncio.Queue[bool] = asyncio.Queue()
+    real = sinks_module.write_atomically
+
+    def recorded(sink: SinkConfig, data: bytes) -> None:  # runs in a worker thread
+        try:
+            real(sink, data)
+        except OSError:
+            loop.call_soon_threadsafe(attempts.put_nowait, False)
+            raise
+        loop.call_soon_threadsafe(attempts.put_nowait, True)
+
+    monkeypatch.setattr(sinks_module, "write_atomically", recorded)
+    path = tmp_path / "later" / "t"
+    sinks = Sinks(store, [service(SinkConfig(path, command=("true",)))], runner)
+    sinks.start()
+    await fetched(store, provider, token("tok-1"))
+    assert [await asyncio.wait_for(attempts.get(), 5) for _ in range(3)] == [False] * 3
+    delays = [e["retry_in_s"] for e in events(logs, "sink.write_failed")]
+    assert delays[:3] == [0.01, 0.02, 0.04]
+    (tmp_path / "later").mkdir()
+    while not await asyncio.wait_for(attempts.get(), 5):
+        pass  # a retry already under way may still fail
+    await sinks.idle()
+    assert path.read_text() == "tok-1" and len(runner.runs) == 1
+    failed = len(events(logs, "sink.write_failed"))
+    await sinks.close(1.0)
+    assert len(events(logs, "sink.write_failed")) == failed
 
 
 # -- the command ---------------------------------------------------------------------------
