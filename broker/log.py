@@ -13,7 +13,7 @@ import re
 import sys
 import threading
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -105,8 +105,21 @@ def scrub(text: str) -> str:
     return SECRETS.scrub(text)
 
 
+def _secret_key(key: str) -> bool:
+    known = _secret_keys.get(key)
+    if known is None:
+        known = key not in _SAFE_KEYS and _SECRET_KEYS.search(key) is not None
+        if len(_secret_keys) < _SECRET_KEYS_MEMO:  # keys are ours and few; never unbounded
+            _secret_keys[key] = known
+    return known
+
+
+_SECRET_KEYS_MEMO = 4096
+_secret_keys: dict[str, bool] = {}
+
+
 def _redact_value(key: str, value: Any) -> Any:
-    if key not in _SAFE_KEYS and _SECRET_KEYS.search(key) and value not in (None, ""):
+    if _secret_key(key) and value not in (None, ""):
         return MASK
     if isinstance(value, str):
         return scrub(value)
@@ -160,6 +173,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     The standard library's loggers (aiohttp, MSAL, asyncio) are routed through the same
     redaction and rendering as ours, so a library cannot print a secret either.
     """
+    global _configuration
     out = stream or sys.stderr
     json_output = fmt == "json" or (fmt == "auto" and not out.isatty())
     threshold = logging.getLevelNamesMapping()[level.upper()]
@@ -173,6 +187,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    _configuration += 1
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -193,10 +208,34 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
 
 def reset() -> None:
     """Undo `configure` (for tests, which configure per test)."""
+    global _configuration
     structlog.reset_defaults()
+    _configuration += 1
     logging.getLogger().handlers = []
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
-    return logger
+    return cast(structlog.typing.FilteringBoundLogger, _Logger(name))
+
+
+_configuration = 0  # counts `configure` and `reset` calls: loggers rebuild after each
+
+
+class _Logger:
+    """A module's logger. structlog's lazy proxy builds a new bound logger (and a new output
+    logger) on every call so that tests can reconfigure; this one builds it once per
+    `configure`. That was a third of the cost of a log line, and a debug line filtered out
+    cost as much as a written one."""
+
+    __slots__ = ("_bound", "_built_for", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._bound: Any = None
+        self._built_for = -1
+
+    def __getattr__(self, method: str) -> Any:
+        if self._built_for != _configuration:
+            self._bound = structlog.get_logger(component=self._name).bind()
+            self._built_for = _configuration
+        return getattr(self._bound, method)

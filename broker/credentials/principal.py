@@ -3,13 +3,18 @@
 MSAL is synchronous (it uses `requests`), so every call runs in a worker thread.
 It reports OAuth errors as a dict and transport or 5xx failures as exceptions;
 both become one `UpstreamError` here, with the AADSTS code kept and secrets never.
-MSAL keeps its own token cache for the client-credentials grant; we do not add one.
+MSAL keeps its own token cache for the client-credentials grant. We only remember,
+per scope, the token it gave us for as long as MSAL itself would answer from that cache
+(5 minutes before expiry, and not past its `refresh_on`): asking again meant a worker
+thread per fetch whose Python work competed for the GIL with the event loop serving
+tokens, for the same answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +31,7 @@ log = get_logger("broker.credentials")
 _AADSTS = re.compile(r"\b(AADSTS\d+)\b")
 # AADSTS codes that a retry can heal (throttling, service trouble, clock skew).
 _TRANSIENT_AADSTS = frozenset({"AADSTS50196", "AADSTS90033", "AADSTS50058", "AADSTS500133"})
+_MSAL_EXPIRY_BUFFER_S = 300  # MSAL treats a cached token this close to expiry as expired
 
 
 class Credential(Protocol):
@@ -86,6 +92,8 @@ class ServicePrincipalCredential:
         self._timeout_s = timeout_s
         self._app: msal.ConfidentialClientApplication | None = None
         self._lock = asyncio.Lock()
+        # scope -> (the token MSAL gave, the wall-clock time until which it would give it again)
+        self._held: dict[str, tuple[AccessToken, float]] = {}
 
     @property
     def principal(self) -> str:
@@ -96,10 +104,26 @@ class ServicePrincipalCredential:
         self._session.close()
 
     async def get_token(self, scope: str) -> AccessToken:
+        held = self._still_held(scope)
+        if held is not None:
+            return held
         async with self._lock:  # MSAL's app is not built for concurrent first use
-            return await asyncio.to_thread(self._acquire, scope)
+            held = self._still_held(scope)  # fetched while this caller waited
+            if held is not None:
+                return held
+            asked_at = time.time()
+            token, reusable_s = await asyncio.to_thread(self._acquire, scope)
+            if reusable_s > 0:
+                self._held[scope] = (token, asked_at + reusable_s)
+            return token
 
-    def _acquire(self, scope: str) -> AccessToken:
+    def _still_held(self, scope: str) -> AccessToken | None:
+        held = self._held.get(scope)
+        if held is None or time.time() >= held[1]:
+            return None
+        return held[0]
+
+    def _acquire(self, scope: str) -> tuple[AccessToken, float]:
         try:
             app = self._application()
             result = app.acquire_token_for_client(scopes=[scope])
@@ -109,7 +133,7 @@ class ServicePrincipalCredential:
             raise self._transport_error(exc) from None
         except Exception as exc:  # MSAL raises its own MsalServiceError and friends
             raise self._transport_error(exc) from None
-        return self._token_from(result, scope)
+        return self._token_from(result, scope), _reusable_s(result)
 
     def _application(self) -> msal.ConfidentialClientApplication:
         if self._app is None:
@@ -173,6 +197,19 @@ class ServicePrincipalCredential:
             f"{self.identity.name!r}: {detail}",
             route="entra.token",
         )
+
+
+def _reusable_s(result: dict[str, Any]) -> float:
+    """For how long from before the call MSAL would hand out the same token from its cache:
+    until 5 minutes before expiry, and not past its `refresh_on` (0: ask every time)."""
+    try:
+        window = float(result["expires_in"]) - _MSAL_EXPIRY_BUFFER_S
+        refresh_on = result.get("refresh_on")
+        if refresh_on is not None:
+            window = min(window, float(refresh_on) - time.time())
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return max(window, 0.0)
 
 
 def _sign_in_hint(code: str | None) -> str:
