@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks-rps.png"
+# Hand-written: what changed in the broker and what each change did to these figures.
+MOVED = ROOT / "bench" / "what-moved.md"
 
 
 def plot(r: dict[str, Any]) -> None:
@@ -64,6 +66,26 @@ def render(r: dict[str, Any]) -> str:
         lines.append(
             f"| {x['target']} | {x['goal']} | {fmt(x['measured'])} {x['unit']} | {verdict} |"
         )
+    missed = [x["target"] for x in r["targets"] if x["met"] is False]
+    measured = [x for x in r["targets"] if x["met"] is not None]
+    lines += [
+        "",
+        f"{len(measured) - len(missed)} of {len(measured)} measured targets met."
+        + (f" **Missed: {'; '.join(missed)}.**" if missed else ""),
+    ]
+    loops = t.get("event_loops", {})
+    loop_note = (
+        f" The broker ran on {loops['broker']}"
+        + (
+            "; `broker-asyncio` is the same broker on asyncio's own loop "
+            "(`TOKEN_BROKER_UVLOOP=0`), the loop the bare aiohttp reference runs on"
+            if "broker-asyncio" in loops
+            else ""
+        )
+        + "."
+        if loops
+        else ""
+    )
     lines += [
         "",
         "## Token route vs references",
@@ -71,7 +93,7 @@ def render(r: dict[str, Any]) -> str:
         f"`GET /v1/token/{{service}}` with `Metadata: true`, a {t['body_bytes']}-byte JSON body, "
         "HTTP/1.1 keep-alive. References: a bare aiohttp app returning the same JSON with "
         "`web.json_response(dict)` (the framework's ceiling) and nginx serving the same bytes "
-        "as a static file with one worker.",
+        f"as a static file with one worker.{loop_note}",
         "",
     ]
     if t["nginx_note"]:
@@ -94,11 +116,15 @@ def render(r: dict[str, Any]) -> str:
         "",
         "Ratios (broker ÷ reference, same run):",
         "",
-        "| transport/connections | vs bare aiohttp | vs nginx |",
-        "|---|---|---|",
+        "| transport/connections | vs bare aiohttp | vs nginx | "
+        "broker on asyncio vs bare aiohttp |",
+        "|---|---|---|---|",
     ]
     for key, v in t["ratios"].items():
-        lines.append(f"| {key} | {fmt(v['vs_aiohttp'])}× | {fmt(v['vs_nginx'])}× |")
+        lines.append(
+            f"| {key} | {fmt(v['vs_aiohttp'])}× | {fmt(v['vs_nginx'])}× | "
+            f"{fmt(v.get('asyncio_vs_aiohttp'))}× |"
+        )
     lines += ["", f"![req/s by connections]({PLOT.name})", ""]
     st = r["storm"]
     lines += [
@@ -177,6 +203,10 @@ def render(r: dict[str, Any]) -> str:
         f"Calls beyond the schedule: {h['max_extra_calls']} at most per service; "
         f"{h['calls_per_service_per_refresh_period']:.2f} calls per token obtained.",
         "",
+    ]
+    if MOVED.exists():
+        lines += [MOVED.read_text().rstrip(), ""]
+    lines += [
         "## Machine",
         "",
         f"- CPU: {m['cpu_model']}, {m['cpus']} CPUs ({m['cpus_usable']} usable); {m['pinning']}",
@@ -190,7 +220,7 @@ def render(r: dict[str, Any]) -> str:
         "## Re-running",
         "",
         "```sh",
-        "make bench                  # about 5 minutes; writes latest.json and this page",
+        "make bench                  # about 7 minutes; writes latest.json and this page",
         "BENCH_INSTALL=1 make bench  # also apt-get installs nginx for the static-file reference",
         "BENCH_QUICK=1 make bench    # short runs, to try changes to the benchmark itself",
         "```",

@@ -46,7 +46,8 @@ READY_TIMEOUT_S = float(os.environ.get("BENCH_READY_TIMEOUT_S", "15" if QUICK el
 STORM_WINDOW_S = float(os.environ.get("BENCH_STORM_S", "8" if QUICK else "20"))
 INSTALL = os.environ.get("BENCH_INSTALL") == "1"
 CONNECTIONS = (1, 16, 64)
-TWO_CPUS = len(os.sched_getaffinity(0)) >= 2
+CPUS_USABLE = len(os.sched_getaffinity(0))  # before this process pins itself
+TWO_CPUS = CPUS_USABLE >= 2
 SERVER_CPU, CLIENT_CPU = (1, 0) if TWO_CPUS else (None, None)
 
 BIG = int(os.environ.get("BENCH_BIG", "10000"))  # services in the largest configuration
@@ -167,7 +168,10 @@ async def http_get(unix: str, path: str) -> tuple[int, bytes]:
 class Broker:
     """`python -m broker run -c FILE` on the server CPU, timed from exec."""
 
-    def __init__(self, emu: Emulator, services: list[str], refresh: str) -> None:
+    def __init__(
+        self, emu: Emulator, services: list[str], refresh: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.env = None if env is None else {**os.environ, **env}
         self.dir = Path(tempfile.mkdtemp(prefix="tbb-", dir="/tmp"))
         self.config = self.dir / "broker.toml"
         self.config.write_text(config_text(emu, self.dir, services, refresh))
@@ -194,6 +198,7 @@ class Broker:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
             preexec_fn=pin(SERVER_CPU),
+            env=self.env,
         )
         while True:
             with contextlib.suppress(OSError):
@@ -228,6 +233,11 @@ class Broker:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def event_loop(self) -> str:
+        """Which event loop the process runs: uvloop when its library is mapped."""
+        return "uvloop" if "uvloop" in Path(f"/proc/{self.pid}/maps").read_text() else "asyncio"
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -387,16 +397,26 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 LONG_REFRESH = "max_concurrency = 64"
+ON_ASYNCIO = "broker-asyncio"
 
 
 async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
-    """Token route vs bare aiohttp vs nginx, TCP and Unix, 1/16/64 connections."""
+    """Token route vs bare aiohttp vs nginx, TCP and Unix, 1/16/64 connections.
+
+    The broker runs as installed (on uvloop when it is); when that is uvloop, the same
+    broker on asyncio's own loop (TOKEN_BROKER_UVLOOP=0) runs too, as the bare aiohttp
+    reference does, so that the loop's share of the ratio is visible."""
     broker = await Broker(emu, [bench_name(0)], LONG_REFRESH).start()
     path = f"/v1/token/{bench_name(0)}"
     status, body = await http_get(broker.sock, path)
     assert status == 200, body
     (work / "body.json").write_bytes(body)
     servers: dict[str, Any] = {"broker": broker}
+    loops = {"broker": broker.event_loop}
+    if loops["broker"] != "asyncio":
+        on_asyncio = Broker(emu, [bench_name(0)], LONG_REFRESH, {"TOKEN_BROKER_UVLOOP": "0"})
+        servers[ON_ASYNCIO] = await on_asyncio.start()
+        loops[ON_ASYNCIO] = on_asyncio.event_loop
     ref_sock = str(work / "ref.sock")
     bare = Reference(
         "aiohttp",
@@ -437,7 +457,7 @@ async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
                         r = await load(target, conns, DURATION_S, [path], srv.pid)
                         runs.setdefault(f"{name}/{transport}/{conns}", []).append(r)
                         log(
-                            f"{name:8} {transport:4} c={conns:<3} {r['rps']:9.0f} req/s "
+                            f"{name:15} {transport:4} c={conns:<3} {r['rps']:9.0f} req/s "
                             f"p99 {r['p99_ms']:.2f} ms srv {r.get('server_cpu_pct', 0):.0f}%"
                         )
         body_bytes = len(body)
@@ -449,12 +469,18 @@ async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
     for transport in ("tcp", "unix"):
         for conns in CONNECTIONS:
             b = table[f"broker/{transport}/{conns}"]["rps"]
+            bare = table[f"aiohttp/{transport}/{conns}"]["rps"]
+            asyncio_key = f"{ON_ASYNCIO}/{transport}/{conns}"
             ratios[f"{transport}/{conns}"] = {
-                "vs_aiohttp": b / table[f"aiohttp/{transport}/{conns}"]["rps"],
+                "vs_aiohttp": b / bare,
                 "vs_nginx": (b / table[f"nginx/{transport}/{conns}"]["rps"]) if nginx else None,
+                "asyncio_vs_aiohttp": (
+                    table[asyncio_key]["rps"] / bare if asyncio_key in table else None
+                ),
             }
     return {
         "servers": list(servers),
+        "event_loops": loops,
         "body_bytes": body_bytes,
         "nginx_note": nginx_note,
         "results": table,
@@ -613,9 +639,9 @@ def machine() -> dict[str, Any]:
     try:
         import uvloop  # type: ignore[import-not-found]
 
-        tools["uvloop (generator only)"] = uvloop.__version__
+        tools["uvloop (generator; broker when installed)"] = uvloop.__version__
     except ImportError:
-        tools["uvloop (generator only)"] = None
+        tools["uvloop (generator; broker when installed)"] = None
     nginx = shutil.which("nginx") or (
         "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
     )
@@ -627,7 +653,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu_model": cpu,
         "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpus_usable": CPUS_USABLE,
         "pinning": (
             f"broker/references on CPU {SERVER_CPU}, generator + emulator on CPU {CLIENT_CPU}"
             if TWO_CPUS

@@ -151,6 +151,7 @@ class _NoConnect(asyncio.Protocol):
 
     def __init__(self, inner: asyncio.Protocol) -> None:
         self._inner = inner
+        self._forward = inner.data_received  # every chunk passes here: one lookup less
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,7 +159,9 @@ class _NoConnect(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if data.startswith((b"CONNECT", b"\r\nCONNECT", b"\nCONNECT")) or b"\nCONNECT " in data:
+        if b"CONNECT" in data and (
+            data.startswith((b"CONNECT", b"\r\nCONNECT", b"\nCONNECT")) or b"\nCONNECT " in data
+        ):
             assert self._transport is not None
             self._transport.write(
                 b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\n"
@@ -168,7 +171,7 @@ class _NoConnect(asyncio.Protocol):
             )
             self._transport.close()
             return
-        self._inner.data_received(data)
+        self._forward(data)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
