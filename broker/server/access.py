@@ -60,6 +60,7 @@ class AccessRules:
 
     def __init__(self, config: Config) -> None:
         self._policies: dict[str, Policy] = {}
+        self._open: frozenset[str] = frozenset()
         self.update(config)
 
     def update(self, config: Config) -> None:
@@ -71,9 +72,15 @@ class AccessRules:
             )
             for s in config.services
         }
+        # Services served to any local caller: the token route's one set lookup.
+        self._open = frozenset(
+            name for name, p in self._policies.items() if not (p.restricts_peers or p.keys)
+        )
 
     def authorize(self, request: web.Request, service: str) -> None:
         """Return when the caller may fetch `service`; raise `ForbiddenError` otherwise."""
+        if service in self._open:
+            return
         policy = self._policies.get(service)
         if policy is None or not (policy.restricts_peers or policy.keys):
             return

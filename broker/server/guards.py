@@ -19,6 +19,7 @@ import ipaddress
 import socket
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from broker.errors import BadRequestError, ForbiddenError
 
@@ -54,6 +55,31 @@ def is_unix(request: web.Request) -> bool:
 
 def check(request: web.Request) -> None:
     """Raise the refusal for a request that fails a guard."""
+    for name, _ in request.raw_headers:
+        if name.lower() in _SUSPECT_NAMES:
+            _check_all(request)  # the rare request that may be refused for its headers
+            return
+    # No forwarding, Origin or CORS header: the checks that remain, in the same order.
+    if not request.raw_path.startswith("/"):
+        raise _absolute_form()
+    _check_host_and_metadata(request, request.headers)
+
+
+# Lowercased names of the headers that can get a request refused by their mere presence.
+_SUSPECT_NAMES = frozenset(
+    name.lower().encode()
+    for name in (*FORWARDING_HEADERS, "Origin", "Access-Control-Request-Method")
+)
+
+
+def _absolute_form() -> BadRequestError:
+    return BadRequestError(
+        "a request line in absolute form (GET http://host/…) is refused; ask for the path",
+        code="absolute_form",
+    )
+
+
+def _check_all(request: web.Request) -> None:
     headers = request.headers
     for name in FORWARDING_HEADERS:
         if name in headers:
@@ -63,10 +89,7 @@ def check(request: web.Request) -> None:
                 code="forwarded_request",
             )
     if not request.raw_path.startswith("/"):
-        raise BadRequestError(
-            "a request line in absolute form (GET http://host/…) is refused; ask for the path",
-            code="absolute_form",
-        )
+        raise _absolute_form()
     if "Origin" in headers or (
         request.method == "OPTIONS" and "Access-Control-Request-Method" in headers
     ):
@@ -74,6 +97,10 @@ def check(request: web.Request) -> None:
             "requests from web browsers are refused (Origin header or CORS preflight present)",
             code="browser_request",
         )
+    _check_host_and_metadata(request, headers)
+
+
+def _check_host_and_metadata(request: web.Request, headers: CIMultiDictProxy[str]) -> None:
     if not is_unix(request) and not loopback_host(headers.get("Host", "")):
         raise ForbiddenError(
             f"Host {headers.get('Host', '')[:100]!r} is not a loopback name; the broker answers "

@@ -58,7 +58,10 @@ RENDERED = web.AppKey("rendered", dict[str, _Rendered])
 
 
 def _render(request: web.Request, store: Store, entry: Entry) -> _Rendered:
-    cache = request.app[RENDERED]
+    return _rendered(request.app[RENDERED], store, entry)
+
+
+def _rendered(cache: dict[str, _Rendered], store: Store, entry: Entry) -> _Rendered:
     cached = cache.get(entry.service)
     if cached is None or cached.generation != entry.generation:
         cached = cache[entry.service] = _Rendered(store, entry)
@@ -77,7 +80,7 @@ async def token(request: web.Request) -> web.StreamResponse:
     entry = store.entry(service)
     if not store.usable(entry):
         entry = await store.credential(service)
-    return web.Response(body=_render(request, store, entry).json, content_type=_JSON)
+    return web.Response(body=_rendered(app[RENDERED], store, entry).json, content_type=_JSON)
 
 
 async def _token_with_options(
