@@ -166,13 +166,14 @@ class ServicePrincipalCredential:
         value = str(result["access_token"])
         register_secret(value)
         expires_in = float(result.get("expires_in", 0))
-        refresh_in = result.get("refresh_in")
+        # MSAL turns Entra's `refresh_in` into `refresh_on`, a time on the wall clock.
+        refresh_on = result.get("refresh_on")
         now = self._clock()
         return AccessToken(
             value=value,
             auth=AuthKind.ENTRA,
             expires_on=now + expires_in,
-            refresh_after=now + float(refresh_in) if refresh_in else None,
+            refresh_after=now + float(refresh_on) - time.time() if refresh_on else None,
             token_type=str(result.get("token_type", "Bearer")),
         )
 

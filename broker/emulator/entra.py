@@ -26,6 +26,7 @@ from broker.emulator.state import FEDERATED_ISSUER
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _OIDC_SCOPES = frozenset({"openid", "profile", "offline_access"})
+_REFRESH_IN_FROM_S = 7200  # Entra adds `refresh_in` (half the lifetime) from two hours up
 
 
 def routes() -> list[web.RouteDef]:
@@ -230,9 +231,12 @@ def _issue(request: web.Request, client: Client, resource: str) -> dict[str, obj
         "nbf": now,
         "exp": now + lifetime,
     }
-    return {
+    answer = {
         "token_type": "Bearer",
         "expires_in": lifetime,
         "ext_expires_in": lifetime,
         "access_token": state.token_key.sign(claims),
     }
+    if lifetime >= _REFRESH_IN_FROM_S:  # Entra's hint for long-lived tokens
+        answer["refresh_in"] = lifetime // 2
+    return answer

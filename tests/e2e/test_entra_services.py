@@ -77,3 +77,21 @@ def test_scope_on_a_web_service_is_refused(emulator: Emulator, short_dir: Path) 
     path.write_text(text)
     with pytest.raises(ConfigError, match='only used with kind = "entra"'):
         load_config(path)
+
+
+async def test_entras_refresh_hint_is_followed(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """For a long-lived Entra token, Entra's `refresh_in` (half the lifetime, which MSAL
+    hands on as `refresh_on`) decides refresh_by, not the lifetime fraction."""
+    emulator.state.entra_token_lifetime_s = 3 * 3600
+    text = config_text(
+        emulator,
+        short_dir,
+        services={"fraud": demo.TOKEN_SERVICE},
+        refresh="lifetime_fraction = 0.8",  # what would apply without the hint
+    )
+    broker = await start_broker(text + ENTRA)
+    body = (await broker.client().get("/v1/token/aml")).json()
+    issued = body["expires_on"] - 3 * 3600
+    assert body["refresh_by"] == pytest.approx(issued + 3 * 3600 / 2, abs=5)
