@@ -13,7 +13,7 @@ import json
 import math
 import re
 import stat
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -401,3 +401,50 @@ def _is_number(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+_OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
+
+
+def permission_mode(
+    table: Table,
+    default: int,
+    *,
+    example: str,
+    others: Callable[[int], str],
+    execute: str,
+    fix: str,
+) -> int:
+    """The table's `mode`, written "0640" or 0o640, or `default` when it is absent or
+    refused. Refused: anything not a plain permission mode, a mode giving other users any
+    access (`others(mode)` says what that would let them do) or setting execute bits
+    (`execute` says why that is wrong here); `fix` and `example` say what to write."""
+    raw = table.data.get("mode")
+    if raw is None:
+        return default
+    if isinstance(raw, str) and _OCTAL_MODE.fullmatch(raw):
+        mode = int(raw.removeprefix("0o"), 8)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        mode = raw
+    else:
+        table.problem(
+            "mode",
+            f'expected an octal permission mode such as "{example}", got {describe(raw)}',
+            f'write mode = "{example}" (octal digits in quotes) or mode = 0o{example[1:]}',
+        )
+        return default
+    if not 0 <= mode <= 0o777 and isinstance(raw, int):
+        problem = (
+            f"mode = {raw} is not a permission mode: TOML reads it as the decimal {raw} "
+            f'(write octal as "{example}" or 0o{example[1:]})'
+        )
+    elif not 0 <= mode <= 0o777:
+        problem = f"{quote(str(raw))} is not a permission mode (no setuid, setgid or sticky bits)"
+    elif mode & 0o007:
+        problem = f"mode {mode:04o} {others(mode)}"
+    elif mode & 0o111:
+        problem = f"mode {mode:04o} sets execute bits, {execute}"
+    else:
+        return mode
+    table.problem("mode", problem, fix)
+    return default

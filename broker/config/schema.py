@@ -44,8 +44,8 @@ from broker.config.reader import (
     Sources,
     Table,
     Unreadable,
-    describe,
     permission_bits,
+    permission_mode,
     quote,
     read_text,
 )
@@ -80,7 +80,6 @@ _CACHE_HINTS = {
     "key": "the broker never reads the cache key from its configuration file: put it in a "
     "file (key_file) or a systemd credential (key_credential)"
 }
-_OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
 _TOML_AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)")
 _HOST_MEANINGS = {
     "authority_host": "the Entra ID sign-in host, e.g. https://login.microsoftonline.com",
@@ -163,7 +162,14 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
     unix = UnixListener(
         unix_table.flag("enabled", True),
         unix_table.file_path("path", sources.base) or DEFAULT_SOCKET_PATH,
-        _socket_mode(unix_table, UnixListener().mode),
+        permission_mode(
+            unix_table,
+            UnixListener().mode,
+            example="0660",
+            others=lambda _: "lets other users use the socket, which serves live credentials",
+            execute="which mean nothing on a socket",
+            fix='use read and write bits for owner and group only: "0660"',
+        ),
         _socket_account(unix_table, "owner"),
         _socket_account(unix_table, "group"),
     )
@@ -194,43 +200,6 @@ def _socket_account(table: Table, key: str) -> int | None:
     if not table.has(key):
         return None
     return account_id(table, key, table.data[key], "user" if key == "owner" else "group")
-
-
-def _socket_mode(table: Table, default: int) -> int:
-    raw = table.data.get("mode")
-    if raw is None:
-        return default
-    if isinstance(raw, str) and _OCTAL_MODE.fullmatch(raw):
-        mode = int(raw.removeprefix("0o"), 8)
-    elif isinstance(raw, int) and not isinstance(raw, bool):
-        mode = raw
-    else:
-        table.problem(
-            "mode",
-            f'expected an octal permission mode such as "0660", got {describe(raw)}',
-            'write mode = "0660" (octal digits in quotes) or mode = 0o660',
-        )
-        return default
-    problem = _mode_problem(mode, raw)
-    if problem is None:
-        return mode
-    table.problem("mode", problem, 'use read and write bits for owner and group only: "0660"')
-    return default
-
-
-def _mode_problem(mode: int, raw: object) -> str | None:
-    if not 0 <= mode <= 0o777 and isinstance(raw, int):
-        return (
-            f"mode = {raw} is not a permission mode: TOML reads it as the decimal {raw} "
-            '(write octal as "0660" or 0o660)'
-        )
-    if not 0 <= mode <= 0o777:
-        return f"{quote(str(raw))} is not a permission mode (no setuid, setgid or sticky bits)"
-    if mode & 0o007:
-        return f"mode {mode:04o} lets other users use the socket, which serves live credentials"
-    if mode & 0o111:
-        return f"mode {mode:04o} sets execute bits, which mean nothing on a socket"
-    return None
 
 
 def _loopback_host(table: Table) -> str:

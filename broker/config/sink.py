@@ -18,7 +18,6 @@ configuration and are checked by `sink_conflicts` once every section is read.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
@@ -27,13 +26,10 @@ from typing import cast
 
 from broker.config.access import account_id
 from broker.config.model import CacheConfig, ListenConfig, ServiceConfig, SinkConfig, SinkFormat
-from broker.config.reader import Problems, Table, describe, quote
+from broker.config.reader import Problems, Table, describe, permission_mode, quote
 
 SINK_KEYS = tuple(f.name for f in fields(SinkConfig))
 FORMATS = ("token", "header", "json")
-
-_OCTAL_MODE = re.compile(r"(0o)?[0-7]{1,4}")
-_MODE_FIX = 'use read and write bits for the owner and, if needed, the group: "0600" or "0640"'
 
 
 def service_sink(table: Table, environ: Mapping[str, str]) -> SinkConfig | None:
@@ -47,7 +43,18 @@ def service_sink(table: Table, environ: Mapping[str, str]) -> SinkConfig | None:
     before = len(sink.problems.items)
     path = _path(sink)
     form = cast(SinkFormat, sink.choice("format", FORMATS, "token", "sink format"))
-    mode = _mode(sink)
+    mode = permission_mode(
+        sink,
+        cast(int, SinkConfig.__dataclass_fields__["mode"].default),
+        example="0640",
+        others=lambda mode: (
+            "lets every user on this machine "
+            f"{'write' if mode & 0o002 and not mode & 0o004 else 'read'} the file, "
+            "which holds a live credential"
+        ),
+        execute="which mean nothing on a credential file",
+        fix='use read and write bits for the owner and, if needed, the group: "0600" or "0640"',
+    )
     owner = _account(sink, "owner")
     group = _account(sink, "group")
     command = _command(sink, environ)
@@ -77,47 +84,6 @@ def _path(table: Table) -> Path | None:
         )
         return None
     return path
-
-
-def _mode(table: Table) -> int:
-    default = SinkConfig.__dataclass_fields__["mode"].default
-    raw = table.data.get("mode")
-    if raw is None:
-        return cast(int, default)
-    if isinstance(raw, str) and _OCTAL_MODE.fullmatch(raw):
-        mode = int(raw.removeprefix("0o"), 8)
-    elif isinstance(raw, int) and not isinstance(raw, bool):
-        mode = raw
-    else:
-        table.problem(
-            "mode",
-            f'expected an octal permission mode such as "0600", got {describe(raw)}',
-            'write mode = "0640" (octal digits in quotes) or mode = 0o640',
-        )
-        return cast(int, default)
-    problem = _mode_problem(mode, raw)
-    if problem is not None:
-        table.problem("mode", problem, _MODE_FIX)
-    return mode if problem is None else cast(int, default)
-
-
-def _mode_problem(mode: int, raw: object) -> str | None:
-    if not 0 <= mode <= 0o777 and isinstance(raw, int):
-        return (
-            f"mode = {raw} is not a permission mode: TOML reads it as the decimal {raw} "
-            '(write octal as "0640" or 0o640)'
-        )
-    if not 0 <= mode <= 0o777:
-        return f"{quote(str(raw))} is not a permission mode (no setuid, setgid or sticky bits)"
-    if mode & 0o007:
-        return (
-            f"mode {mode:04o} lets every user on this machine "
-            f"{'write' if mode & 0o002 and not mode & 0o004 else 'read'} the file, "
-            "which holds a live credential"
-        )
-    if mode & 0o111:
-        return f"mode {mode:04o} sets execute bits, which mean nothing on a credential file"
-    return None
 
 
 def _account(table: Table, key: str) -> int | None:
