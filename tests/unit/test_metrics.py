@@ -23,6 +23,7 @@ from broker.errors import (
 from broker.metrics import REASONS, Metrics, reason_of, region_of
 from broker.models import AccessToken, AuthKind, State
 from broker.server import AccessRules, make_app
+from tests.unit.fakes import FakeClock, FakeProvider
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -39,30 +40,6 @@ resource_group = "rg"
 workspace = "ws"
 web_service = "fraud-svc"
 """
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeProvider:
-    """Answers each fetch with the next token or error of its queue."""
-
-    def __init__(self, service: str) -> None:
-        self.service = service
-        self.scoring_uri = None
-        self.clock_skew_s = None
-        self.outcomes: list[AccessToken | Exception] = []
-
-    async def fetch(self) -> AccessToken:
-        outcome = self.outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from broker import log
 from broker.cache.persist import MAGIC, PersistedCache, Saved, fingerprint
 from broker.models import AccessToken, AuthKind
+from tests.unit.fakes import FakeClock
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -30,17 +31,9 @@ FRAUD, CHURN = fingerprint("main", "sub", "rg", "ws", "fraud"), fingerprint("mai
 FINGERPRINTS = {"fraud": FRAUD, "churn": CHURN}
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(NOW)
 
 
 @pytest.fixture

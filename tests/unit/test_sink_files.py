@@ -29,31 +29,11 @@ from broker.cache.sinks import (
 from broker.config import ServiceConfig, SinkConfig
 from broker.log import MASK, register_secret
 from broker.models import AccessToken, AuthKind
+from tests.unit.fakes import FakeClock, FakeProvider
 
 pytestmark = pytest.mark.timeout(10)
 
 NOW = 1_000_000.0
-
-
-class FakeClock:
-    def __call__(self) -> float:
-        return NOW
-
-
-class FakeProvider:
-    """Answers each fetch with the next credential or error of its queue, at once."""
-
-    def __init__(self, service: str = "svc") -> None:
-        self.service = service
-        self.scoring_uri = None
-        self.clock_skew_s = None
-        self.outcomes: list[AccessToken | Exception] = []
-
-    async def fetch(self) -> AccessToken:
-        outcome = self.outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
 
 def token(value: str) -> AccessToken:
@@ -88,7 +68,7 @@ def provider() -> FakeProvider:
 
 @pytest.fixture
 def store(provider: FakeProvider) -> Store:
-    return Store([provider], Policy(), FakeClock())
+    return Store([provider], Policy(), FakeClock(NOW))
 
 
 @pytest.fixture

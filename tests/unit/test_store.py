@@ -9,37 +9,9 @@ import pytest
 from broker.cache import Policy, Store
 from broker.errors import NotReadyError, UnavailableError, UnknownServiceError
 from broker.models import AccessToken, AuthKind, State
+from tests.unit.fakes import FakeClock, FakeProvider
 
 pytestmark = pytest.mark.timeout(5)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeProvider:
-    """Answers with a queue of tokens or errors, and holds each fetch until released."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.service = "svc"
-        self.scoring_uri = None
-        self.clock_skew_s = None
-        self.calls = 0
-        self.gate = asyncio.Event()
-        self.outcomes: list[AccessToken | Exception] = []
-        self.clock = clock
-
-    async def fetch(self) -> AccessToken:
-        self.calls += 1
-        await self.gate.wait()
-        outcome = self.outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
 
 def token(clock: FakeClock, value: str = "tok-1") -> AccessToken:
@@ -53,7 +25,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def provider(clock: FakeClock) -> FakeProvider:
-    return FakeProvider(clock)
+    return FakeProvider(gated=True)
 
 
 @pytest.fixture
