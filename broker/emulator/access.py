@@ -8,6 +8,8 @@ slash) for ARM and MMS, exactly `ML_AUDIENCE` for an online endpoint in AADToken
 
 from __future__ import annotations
 
+import math
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -15,6 +17,7 @@ import jwt
 from aiohttp import web
 
 from broker.emulator.context import site_of, state_of
+from broker.emulator.records import KeyHolder
 
 ML_AUDIENCE = "https://ml.azure.com"  # the scope https://ml.azure.com/.default names it
 
@@ -76,3 +79,28 @@ def _check_expiry(exp: float, now: float) -> None:
 
 def _utc(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%m/%d/%Y %H:%M:%S")
+
+
+def issue_token(
+    request: web.Request, caller: Caller, holder: KeyHolder, issuer: str
+) -> tuple[str, float, int]:
+    """Sign a token of `holder` (a v1 service or a v2 endpoint) for `caller`, issued by
+    `{region}/{issuer}`, and remember it so that scoring accepts it until it expires.
+    Returns the token, when it was issued and when it expires (whole epoch seconds, as
+    Azure sends them: the token dies at the second it names)."""
+    state = state_of(request)
+    issued_at = state.clock()
+    expires_at = math.floor(issued_at + holder.token_lifetime_s)
+    claims = {
+        "iss": f"{site_of(request).region_base(holder.workspace.region)}/{issuer}",
+        "aud": holder.service_id,
+        "sub": caller.object_id,
+        "appid": caller.app_id,
+        "iat": int(issued_at),
+        "nbf": int(issued_at),
+        "exp": expires_at,
+        "jti": secrets.token_urlsafe(12),
+    }
+    token = state.token_key.sign(claims)
+    state.remember_token(token, holder, expires_at)
+    return token, issued_at, expires_at

@@ -10,12 +10,11 @@ names the missing action. Errors use ARM's shape `{"error": {"code", "message"}}
 from __future__ import annotations
 
 import math
-import secrets
 from urllib.parse import quote
 
 from aiohttp import web
 
-from broker.emulator.access import Caller
+from broker.emulator.access import Caller, issue_token
 from broker.emulator.arm import (
     WORKSPACE_PATH,
     arm_request_caller,
@@ -83,12 +82,7 @@ async def endpoint_token(request: web.Request) -> web.Response:
     """A fresh AMLToken, with its expiry and refresh times in whole epoch seconds."""
     caller, endpoint = _endpoint(request, ENDPOINT_TOKEN_ACTION)
     _require_mode(endpoint, "AMLToken")
-    state = state_of(request)
-    issued_at = state.clock()
-    # Whole epoch seconds, as Azure sends them; the token dies at the second it names.
-    expires_at = math.floor(issued_at + endpoint.token_lifetime_s)
-    access_token = _sign_endpoint_token(request, caller, endpoint, issued_at, expires_at)
-    state.remember_token(access_token, endpoint, expires_at)
+    access_token, issued_at, expires_at = issue_token(request, caller, endpoint, "onlineEndpoints")
     return web.json_response(
         {
             "accessToken": access_token,
@@ -174,23 +168,3 @@ def _operation_url(request: web.Request, endpoint: OnlineEndpoint, operation: Op
     path = OPERATION_PATH.format(sub=ws.subscription_id, region=ws.region)
     version = quote(require_api_version(request), safe="")
     return f"{site_of(request).base_url}{path}/{operation.id}?api-version={version}"
-
-
-def _sign_endpoint_token(
-    request: web.Request,
-    caller: Caller,
-    endpoint: OnlineEndpoint,
-    issued_at: float,
-    expires_at: int,
-) -> str:
-    claims = {
-        "iss": f"{site_of(request).region_base(endpoint.workspace.region)}/onlineEndpoints",
-        "aud": endpoint.service_id,
-        "sub": caller.object_id,
-        "appid": caller.app_id,
-        "iat": int(issued_at),
-        "nbf": int(issued_at),
-        "exp": expires_at,
-        "jti": secrets.token_urlsafe(12),
-    }
-    return state_of(request).token_key.sign(claims)

@@ -7,12 +7,9 @@ Owner) on the workspace. Errors use MMS's flat shape `{"code", "statusCode", "me
 
 from __future__ import annotations
 
-import math
-import secrets
-
 from aiohttp import web
 
-from broker.emulator.access import Caller, TokenRejected, arm_caller
+from broker.emulator.access import Caller, TokenRejected, arm_caller, issue_token
 from broker.emulator.arm import WORKSPACE_PATH
 from broker.emulator.context import site_of, state_of
 from broker.emulator.records import Operation, WebService, Workspace
@@ -68,12 +65,7 @@ async def service_token(request: web.Request) -> web.Response:
             f"service '{service.name}' is {service.compute_type} with "
             f"aadAuthEnabled={str(service.aad_auth_enabled).lower()}.",
         )
-    state = state_of(request)
-    issued_at = state.clock()
-    # Whole epoch seconds, as Azure sends them; the token dies at the second it names.
-    expires_at = math.floor(issued_at + service.token_lifetime_s)
-    access_token = _sign_service_token(request, caller, service, issued_at, expires_at)
-    state.remember_token(access_token, service, expires_at)
+    access_token, issued_at, expires_at = issue_token(request, caller, service, "modelmanagement")
     body: dict[str, object] = {"accessToken": access_token, "tokenType": "Bearer"}
     refresh_after = service.refresh_after(issued_at, expires_at)
     if refresh_after is not None:
@@ -161,22 +153,6 @@ def _require_key_auth(service: WebService) -> None:
             "BadRequest",
             f"Key authentication is not enabled for service '{service.name}' (authEnabled=false).",
         )
-
-
-def _sign_service_token(
-    request: web.Request, caller: Caller, service: WebService, issued_at: float, expires_at: int
-) -> str:
-    claims = {
-        "iss": f"{site_of(request).region_base(service.workspace.region)}/modelmanagement",
-        "aud": service.service_id,
-        "sub": caller.object_id,
-        "appid": caller.app_id,
-        "iat": int(issued_at),
-        "nbf": int(issued_at),
-        "exp": expires_at,
-        "jti": secrets.token_urlsafe(12),
-    }
-    return state_of(request).token_key.sign(claims)
 
 
 def _prefix_url(request: web.Request, ws: Workspace) -> str:
