@@ -4,7 +4,8 @@ Every fenced block of the page carries a marker comment just above it,
 `<!-- snippet: NAME -->`. Each marked block is either in RUN (run here: curl, bash, the
 venv's python, node, java, each in a subprocess with a minimal environment) or in NOT_RUN
 (no toolchain on the project's machines; checked for its content only). A block in
-neither, or an unmarked block, fails `test_every_block_is_marked_and_accounted_for`.
+neither, or an unmarked block, fails `test_every_block_is_marked_and_accounted_for`; a
+missing curl, node or java fails the run rather than skipping it.
 
 A snippet passes when its output is the emulator's scoring answer, which it gives only for
 a currently valid token or key, and the emulator counted the scoring call.
@@ -131,8 +132,11 @@ async def run_snippet(live: Live, snippet: Snippet, env: dict[str, str]) -> tupl
     """Save the snippet as a user would and run it; its stdout and stderr, after exit 0."""
     assert snippet.lang in TOOLS, f"{snippet.name}: no way to run a ```{snippet.lang} block"
     tool = TOOLS[snippet.lang]
-    if shutil.which(tool, path=env["PATH"]) is None:
-        pytest.skip(f"{tool} is not installed: the {snippet.lang} snippets cannot run")
+    # Not a skip: a documented snippet nobody ran is a snippet that may not work.
+    assert shutil.which(tool, path=env["PATH"]) is not None, (
+        f"{tool} is not installed, so the {snippet.lang} snippets of {DOC.name} cannot be "
+        "checked: install it (curl, nodejs and a JDK are on the project's machines)"
+    )
     path = live.home / FILES[snippet.lang]
     path.write_text(snippet.code)
     argv = {
