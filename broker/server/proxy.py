@@ -53,7 +53,7 @@ from broker.errors import (
     UpstreamTimeoutError,
     UpstreamUnreachableError,
 )
-from broker.log import get_logger
+from broker.log import get_logger, scrub
 from broker.models import AccessToken
 from broker.providers import EntraProvider
 from broker.providers.upstream import ssl_context
@@ -249,7 +249,7 @@ async def _attempt(
         failure = UpstreamUnreachableError(
             f"the answer from {host} is not valid HTTP or its headers are longer than "
             f"{proxy.config.max_header_bytes} bytes ([proxy] max_header_bytes): "
-            f"{str(exc.message)[:120]}"
+            f"{scrub(str(exc.message))[:120]}"
         )
     except aiohttp.ClientError as exc:
         failure = UpstreamUnreachableError(f"cannot reach {host}: {_reason(exc)}")
