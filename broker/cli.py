@@ -34,8 +34,9 @@ EXIT_FAILURE = 1  # the broker refused, failed, or could not be reached
 EXIT_CONFIG = 2  # the configuration or the command line is wrong
 
 _DESCRIPTION = """\
-Keeps Azure ML web-service tokens and keys fresh and serves them to local programs
-over a Unix socket and loopback HTTP.
+Keeps Azure ML credentials fresh (v1 web services, v2 online endpoints, Entra scopes)
+and serves them to local programs over a Unix socket and loopback HTTP: as tokens, in
+files, or added to scoring requests forwarded through /v1/proxy/.
 
 quick start, with no Azure account:  token-broker demo
 """
@@ -51,7 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config_help = f"configuration file (default {DEFAULT_CONFIG_PATH}, or $TOKEN_BROKER_CONFIG)"
-    run = sub.add_parser("run", help="run the daemon until SIGTERM or SIGINT")
+    run = sub.add_parser(
+        "run",
+        help="run the daemon until SIGTERM or SIGINT",
+        description="Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the "
+        "configuration. Under systemd it reports readiness and status (Type=notify). "
+        "It runs on uvloop when that is installed (the `fast` extra); set "
+        "TOKEN_BROKER_UVLOOP=0 to keep asyncio's own event loop.",
+    )
     run.add_argument("-c", "--config", type=Path, help=config_help)
 
     check = sub.add_parser(
