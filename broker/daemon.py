@@ -20,17 +20,21 @@ from pathlib import Path
 from broker import __version__
 from broker import log as logging_setup
 from broker.cache import (
+    Allowance,
+    CallBudget,
     Entry,
     PersistedCache,
     Policy,
+    Reconciled,
     Refresher,
     Rotations,
     Saver,
     Sinks,
     Store,
+    Wanted,
     fingerprint,
 )
-from broker.config import CompatConfig, Config, ServiceConfig, load_config
+from broker.config import CompatConfig, Config, RefreshConfig, ServiceConfig, load_config
 from broker.credentials import ServicePrincipalCredential
 from broker.errors import ConfigError
 from broker.log import get_logger
@@ -80,11 +84,11 @@ class Daemon:
             clock,
             max_concurrency=config.refresh.max_concurrency,
             client_refresh_window_s=config.refresh.client_refresh_window_s,
+            budget=CallBudget(*_allowances(config.refresh), clock=clock),
         )
         self.metrics = Metrics(self.store, version=__version__)
         self.upstream = self._upstream()
-        for service in config.services:
-            self.store.add(self._provider(service))
+        self.store.reconcile([self._wanted(service) for service in config.services])
         self.refresher = Refresher(self.store)
         self.saver: Saver | None = None
         if config.cache.enabled and config.cache.key is not None:
@@ -139,6 +143,7 @@ class Daemon:
             self.config.cloud,
             timeout_s=self.config.refresh.timeout_s,
             observer=self.metrics.observe_upstream,
+            clock=self.clock,
         )
 
     def _credential(self, name: str) -> ServicePrincipalCredential:
@@ -148,8 +153,19 @@ class Daemon:
                 self.config.cloud,
                 timeout_s=self.config.refresh.timeout_s,
                 clock=self.clock,
+                clock_skew_s=self.config.refresh.clock_skew_s,
             )
         return self.credentials[name]
+
+    def _wanted(self, service: ServiceConfig) -> Wanted:
+        """The service as the store reconciles it: what it fetches, as whom, on whose budget."""
+        identity = self.config.identities[service.identity]
+        return Wanted(
+            self._provider(service),
+            target=_target(service),
+            signer=(service.identity, identity, self.config.cloud),
+            principal=(identity.client_id, (service.subscription_id or "").lower()),
+        )
 
     def _provider(self, service: ServiceConfig) -> TokenProvider:
         if service.kind == "entra":
@@ -237,15 +253,25 @@ class Daemon:
         }
         self.config = config
         self._swap_shared_parts(cloud_changed, changed_identities)
-        summary = self._apply_services(old, config, changed_identities)
+        self._apply_refresh(config.refresh)
+        result = self.refresher.reconcile([self._wanted(s) for s in config.services])
         self.sinks.update(config.services)
         self.access.update(config)
         self.compat.update(*self._compat())  # after the swap: its identity may be new
-        self.store.policy = Policy(config.refresh)
-        self.store.client_refresh_window_s = config.refresh.client_refresh_window_s
         if config.log != old.log:
             logging_setup.configure(config.log.format, config.log.level)
-        log.info("config.reloaded", config=str(config.path), **summary)
+        log.info("config.reloaded", config=str(config.path), **_summary(result))
+
+    def _apply_refresh(self, refresh: RefreshConfig) -> None:
+        """Every key of `[refresh]` applies to what is fetched from now on."""
+        self.store.configure(
+            Policy(refresh), refresh.max_concurrency, refresh.client_refresh_window_s
+        )
+        if self.store.budget is not None:
+            self.store.budget.resize(*_allowances(refresh))
+        self.upstream.set_timeout(refresh.timeout_s)
+        for credential in self.credentials.values():
+            credential.configure(refresh.timeout_s, refresh.clock_skew_s)
 
     def _swap_shared_parts(self, cloud_changed: bool, identities: set[str]) -> None:
         for name in identities:
@@ -260,33 +286,22 @@ class Daemon:
             self._background.add(closing)
             closing.add_done_callback(self._background.discard)
 
-    def _apply_services(
-        self, old: Config, new: Config, changed_identities: set[str]
-    ) -> dict[str, list[str]]:
-        summary: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "kept": []}
-        wanted = {s.name for s in new.services}
-        for service in old.services:
-            if service.name not in wanted:
-                self.refresher.forget(service.name)
-                self.store.remove(service.name)
-                summary["removed"].append(service.name)
-        for service in new.services:
-            before = old.service(service.name)
-            verdict = _compare(before, service, changed_identities)
-            summary[verdict].append(service.name)
-            if verdict == "kept":
-                continue
-            if before is not None and _same_target(before, service):
-                # The same Azure service under another identity: keep serving its
-                # credential, and sign in with the new identity at once.
-                self.store.add(self._provider(service), self.store.entry(service.name))
-                self.store.fetch(service.name)
-                continue
-            self.refresher.forget(service.name)
-            self.store.remove(service.name)
-            self.store.add(self._provider(service))
-            self.refresher.track(service.name)
-        return summary
+
+def _allowances(refresh: RefreshConfig) -> tuple[Allowance, Allowance]:
+    """The call budget of one service, and of one principal and subscription."""
+    return (
+        Allowance(refresh.service_calls_burst, refresh.service_calls_per_minute),
+        Allowance(refresh.principal_calls_burst, refresh.principal_calls_per_minute),
+    )
+
+
+def _summary(result: Reconciled) -> dict[str, list[str]]:
+    return {
+        "added": list(result.added),
+        "removed": list(result.removed),
+        "changed": list(result.changed),
+        "kept": list(result.kept),
+    }
 
 
 def _register_secrets(config: Config) -> None:
@@ -296,11 +311,6 @@ def _register_secrets(config: Config) -> None:
         for secret in (identity.client_secret, identity.certificate_password):
             if secret is not None:
                 logging_setup.register_secret(secret.reveal())
-
-
-def _same_target(a: ServiceConfig, b: ServiceConfig) -> bool:
-    """Whether two definitions name the same Azure web service, fetched the same way."""
-    return _target(a) == _target(b)
 
 
 def _target(s: ServiceConfig) -> tuple[object, ...]:
@@ -315,19 +325,6 @@ def _target(s: ServiceConfig) -> tuple[object, ...]:
         s.region,
         s.auth,
     )
-
-
-def _compare(
-    before: ServiceConfig | None,
-    after: ServiceConfig,
-    changed_identities: set[str],
-) -> str:
-    """`added`, `kept` (same Azure service, same identity: access lists and the sink may
-    differ, and the credential stays) or `changed`."""
-    if before is None:
-        return "added"
-    same_identity = before.identity == after.identity and after.identity not in changed_identities
-    return "kept" if same_identity and _same_target(before, after) else "changed"
 
 
 def disable_core_dumps() -> None:

@@ -10,6 +10,7 @@
     │   ├── ThrottledError          429: Azure asks us to slow down
     │   ├── UnavailableError        5xx, reset, timeout: worth retrying soon
     │   ├── MalformedResponseError  a body we cannot trust; never half-served
+    │   ├── UnusableCredentialError well-formed, but dead or not yet valid on arrival
     │   └── KeyRotationError        Azure's key regeneration ended Failed/Cancelled/TimedOut
     └── LocalRequestError           a local client's request is refused (HTTP status)
         ├── UnknownServiceError     404: no such service in the configuration
@@ -120,6 +121,12 @@ class UnavailableError(UpstreamError):
 
 class MalformedResponseError(UpstreamError):
     """Raised when an answer cannot be parsed or lacks a field we need."""
+
+
+class UnusableCredentialError(UpstreamError):
+    """Raised when Azure's answer parses but its credential cannot be served on arrival:
+    already expired, expiring within the clock-skew allowance, not yet valid, or not
+    printable. The credential being served stays in place."""
 
 
 class KeyRotationError(UpstreamError):

@@ -17,6 +17,8 @@ from typing import Any, TextIO, cast
 
 import structlog
 
+from broker.models import Clock, system_clock
+
 MASK = "[REDACTED]"
 
 _SECRET_KEYS = re.compile(
@@ -137,6 +139,74 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
+class RepeatLimiter:
+    """structlog processor: a repeating warning or error (the same event, service and
+    reason) is written at most once per `interval_s`; the next one written says how many
+    were left out (`repeats_suppressed`). Whatever loops — a refresh failing the same way,
+    a client sending the same bad request — the log grows by a line per interval."""
+
+    _MAX_KEYS = 4096  # a bound on memory whatever varies in foreign events' text
+
+    def __init__(self, interval_s: float = 60.0, clock: Clock = system_clock) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[tuple[str, str, str], tuple[float, int]] = {}  # key -> (written, left out)
+        self._lock = threading.Lock()  # MSAL's threads log too
+
+    def __call__(
+        self, _: Any, __: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if event_dict.get("level") not in _LIMITED_LEVELS:
+            return event_dict
+        left_out = self.admit(
+            str(event_dict.get("event", "")),
+            str(event_dict.get("service", "")),
+            str(event_dict.get("reason", event_dict.get("status", ""))),
+        )
+        if left_out is None:
+            raise structlog.DropEvent
+        if left_out:
+            event_dict["repeats_suppressed"] = left_out
+        return event_dict
+
+    def admit(self, event: str, service: str, reason: str) -> int | None:
+        """None when this repeat is to be left out; else how many were left out before it."""
+        key = (event[:200], service, reason)
+        now = self._clock()
+        with self._lock:
+            written, left_out = self._last.get(key, (None, 0))
+            if written is not None and now - written < self.interval_s:
+                self._last[key] = (written, left_out + 1)
+                return None
+            if len(self._last) >= self._MAX_KEYS:
+                self._last.clear()
+            self._last[key] = (now, 0)
+        return left_out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._last.clear()
+
+
+_LIMITED_LEVELS = frozenset({"warning", "error", "critical", "exception"})
+REPEATS = RepeatLimiter()
+
+
+class _QuietRepeats(logging.Filter):
+    """The same limit for libraries' warnings and errors (aiohttp's, MSAL's), which reach
+    the log through the standard library rather than structlog's processors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        left_out = REPEATS.admit(str(record.msg), "", record.name)
+        if left_out is None:
+            return False
+        if left_out:
+            record.msg, record.args = f"{record.getMessage()} ({left_out} repeats left out)", ()
+        return True
+
+
 def _shared(json_output: bool) -> list[Any]:
     """What every event goes through before rendering, ours and libraries' alike."""
     return [
@@ -180,7 +250,9 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            *_shared(json_output),
+            structlog.processors.add_log_level,
+            REPEATS,
+            *_shared(json_output)[1:],
             _renderer(json_output),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
@@ -188,6 +260,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         cache_logger_on_first_use=False,
     )
     _configuration += 1
+    REPEATS.clear()
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -199,6 +272,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         )
     )
     handler.addFilter(_QuietMalformedRequests())
+    handler.addFilter(_QuietRepeats())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(max(threshold, logging.INFO))  # libraries' debug chatter stays out

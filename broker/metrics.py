@@ -3,6 +3,7 @@
     token_broker_service_state{service, state}             gauge, computed at scrape time
     token_broker_credential_expiry_seconds{service}        gauge, computed at scrape time
     token_broker_last_refresh_age_seconds{service}         gauge, computed at scrape time
+    token_broker_upstream_budget_waits_total{service}      counter, computed at scrape time
     token_broker_refreshes_total{service, outcome, reason} counter, from `Store.on_result`
     token_broker_upstream_request_duration_seconds{route, region, status}
                                                            histogram, from `Upstream`'s observer
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from broker.cache import Entry, Store
 from broker.errors import (
@@ -36,6 +37,7 @@ from broker.errors import (
     ThrottledError,
     UnavailableError,
     UnsupportedAuthError,
+    UnusableCredentialError,
     UpstreamError,
 )
 from broker.models import State
@@ -55,6 +57,7 @@ _REASONS: tuple[tuple[type[UpstreamError], str], ...] = (
     (ThrottledError, "throttled"),
     (UnavailableError, "unavailable"),
     (MalformedResponseError, "malformed_response"),
+    (UnusableCredentialError, "unusable_credential"),
 )
 REASONS = frozenset({"ok", "upstream", *(name for _, name in _REASONS)})
 
@@ -99,8 +102,9 @@ class StoreCollector:
     def collect(self) -> Iterator[Metric]:
         store = self._store
         now = store.clock()
-        state, expiry, age = families = self._families()
+        state, expiry, age, waits = families = self._families()
         for entry in store.entries:
+            waits.add_metric([entry.service], entry.budget_waits)
             current = store.state(entry)
             for each in State:
                 state.add_metric([entry.service, each.value], 1.0 if each is current else 0.0)
@@ -111,7 +115,9 @@ class StoreCollector:
         yield from families
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+    ]:
         return (
             GaugeMetricFamily(
                 "token_broker_service_state",
@@ -127,6 +133,12 @@ class StoreCollector:
             GaugeMetricFamily(
                 "token_broker_last_refresh_age_seconds",
                 "Seconds since the service's last successful refresh; absent before the first.",
+                labels=["service"],
+            ),
+            CounterMetricFamily(
+                "token_broker_upstream_budget_waits",
+                "Fetches that waited because the service's or its principal's call budget "
+                "([refresh] *_calls_burst, *_calls_per_minute) was spent.",
                 labels=["service"],
             ),
         )

@@ -55,6 +55,12 @@ def logs() -> Iterator[io.StringIO]:
 
 
 @pytest.fixture
+def every_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Write every repeat of a warning: for tests that read each retry's own log line."""
+    monkeypatch.setattr(log.REPEATS, "interval_s", 0.0)
+
+
+@pytest.fixture
 async def emulator(short_dir: Path) -> AsyncIterator[Emulator]:
     """The emulator with the demo tenant, workspace and services, lifetimes of seconds."""
     state = demo.demo_state(token_lifetime_s=60.0, refresh_after_s=30.0)
@@ -68,6 +74,9 @@ SERVICES = {
 }
 
 
+OPEN_BUDGET = "service_calls_burst = 100000\nservice_calls_per_minute = 600000"
+
+
 def config_text(
     emu: Emulator,
     directory: Path,
@@ -77,12 +86,16 @@ def config_text(
     extra_service_keys: str = "",
     refresh: str = "",
 ) -> str:
-    """A broker.toml for the emulator: both listeners in `directory`, TCP on port 0."""
+    """A broker.toml for the emulator: both listeners in `directory`, TCP on port 0.
+
+    Tokens of seconds refresh far more often than real ones, so the call budget is
+    opened wide unless `refresh` sets it: tests of the budget set their own."""
     secret_file = directory / "client-secret"
     if not secret_file.exists():
         secret_file.write_text(CLIENT_SECRET + "\n")
         secret_file.chmod(0o600)
     identity = identity or f'client_secret_file = "{secret_file}"'
+    budget = "" if "_calls_" in refresh else OPEN_BUDGET
     blocks = [
         f"""\
 [listen.unix]
@@ -101,6 +114,7 @@ ca_bundle = "{emu.ca_path}"
 
 [refresh]
 {refresh}
+{budget}
 
 [identity.main]
 tenant_id = "{demo.TENANT_ID}"

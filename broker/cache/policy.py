@@ -14,7 +14,6 @@ from broker.config import RefreshConfig
 from broker.models import AccessToken
 
 _MAX_MARGIN_SHARE = 0.2  # a refresh margin never eats more than this share of the lead time
-_MAX_SKEW_SHARE = 0.1  # the skew allowance never eats more than this share of a lifetime
 _NON_RETRYABLE_BACKOFF_FLOOR = 60.0  # faults only an operator can fix are not hammered
 
 
@@ -47,18 +46,68 @@ class Policy:
         """The last moment a token may be handed out; None for keys, which do not expire."""
         if token.expires_on is None:
             return None
-        lifetime = max(token.expires_on - obtained_at, 0.0)
-        return token.expires_on - min(self.config.clock_skew_s, lifetime * _MAX_SKEW_SHARE)
+        return token.expires_on - token.skew_allowance(self.config.clock_skew_s, obtained_at)
 
     def servable(self, token: AccessToken, obtained_at: float, now: float) -> bool:
         until = self.serve_until(token, obtained_at)
         return until is None or now < until
 
+    def unusable_reason(self, token: AccessToken, now: float) -> str | None:
+        """Why a credential arriving at `now` must not be served (see `AccessToken`)."""
+        return token.unusable_reason(now, self.config.clock_skew_s)
+
     def retry_in(self, failures: int, retry_after: float | None, retryable: bool) -> float:
-        """Exponential backoff with full jitter, capped; Azure's Retry-After is a floor."""
-        cap = self.config.retry_max_s
+        """Exponential backoff with equal jitter, capped; Azure's Retry-After is a floor.
+
+        The delay after the n-th failure in a row is drawn between half its ceiling and
+        the ceiling (`retry_min_s` doubling up to `retry_max_s`), never below `retry_min_s`:
+        unlike full jitter, the spacing of a failing streak then grows for certain, which
+        is what lets `max_attempts` bound what Azure can see.
+        """
         if not retryable:
-            return max(cap, _NON_RETRYABLE_BACKOFF_FLOOR)
-        ceiling = min(cap, self.config.retry_min_s * 2 ** max(failures - 1, 0))
-        delay = self.rand.uniform(self.config.retry_min_s, max(ceiling, self.config.retry_min_s))
+            return max(self.config.retry_max_s, _NON_RETRYABLE_BACKOFF_FLOOR)
+        ceiling = self._ceiling(failures)
+        delay = self.rand.uniform(self.shortest_retry_in(failures), ceiling)
         return max(delay, retry_after or 0.0)
+
+    def shortest_retry_in(self, failures: int) -> float:
+        """The least `retry_in` can answer after `failures` failures in a row."""
+        return max(self.config.retry_min_s, self._ceiling(failures) / 2)
+
+    def _ceiling(self, failures: int) -> float:
+        config = self.config
+        doubled = config.retry_min_s * float(2 ** min(max(failures - 1, 0), 64))
+        return max(min(config.retry_max_s, doubled), config.retry_min_s)
+
+    def max_attempts(self, window_s: float, shortest_lead_s: float) -> int:
+        """The most upstream attempts this policy lets one service make in `window_s`.
+
+        The worst case repeats a cycle: a success whose next refresh is `shortest_lead_s`
+        away (the shortest time from a fetch to its scheduled refresh, for the lifetimes
+        in play), then k failures in a row spaced at `shortest_retry_in`; the bound takes
+        the k that packs the most attempts, and counts a partial cycle as whole.
+        """
+        best = 0
+        gaps: list[float] = []
+        for streak in range(128):
+            cycle = max(shortest_lead_s, self.config.retry_min_s) + sum(gaps)
+            whole_cycles = int(window_s // cycle) + 1
+            best = max(best, whole_cycles * (streak + 1))
+            gaps.append(self.shortest_retry_in(streak + 1))
+            if sum(gaps) > window_s:
+                break
+        failing_only = 1
+        elapsed = 0.0
+        for failures in range(1, 10_000):
+            elapsed += self.shortest_retry_in(failures)
+            if elapsed > window_s:
+                break
+            failing_only += 1
+        return max(best, failing_only)
+
+    def shortest_lead(self, refresh_by_s: float) -> float:
+        """The least time from a fetch to its scheduled refresh, for credentials whose
+        `refresh_by` is `refresh_by_s` after they arrive (keys: `key_interval_s`)."""
+        margin = min(self.config.margin_s, refresh_by_s * _MAX_MARGIN_SHARE)
+        jitter = min(self.config.jitter_s, refresh_by_s * _MAX_MARGIN_SHARE)
+        return max(refresh_by_s - margin - jitter, self.config.retry_min_s)

@@ -1,23 +1,22 @@
-"""Schedules every service's next refresh on APScheduler 3's asyncio scheduler.
+"""Schedules every service's next refresh.
 
-Each service has one one-shot job, upserted after every fetch: at the policy's
-refresh time after a success, after a jittered backoff after a failure. The
-scheduler sleeps until the next job is due, so an idle broker burns no CPU.
+Each service has one one-shot job, upserted after every fetch: at the policy's refresh
+time after a success, after a jittered backoff after a failure, and after the same
+backoff when a credential asks to be refreshed at once. Jobs run on `Jobs` (APScheduler
+in production, simulated time in tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
+import functools
 
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.date import DateTrigger
-
-from broker.cache.store import Entry, Store
+from broker.cache.scheduling import ApschedulerJobs, Jobs
+from broker.cache.store import Entry, Reconciled, Store, Wanted
 from broker.errors import UpstreamError
 from broker.log import get_logger
+from broker.models import AuthKind
 
 log = get_logger("broker.refresher")
 
@@ -25,9 +24,9 @@ log = get_logger("broker.refresher")
 class Refresher:
     """Keeps every entry of a `Store` refreshed ahead of its deadline."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, jobs: Jobs | None = None) -> None:
         self._store = store
-        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._jobs = jobs if jobs is not None else ApschedulerJobs()
         store.on_result(self._reschedule)
 
     def start(self) -> None:
@@ -36,23 +35,36 @@ class Refresher:
         The first fetches start here rather than as jobs so that a client asking
         at once joins them instead of starting a second fetch.
         """
-        self._scheduler.start()
+        self._jobs.start()
         for entry in self._store.entries:
             self.track(entry.service)
 
     def track(self, service: str) -> None:
-        """Start refreshing a service: at its refresh time if it holds a usable credential
-        (restored from the persisted cache), else now."""
+        """Start refreshing a service: at its refresh time if it holds a usable token
+        (restored from the persisted cache), else now. A restored key is served but
+        re-listed at once: it may have been rotated while the broker was down."""
         entry = self._store.entry(service)
-        if entry.token is not None and entry.obtained_at is not None and self._store.usable(entry):
-            self._schedule(service, self._store.policy.refresh_at(entry.token, entry.obtained_at))
+        token = entry.token
+        if (
+            token is not None
+            and entry.obtained_at is not None
+            and token.auth is not AuthKind.KEY
+            and self._store.usable(entry)
+        ):
+            self._schedule(service, self._store.policy.refresh_at(token, entry.obtained_at))
         else:
             self._store.fetch(service)
 
-    def forget(self, service: str) -> None:
-        """Stop refreshing a service that is no longer configured."""
-        with contextlib.suppress(JobLookupError):
-            self._scheduler.remove_job(service)
+    def reconcile(self, wanted: list[Wanted]) -> Reconciled:
+        """Apply a reloaded list of services to the store, and schedule what it changed."""
+        result = self._store.reconcile(wanted)
+        for service in result.removed + result.replaced:
+            self._jobs.cancel(service)
+        for service in result.added + result.replaced:
+            self.track(service)
+        for service in result.resigned:
+            self._store.fetch(service)  # keeps serving its credential meanwhile
+        return result
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop scheduling; let fetches under way finish within `grace_s`, then cancel them.
@@ -60,8 +72,7 @@ class Refresher:
         Waiting matters because MSAL runs in worker threads that a cancelled task
         cannot stop: they would outlive the event loop.
         """
-        if self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
+        self._jobs.shutdown()
         pending = [e.inflight for e in self._store.entries if e.inflight is not None]
         if not pending:
             return
@@ -78,11 +89,19 @@ class Refresher:
     def _reschedule(self, entry: Entry) -> None:
         store = self._store
         now = store.clock()
+        policy = store.policy
         if entry.last_error is None and entry.token is not None and entry.obtained_at is not None:
-            when = store.policy.refresh_at(entry.token, entry.obtained_at)
+            when = policy.refresh_at(entry.token, entry.obtained_at)
+            if when - now < policy.config.retry_min_s:
+                # Due at once by its own times: back off as after a failure, never loop.
+                entry.due_at_once += 1
+                when = now + policy.retry_in(entry.due_at_once, None, True)
+                log.warning("refresh.due_at_once", service=entry.service, streak=entry.due_at_once)
+            else:
+                entry.due_at_once = 0
         else:
             error = entry.last_error
-            delay = store.policy.retry_in(
+            delay = policy.retry_in(
                 entry.failures,
                 error.retry_after if error else None,
                 error.retryable if error else True,
@@ -93,14 +112,4 @@ class Refresher:
 
     def _schedule(self, service: str, when: float) -> None:
         self._store.entry(service).next_attempt_at = when
-        self._scheduler.add_job(
-            self._run,
-            trigger=DateTrigger(run_date=datetime.fromtimestamp(when, UTC)),
-            args=[service],
-            id=service,
-            name=f"refresh:{service}",
-            replace_existing=True,
-            misfire_grace_time=None,
-            coalesce=True,
-            max_instances=3,  # a job may be upserted while its previous run finishes
-        )
+        self._jobs.at(service, when, functools.partial(self._run, service))

@@ -37,10 +37,13 @@ class Saver:
             e.service: fp for e in self._store.entries if (fp := self._fingerprint(e.service))
         }
         restored = self._cache.load(fingerprints)
+        count = 0
         for service, saved in restored.items():
             entry = self._store.restore(service, saved.token, saved.obtained_at)
-            self._saved_generations[service] = entry.generation
-        return len(restored)
+            if entry is not None:
+                self._saved_generations[service] = entry.generation
+                count += 1
+        return count
 
     def _on_result(self, entry: Entry) -> None:
         if self._saved_generations.get(entry.service) == entry.generation:

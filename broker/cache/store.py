@@ -10,13 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from broker.cache.budget import CallBudget, PrincipalKey
 from broker.cache.policy import Policy
-from broker.errors import NotReadyError, UnknownServiceError, UpstreamError
+from broker.errors import (
+    NotReadyError,
+    UnknownServiceError,
+    UnusableCredentialError,
+    UpstreamError,
+)
 from broker.log import forget_secret, get_logger
-from broker.models import AccessToken, Clock, State, system_clock
+from broker.models import AccessToken, Clock, Sleep, State, system_clock, system_sleep
 from broker.providers import TokenProvider
 
 log = get_logger("broker.cache")
@@ -41,8 +47,48 @@ class Entry:
     failures: int = 0
     next_attempt_at: float | None = None
     last_attempt_at: float | None = None  # when the latest fetch started
+    last_call_at: float | None = None  # when the provider was last asked (after pacing)
     generation: int = 0  # changes whenever `token` changes; lets readers cache renderings
     inflight: asyncio.Task[AccessToken] | None = None
+    principal: PrincipalKey = ("", "")  # whose call budget its fetches spend
+    budget_waits: int = 0  # fetches that waited for the call budget
+    due_at_once: int = 0  # successes in a row whose credential asked to be refreshed at once
+    target: object = None  # which Azure service, fetched how (see `Wanted`)
+    signer: object = None  # who signs in to fetch it
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """A service as a configuration defines it, for `Store.reconcile`.
+
+    `target` says which Azure service is fetched and how (equal targets share a
+    credential); `signer` says who signs in for it (a new signer keeps the credential
+    and fetches again at once); `principal` is whose call budget its fetches spend.
+    """
+
+    provider: TokenProvider
+    target: object
+    signer: object
+    principal: PrincipalKey = ("", "")
+
+    @property
+    def service(self) -> str:
+        return self.provider.service
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """What `Store.reconcile` did to each service, by name."""
+
+    added: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()  # same target and signer: credential and schedule stay
+    resigned: tuple[str, ...] = ()  # same target, new signer: credential stays, fetch now
+    replaced: tuple[str, ...] = ()  # another target under the same name: starts from nothing
+    removed: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        return self.resigned + self.replaced
 
 
 class Store:
@@ -55,10 +101,15 @@ class Store:
         clock: Clock = system_clock,
         max_concurrency: int = 4,
         client_refresh_window_s: float = 10.0,
+        *,
+        sleep: Sleep = system_sleep,
+        budget: CallBudget | None = None,
     ) -> None:
         self.policy = policy or Policy()
         self.clock = clock
+        self.sleep = sleep
         self.client_refresh_window_s = client_refresh_window_s
+        self.budget = budget
         self._entries = {p.service: Entry(p.service, p) for p in providers}
         self._listeners: list[Callable[[Entry], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -66,16 +117,63 @@ class Store:
         # a thousand services starting at once queue here instead of bursting.
         self._upstream_slots = asyncio.Semaphore(max_concurrency)
 
-    def add(self, provider: TokenProvider, restored: Entry | None = None) -> Entry:
-        """Serve a new service, or give one a new provider; `restored` brings a saved credential."""
-        entry = restored or Entry(provider.service, provider)
-        entry.provider = provider
-        self._entries[provider.service] = entry
+    def configure(
+        self, policy: Policy, max_concurrency: int, client_refresh_window_s: float
+    ) -> None:
+        """Apply a reloaded `[refresh]`: fetches under way finish under the old bounds."""
+        self.policy = policy
+        self.client_refresh_window_s = client_refresh_window_s
+        self._upstream_slots = asyncio.Semaphore(max_concurrency)
+
+    def add(self, provider: TokenProvider) -> Entry:
+        """Serve a new service (one with no target or signer to reconcile against)."""
+        return self._add(Wanted(provider, None, None))
+
+    def _add(self, wanted: Wanted) -> Entry:
+        entry = Entry(wanted.service, wanted.provider)
+        entry.target, entry.signer, entry.principal = wanted.target, wanted.signer, wanted.principal
+        self._entries[wanted.service] = entry
         return entry
 
-    def restore(self, service: str, token: AccessToken, obtained_at: float) -> Entry:
-        """Put a credential saved before a restart back in place, as if just fetched."""
+    def reconcile(self, wanted: Sequence[Wanted]) -> Reconciled:
+        """Make the entries those of `wanted`: add, keep, re-sign, replace or remove each."""
+        names = {w.service for w in wanted}
+        removed = [name for name in self._entries if name not in names]
+        for name in removed:
+            self.remove(name)
+        verdicts: dict[str, list[str]] = {"added": [], "kept": [], "resigned": [], "replaced": []}
+        for want in wanted:
+            verdicts[self._reconcile_one(want)].append(want.service)
+        return Reconciled(
+            **{verdict: tuple(names) for verdict, names in verdicts.items()},
+            removed=tuple(removed),
+        )
+
+    def _reconcile_one(self, want: Wanted) -> str:
+        entry = self._entries.get(want.service)
+        if entry is None:
+            self._add(want)
+            return "added"
+        if entry.target != want.target:
+            self.remove(want.service)
+            self._add(want)
+            return "replaced"
+        entry.principal = want.principal
+        if entry.signer == want.signer:
+            return "kept"
+        entry.provider, entry.signer = want.provider, want.signer
+        return "resigned"
+
+    def restore(self, service: str, token: AccessToken, obtained_at: float) -> Entry | None:
+        """Put a credential saved before a restart back in place, as if just fetched; None
+        when it cannot be served now (the same judgement as for a fetched one)."""
         entry = self.entry(service)
+        reason = self.policy.unusable_reason(token, self.clock())
+        if reason is None and not self.policy.servable(token, obtained_at, self.clock()):
+            reason = "it is within its clock-skew allowance of expiry"
+        if reason is not None:
+            log.warning("cache.restore_refused", service=service, reason=reason)
+            return None
         entry.token, entry.obtained_at, entry.last_success_at = token, obtained_at, obtained_at
         entry.generation = next(_generations)
         return entry
@@ -88,6 +186,8 @@ class Store:
                 entry.inflight.cancel()
             if entry.token is not None:
                 forget_secret(entry.token.value)
+            if self.budget is not None:
+                self.budget.forget(service)
         return entry
 
     def on_result(self, listener: Callable[[Entry], None]) -> None:
@@ -172,8 +272,11 @@ class Store:
 
     async def _fetch(self, entry: Entry) -> AccessToken:
         try:
+            await self._pace(entry)
             async with self._upstream_slots:
+                entry.last_call_at = self.clock()
                 token = await entry.provider.fetch()
+            self._judge(entry, token)
         except UpstreamError as exc:
             self._record_failure(entry, exc)
             raise
@@ -186,6 +289,26 @@ class Store:
             entry.inflight = None
         self._record_success(entry, token)
         return token
+
+    async def _pace(self, entry: Entry) -> None:
+        """Hold a fetch until `retry_min_s` after the service's last call, then until the
+        call budget has room: whatever asked for it, Azure never sees a burst."""
+        if entry.last_call_at is not None:
+            wait = entry.last_call_at + self.policy.config.retry_min_s - self.clock()
+            if wait > 0:
+                await self.sleep(wait)
+        if self.budget is not None and await self.budget.spend(entry.service, entry.principal):
+            entry.budget_waits += 1
+
+    def _judge(self, entry: Entry, token: AccessToken) -> None:
+        """Refuse a credential that cannot be served on arrival, so that it never replaces
+        the one being served."""
+        reason = self.policy.unusable_reason(token, self.clock())
+        if reason is not None:
+            raise UnusableCredentialError(
+                f"the {token.auth.value} Azure gave for {entry.service!r} cannot be used: "
+                f"{reason}; the previous credential is served while it is valid"
+            )
 
     def _record_success(self, entry: Entry, token: AccessToken) -> None:
         now = self.clock()
@@ -212,6 +335,7 @@ class Store:
         log.warning(
             "token.refresh_failed",
             service=entry.service,
+            reason=type(exc).__name__,
             error=exc.message,
             status=exc.status,
             aad_code=exc.aad_code,

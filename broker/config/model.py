@@ -156,6 +156,11 @@ class RefreshConfig:
     timeout_s: float = 30.0  # bound on each upstream call
     max_concurrency: int = 4  # upstream fetches in flight at once, across all services
     client_refresh_window_s: float = 10.0  # a client-asked refresh of a service: once per this
+    # The hard call budget, whatever the policy decides: token buckets of upstream fetches.
+    service_calls_burst: int = 10  # fetches one service may make at once
+    service_calls_per_minute: float = 6.0  # and then, sustained
+    principal_calls_burst: int = 1000  # fetches one principal and subscription may make at once
+    principal_calls_per_minute: float = 1200.0  # and then, sustained (ARM refills 25/s)
 
 
 @dataclass(frozen=True, slots=True)

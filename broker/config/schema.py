@@ -290,7 +290,9 @@ def _refresh(table: Table) -> RefreshConfig:
     seconds: dict[str, float] = {}
     for name in names:
         default = getattr(defaults, name)
-        if not isinstance(default, int):
+        if name.endswith("_per_minute"):
+            seconds[name] = _rate(table, name, default)
+        elif not isinstance(default, int):
             seconds[name] = _seconds(table, name, default)
     fraction, low, high = (
         seconds["lifetime_fraction"],
@@ -309,8 +311,25 @@ def _refresh(table: Table) -> RefreshConfig:
             f"retry_max_s ({high:g}) is less than retry_min_s ({low:g})",
             "raise retry_max_s or lower retry_min_s",
         )
-    concurrency = _at_least(table, "max_concurrency", defaults.max_concurrency, 1)
-    return RefreshConfig(**seconds, max_concurrency=concurrency)
+    whole = {
+        name: _at_least(table, name, getattr(defaults, name), 1)
+        for name in ("max_concurrency", "service_calls_burst", "principal_calls_burst")
+    }
+    # Each name lands on its own field: the float ones in seconds, the whole ones in whole.
+    return RefreshConfig(**seconds, **whole)  # type: ignore[arg-type]
+
+
+def _rate(table: Table, name: str, default: float) -> float:
+    value = table.number(name, default)
+    if value <= 0:
+        table.problem(
+            name,
+            f"{name} must be more than zero, got {value:g}",
+            f"use a positive number of calls per minute, or remove it for the default "
+            f"({default:g})",
+        )
+        return default
+    return value
 
 
 def _seconds(table: Table, name: str, default: float) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,9 +21,10 @@ import msal
 import requests
 
 from broker.config import CloudProfile, IdentityConfig
-from broker.errors import SignInError, UnavailableError, UpstreamError
+from broker.credentials.jwt_claims import jwt_times
+from broker.errors import SignInError, UnavailableError, UnusableCredentialError, UpstreamError
 from broker.log import get_logger, register_secret, scrub
-from broker.models import AccessToken, AuthKind, Clock, system_clock
+from broker.models import AccessToken, AuthKind, Clock, system_clock, wall_clock
 
 log = get_logger("broker.credentials")
 
@@ -57,8 +57,7 @@ class _BoundedSession(requests.Session):
         self.timeout_s = timeout_s
 
     def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = self.timeout_s
+        kwargs["timeout"] = self.timeout_s  # ours, so that a reload can change it
         return super().request(method, url, **kwargs)
 
 
@@ -84,12 +83,13 @@ class ServicePrincipalCredential:
         session: requests.Session | None = None,
         timeout_s: float = 30.0,
         clock: Clock = system_clock,
+        clock_skew_s: float = 30.0,
     ) -> None:
         self.identity = identity
         self._clock = clock  # Entra gives lifetimes; they are placed on the broker's clock
         self._cloud = cloud
         self._session = session or http_session(cloud, timeout_s)
-        self._timeout_s = timeout_s
+        self._clock_skew_s = clock_skew_s
         self._app: msal.ConfidentialClientApplication | None = None
         self._lock = asyncio.Lock()
         # scope -> (the token MSAL gave, the wall-clock time until which it would give it again)
@@ -103,6 +103,12 @@ class ServicePrincipalCredential:
         """Close MSAL's pooled HTTPS connections."""
         self._session.close()
 
+    def configure(self, timeout_s: float, clock_skew_s: float) -> None:
+        """Apply a reloaded `[refresh]`: later sign-ins are bounded and judged by these."""
+        self._clock_skew_s = clock_skew_s
+        if isinstance(self._session, _BoundedSession):
+            self._session.timeout_s = timeout_s
+
     async def get_token(self, scope: str) -> AccessToken:
         held = self._still_held(scope)
         if held is not None:
@@ -111,17 +117,35 @@ class ServicePrincipalCredential:
             held = self._still_held(scope)  # fetched while this caller waited
             if held is not None:
                 return held
-            asked_at = time.time()
+            asked_at = self._clock()
             token, reusable_s = await asyncio.to_thread(self._acquire, scope)
+            reason = token.unusable_reason(self._clock(), self._clock_skew_s)
+            if reason is not None:
+                await asyncio.to_thread(self._evict, scope)
+                raise UnusableCredentialError(
+                    f"entra.token: the token Entra ID gave identity {self.identity.name!r} "
+                    f"for scope {scope} cannot be used: {reason}",
+                    route="entra.token",
+                )
             if reusable_s > 0:
                 self._held[scope] = (token, asked_at + reusable_s)
             return token
 
     def _still_held(self, scope: str) -> AccessToken | None:
         held = self._held.get(scope)
-        if held is None or time.time() >= held[1]:
+        if held is None or self._clock() >= held[1]:
             return None
         return held[0]
+
+    def _evict(self, scope: str) -> None:
+        """Drop MSAL's cached token for `scope`, so that the next sign-in asks Entra again
+        instead of answering the token just refused from MSAL's cache."""
+        if self._app is None:
+            return
+        cache = self._app.token_cache
+        for item in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
+            if scope.lower() in str(item.get("target", "")).lower().split():
+                cache.remove_at(item)
 
     def _acquire(self, scope: str) -> tuple[AccessToken, float]:
         try:
@@ -143,8 +167,7 @@ class ServicePrincipalCredential:
                 client_credential=self._client_credential(),
                 authority=f"{self._cloud.authority_host.rstrip('/')}/{identity.tenant_id}",
                 instance_discovery=False,
-                http_client=self._session,
-                timeout=self._timeout_s,
+                http_client=self._session,  # which bounds every call by the current timeout
             )
         return self._app
 
@@ -169,12 +192,18 @@ class ServicePrincipalCredential:
         # MSAL turns Entra's `refresh_in` into `refresh_on`, a time on the wall clock.
         refresh_on = result.get("refresh_on")
         now = self._clock()
+        expires_on = now + expires_in
+        # The JWT's times are on Entra's clock: placed on ours through the answer's expiry.
+        times = jwt_times(value)
+        offset = expires_on - times.expires if times and times.expires else None
         return AccessToken(
             value=value,
             auth=AuthKind.ENTRA,
-            expires_on=now + expires_in,
-            refresh_after=now + float(refresh_on) - time.time() if refresh_on else None,
+            expires_on=expires_on,
+            refresh_after=now + float(refresh_on) - wall_clock() if refresh_on else None,
             token_type=str(result.get("token_type", "Bearer")),
+            issued_at=_moved(times.issued_at if times else None, offset),
+            not_before=_moved(times.not_before if times else None, offset),
         )
 
     def _sign_in_error(self, result: dict[str, Any], scope: str) -> UpstreamError:
@@ -200,6 +229,10 @@ class ServicePrincipalCredential:
         )
 
 
+def _moved(when: float | None, offset: float | None) -> float | None:
+    return None if when is None or offset is None else when + offset
+
+
 def _reusable_s(result: dict[str, Any]) -> float:
     """For how long from before the call MSAL would hand out the same token from its cache:
     until 5 minutes before expiry, and not past its `refresh_on` (0: ask every time)."""
@@ -207,7 +240,7 @@ def _reusable_s(result: dict[str, Any]) -> float:
         window = float(result["expires_in"]) - _MSAL_EXPIRY_BUFFER_S
         refresh_on = result.get("refresh_on")
         if refresh_on is not None:
-            window = min(window, float(refresh_on) - time.time())
+            window = min(window, float(refresh_on) - wall_clock())
     except (KeyError, TypeError, ValueError):
         return 0.0
     return max(window, 0.0)

@@ -8,7 +8,6 @@ slash) for ARM and MMS, exactly `ML_AUDIENCE` for an online endpoint in AADToken
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from broker.emulator.context import site_of, state_of
 from broker.emulator.records import KeyHolder
+from broker.emulator.sabotage import shaped_times
 
 ML_AUDIENCE = "https://ml.azure.com"  # the scope https://ml.azure.com/.default names it
 
@@ -90,14 +90,14 @@ def issue_token(
     Azure sends them: the token dies at the second it names)."""
     state = state_of(request)
     issued_at = state.clock()
-    expires_at = math.floor(issued_at + holder.token_lifetime_s)
+    iat, nbf, expires_at = shaped_times(request, issued_at, holder.token_lifetime_s)
     claims = {
         "iss": f"{site_of(request).region_base(holder.workspace.region)}/{issuer}",
         "aud": holder.service_id,
         "sub": caller.object_id,
         "appid": caller.app_id,
-        "iat": int(issued_at),
-        "nbf": int(issued_at),
+        "iat": iat,
+        "nbf": nbf,
         "exp": expires_at,
         "jti": secrets.token_urlsafe(12),
     }

@@ -21,6 +21,7 @@ from broker.emulator.assertions import (
 from broker.emulator.context import site_of, state_of
 from broker.emulator.records import Client
 from broker.emulator.replies import aad_error
+from broker.emulator.sabotage import shaped_times
 from broker.emulator.signing import unverified_claims
 from broker.emulator.state import FEDERATED_ISSUER
 
@@ -216,6 +217,7 @@ def _issue(request: web.Request, client: Client, resource: str) -> dict[str, obj
     state = state_of(request)
     now = int(state.clock())
     lifetime = int(state.entra_token_lifetime_s)
+    iat, nbf, exp = shaped_times(request, now, lifetime)
     claims = {
         "aud": resource,
         "iss": f"{site_of(request).base_url}/{client.tenant_id}/v2.0",
@@ -227,14 +229,14 @@ def _issue(request: web.Request, client: Client, resource: str) -> dict[str, obj
         "idtyp": "app",
         "ver": "2.0",
         "uti": secrets.token_urlsafe(16),
-        "iat": now,
-        "nbf": now,
-        "exp": now + lifetime,
+        "iat": iat,
+        "nbf": nbf,
+        "exp": exp,
     }
     answer = {
         "token_type": "Bearer",
-        "expires_in": lifetime,
-        "ext_expires_in": lifetime,
+        "expires_in": exp - now,
+        "ext_expires_in": exp - now,
         "access_token": state.token_key.sign(claims),
     }
     if lifetime >= _REFRESH_IN_FROM_S:  # Entra's hint for long-lived tokens

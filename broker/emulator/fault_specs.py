@@ -19,7 +19,8 @@ from broker.emulator.faults import KINDS, ROUTES, Fault, Outage
 
 FAULT_FORMS: Final = (
     "ROUTE=STATUS, ROUTE=STATUS:retry-after=SECONDS, ROUTE=slow:SECONDS or "
-    "ROUTE=KIND with KIND one of reset, hang, malformed, partial, missing_fields; "
+    "ROUTE=KIND with KIND one of reset, hang, malformed, partial, missing_fields, expired, "
+    "expiring, not_yet_valid; "
     "optionally @SERVICE at the end (e.g. mms.token=503@fraud-aks)"
 )
 OUTAGE_FORMS: Final = "REGION or REGION=HOW with HOW one of reset, hang, malformed or a status"

@@ -36,7 +36,18 @@ ROUTES: Final = (
 REGIONAL_ROUTES: Final = frozenset(
     r for r in ROUTES if r.split(".")[0] in ("discovery", "mms", "score")
 )
-KINDS: Final = ("status", "reset", "hang", "slow", "malformed", "partial", "missing_fields")
+# Kinds that shape the token a token route issues instead of breaking the answer.
+VALIDITY_KINDS: Final = ("expired", "expiring", "not_yet_valid")
+KINDS: Final = (
+    "status",
+    "reset",
+    "hang",
+    "slow",
+    "malformed",
+    "partial",
+    "missing_fields",
+    *VALIDITY_KINDS,
+)
 OUTAGE_KINDS: Final = ("reset", "hang", "status", "malformed")
 
 _NUMBER = (int, float)
@@ -53,7 +64,10 @@ class Fault:
     verbatim (malformed JSON included); anything else is sent as JSON. Kind "malformed"
     sends `body` too when it is a `str`. `delay_s` is waited before any kind acts.
     `times` None means until cleared. `region` limits the fault to requests under
-    `/regions/{region}/`.
+    `/regions/{region}/`. The validity kinds answer a well-formed token that cannot be
+    used on arrival: "expired" (a minute ago), "expiring" (`expires_in_s` after it is
+    issued, as if issued a lifetime earlier) and "not_yet_valid" (its `nbf` half a
+    lifetime away); on other routes they answer normally.
     """
 
     route: str
@@ -65,6 +79,7 @@ class Fault:
     delay_s: float = 0.0
     kind: str = "status"
     region: str | None = None
+    expires_in_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
@@ -77,6 +92,8 @@ class Fault:
             raise ValueError("times must be at least 1, or None for until cleared")
         if self.delay_s < 0:
             raise ValueError("delay_s must not be negative")
+        if self.expires_in_s < 0:
+            raise ValueError("expires_in_s must not be negative")
         if self.kind == "status" and self.status is None:
             self.kind = "slow"
         if self.kind != "status":
@@ -134,6 +151,7 @@ def _check_types(data: dict[str, Any]) -> None:
         "delay_s": _NUMBER,
         "kind": (str,),
         "region": (str, type(None)),
+        "expires_in_s": _NUMBER,
     }
     if "route" not in data:
         raise ValueError("route is required")

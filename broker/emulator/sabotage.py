@@ -8,7 +8,9 @@ region or a broken proxy between it and the broker would:
 - "malformed": 200, an HTML page (or the fault's `str` body) labelled application/json;
 - "partial": the real answer cut in half, with a `Content-Length` that matches the cut;
 - "missing_fields": the real answer without the fields a client needs (`ESSENTIAL`);
-  `{}` (200) for routes that have none.
+  `{}` (200) for routes that have none;
+- "expired", "expiring", "not_yet_valid": the real answer, its token shaped by the
+  fault (see `shaped_times`): well-formed, signed, and unusable on arrival.
 
 "partial" and "missing_fields" keep the real answer's status: 200 for a good request, the
 route's error (a 401 for a missing token, say) for a bad one.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -29,7 +32,7 @@ from typing import Final
 from aiohttp import hdrs, web
 
 from broker.emulator.context import stopping_of
-from broker.emulator.faults import Fault
+from broker.emulator.faults import VALIDITY_KINDS, Fault
 from broker.emulator.replies import fault_response
 
 Answer = Callable[[], Awaitable[web.StreamResponse]]
@@ -46,6 +49,8 @@ ESSENTIAL: Final[dict[str, tuple[tuple[str, ...], ...]]] = {
     "discovery": (("modelmanagement",),),
     "entra.token": (("access_token",),),
 }
+VALIDITY: Final = web.RequestKey("validity", Fault)
+
 MALFORMED_BODY: Final = "<html><body><h1>502 Bad Gateway</h1>upstream error</body></html>"
 _RST_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
 
@@ -66,9 +71,31 @@ async def apply(
         return truncated(await answer())
     if fault.kind == "missing_fields":
         return await without_essentials(route, answer)
+    if fault.kind in VALIDITY_KINDS:
+        request[VALIDITY] = fault
+        return await answer()
     if fault.kind == "slow":
         return await answer()
     return fault_response(request, route, fault)
+
+
+def shaped_times(request: web.Request, issued_at: float, lifetime_s: float) -> tuple[int, int, int]:
+    """`(iat, nbf, exp)` of a token issued at `issued_at` for `lifetime_s`, as a validity
+    fault on the request shapes them (whole epoch seconds; untouched without one)."""
+    fault = request.get(VALIDITY)
+    expires = math.floor(issued_at + lifetime_s)
+    issued = not_before = int(issued_at)
+    if fault is None:
+        return issued, not_before, expires
+    if fault.kind == "expired":
+        expires = math.floor(issued_at) - 60
+    elif fault.kind == "expiring":
+        expires = math.floor(issued_at + fault.expires_in_s)
+    if fault.kind in ("expired", "expiring"):
+        issued = not_before = math.floor(expires - lifetime_s)
+    else:  # not yet valid: it starts half a lifetime from now
+        not_before = math.floor(issued_at + lifetime_s / 2)
+    return issued, not_before, expires
 
 
 async def pause(request: web.Request, delay_s: float) -> None:

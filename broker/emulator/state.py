@@ -244,10 +244,13 @@ class EmulatorState:
         delay_s: float = 0.0,
         kind: str = "status",
         region: str | None = None,
+        expires_in_s: float = 1.0,
     ) -> Fault:
         """Make `route` answer `status`, or fail as `kind` says (see `Fault`); returns the
         armed fault."""
-        fault = Fault(route, status, times, service, body, retry_after, delay_s, kind, region)
+        fault = Fault(
+            route, status, times, service, body, retry_after, delay_s, kind, region, expires_in_s
+        )
         return self.faults.add(fault)
 
     def region_down(self, region: str, *, kind: str = "reset", status: int = 503) -> Outage:

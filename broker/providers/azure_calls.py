@@ -36,7 +36,7 @@ class AzureCalls:
         self._service = service
         self._upstream = upstream
         self._throttles = throttles
-        self._clock = throttles.clock  # the broker's: Azure's Date is compared with it
+        self.clock = throttles.clock  # the broker's: Azure's Date is compared with it
         self._principal = principal
         self._throttle_key = (principal, subscription_id.lower())
         self._lacks = lacks
@@ -75,7 +75,7 @@ class AzureCalls:
         return skew if abs(skew) >= SKEW_TOLERANCE_S else 0.0
 
     def _note_skew(self, reply: Reply) -> None:
-        skew = clock_skew(reply.headers, self._clock())
+        skew = clock_skew(reply.headers, self.clock())
         if skew is None:
             return
         previous, self.clock_skew_s = self.clock_skew_s, skew

@@ -16,6 +16,7 @@ from typing import Any
 
 from broker.config import CloudProfile, ServiceConfig
 from broker.credentials import Credential
+from broker.credentials.jwt_claims import JwtTimes, jwt_times
 from broker.errors import (
     MalformedResponseError,
     UnsupportedAuthError,
@@ -242,6 +243,7 @@ class WebServiceProvider:
             route="mms.operation",
             poll_s=poll_s,
             within_s=within_s,
+            clock=self._calls.clock,
         )
         log.info("keys.regenerated", service=self.service, key=which)
 
@@ -308,20 +310,33 @@ def parse_token(
     if not isinstance(value, str) or not value.strip():
         raise MalformedResponseError(f"{route}: the answer has no accessToken", route=route)
     register_secret(value)
+    times = jwt_times(value) or JwtTimes()
     expiry = _epoch(body.get(expiry_field))
-    if expiry is None:
-        expiry = _jwt_exp(value)
+    if expiry is None or (times.expires is not None and times.expires < expiry):
+        expiry = times.expires  # the earlier of the two is when the token really dies
     if expiry is None:
         raise MalformedResponseError(
             f"{route}: the answer has no usable {expiry_field}", route=route
         )
     refresh = _epoch(body.get(refresh_field))
-    expiry -= skew_s
-    refresh = None if refresh is None else refresh - skew_s
     token_type = body.get("tokenType") if isinstance(body.get("tokenType"), str) else "Bearer"
     return _valid(
-        lambda: AccessToken(value, AuthKind.TOKEN, expiry, refresh, str(token_type)), route
+        lambda: AccessToken(
+            value,
+            AuthKind.TOKEN,
+            expiry - skew_s,
+            _moved(refresh, skew_s),
+            str(token_type),
+            issued_at=_moved(times.issued_at, skew_s),
+            not_before=_moved(times.not_before, skew_s),
+        ),
+        route,
     )
+
+
+def _moved(when: float | None, skew_s: float) -> float | None:
+    """An Azure time moved onto the broker's clock."""
+    return None if when is None else when - skew_s
 
 
 def _valid(build: Callable[[], AccessToken], route: str) -> AccessToken:
@@ -340,17 +355,6 @@ def _epoch(value: Any) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) and number > 0 else None
-
-
-def _jwt_exp(value: str) -> float | None:
-    """A JWT's `exp`, read without verification: the last resort for an expiry."""
-    import jwt  # here: it loads cryptography (about 8 MiB), and Azure's answers rarely need it
-
-    try:
-        claims = jwt.decode(value, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    return _epoch(claims.get("exp"))
 
 
 def _field(body: Any, path: tuple[str, ...], route: str) -> str:

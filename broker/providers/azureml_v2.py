@@ -129,6 +129,7 @@ class OnlineEndpointProvider:
             route="arm.operation",
             poll_s=poll_s,
             within_s=within_s,
+            clock=self._calls.clock,
         )
         log.info("keys.regenerated", service=self.service, key=which)
 

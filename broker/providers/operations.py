@@ -9,12 +9,12 @@ after Azure's `Retry-After` or our interval, until it ends or a deadline passes.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.errors import KeyRotationError, UnavailableError
 from broker.log import get_logger, scrub
+from broker.models import Clock, system_clock
 from broker.providers.upstream import Reply, retry_after
 
 log = get_logger("broker.providers.operations")
@@ -31,11 +31,12 @@ async def wait_for_operation(
     route: str,
     poll_s: float,
     within_s: float,
+    clock: Clock = system_clock,
 ) -> None:
     """Poll until the operation succeeds; raise `KeyRotationError` with Azure's error when
     it ends badly and `UnavailableError` when it outlasts `within_s`. `what` names the
     operation in messages ("regenerating the primary key of 'x'")."""
-    deadline = time.monotonic() + within_s
+    deadline = clock() + within_s
     while True:
         reply = await poll()
         state = state_of(reply)
@@ -45,12 +46,12 @@ async def wait_for_operation(
             raise KeyRotationError(
                 f"{what} ended {state}: {operation_error(reply.body)}", route=route
             )
-        if time.monotonic() >= deadline:
+        if clock() >= deadline:
             raise UnavailableError(
                 f"{what} did not finish within {within_s:.0f} s (last state {state!r})",
                 route=route,
             )
-        await asyncio.sleep(retry_after(reply.headers) or poll_s)
+        await asyncio.sleep(retry_after(reply.headers, clock()) or poll_s)
 
 
 def operation_error(body: Any) -> str:

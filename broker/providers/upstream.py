@@ -29,6 +29,7 @@ from broker.errors import (
     UpstreamError,
 )
 from broker.log import get_logger, scrub
+from broker.models import Clock, system_clock
 
 log = get_logger("broker.upstream")
 
@@ -64,11 +65,17 @@ class Upstream:
         timeout_s: float = 30.0,
         *,
         observer: UpstreamObserver | None = None,
+        clock: Clock = system_clock,
     ) -> None:
         self._cloud = cloud
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10.0))
+        self._clock = clock
+        self._timeout = _timeout(timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._observer = observer
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """Bound the calls made from now on by `timeout_s` (a reloaded `[refresh]`)."""
+        self._timeout = _timeout(timeout_s)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -79,9 +86,7 @@ class Upstream:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=ssl_context(self._cloud), limit=32)
             # trust_env stays False: proxy variables must not redirect credential traffic.
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, trust_env=False
-            )
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self._session
 
     async def call(
@@ -103,7 +108,10 @@ class Upstream:
         started = time.perf_counter()
         try:
             data = None if json_body is None else json.dumps(json_body).encode()
-            async with self._client().request(method, url, headers=headers, data=data) as resp:
+            request = self._client().request(
+                method, url, headers=headers, data=data, timeout=self._timeout
+            )
+            async with request as resp:
                 raw = await resp.content.read(_MAX_BODY + 1)
                 reply_headers = {k: v for k, v in resp.headers.items() if k in _KEPT_HEADERS}
                 status = resp.status
@@ -122,13 +130,17 @@ class Upstream:
         if len(raw) > _MAX_BODY:
             raise MalformedResponseError(f"{route}: answer larger than 1 MiB", route=route)
         if status >= 300:
-            raise translate(status, raw, reply_headers, route=route, what=what)
+            raise translate(status, raw, reply_headers, route=route, what=what, now=self._clock())
         return Reply(status, _json(raw, route) if raw else None, reply_headers)
 
     def _observe(self, route: str, url: str, status: int | None, started: float) -> None:
         # A cancelled call is left out: it neither failed nor got an answer.
         if self._observer is not None:
             self._observer(route, url, status, time.perf_counter() - started)
+
+
+def _timeout(timeout_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10.0))
 
 
 _KEPT_HEADERS = frozenset(
@@ -166,21 +178,38 @@ def azure_message(raw: bytes) -> tuple[str | None, str]:
 
 
 def retry_after(headers: dict[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` of either form (seconds or HTTP date)."""
+    """Seconds to wait from a `Retry-After` of either form (seconds or HTTP date).
+
+    A date is on Azure's clock, so it is measured from the same answer's `Date` when
+    there is one, else from `now` (the broker's clock); with neither it counts as absent.
+    """
     value = headers.get("Retry-After")
     if not value:
         return None
     if value.strip().isdigit():
         return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+    when = _http_date(value)
+    sent = _http_date(headers.get("Date", "")) if headers.get("Date") else now
+    if when is None or sent is None:
         return None
-    return max(0.0, when - (now if now is not None else time.time()))
+    return max(0.0, when - sent)
+
+
+def _http_date(value: str) -> float | None:
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def translate(
-    status: int, raw: bytes, headers: dict[str, str], *, route: str, what: str
+    status: int,
+    raw: bytes,
+    headers: dict[str, str],
+    *,
+    route: str,
+    what: str,
+    now: float | None = None,
 ) -> UpstreamError:
     """The `UpstreamError` for a non-2xx answer, carrying Azure's code and message."""
     code, message = azure_message(raw)
@@ -195,10 +224,12 @@ def translate(
     if status == 404:
         return NotFoundError(detail + hint, status=status, route=route)
     if status == 429:
-        return ThrottledError(detail, status=status, retry_after=retry_after(headers), route=route)
+        return ThrottledError(
+            detail, status=status, retry_after=retry_after(headers, now), route=route
+        )
     if status >= 500 or status == 408:
         return UnavailableError(
-            detail, status=status, retry_after=retry_after(headers), route=route
+            detail, status=status, retry_after=retry_after(headers, now), route=route
         )
     error = UpstreamError(detail + hint, status=status, route=route)
     error.retryable = status == 401  # a rejected ARM token heals with the next sign-in

@@ -52,7 +52,8 @@ if first and len(sys.argv) > 2:
 def with_sinks(emulator: Emulator, short_dir: Path, sinks: dict[str, tuple[str, str]]) -> str:
     """A configuration serving `sinks`' services, each followed by its [service.sink] lines."""
     services = {name: web_service for name, (web_service, _) in sinks.items()}
-    head, *blocks = config_text(emulator, short_dir, services=services).split("\n[[service]]\n")
+    text = config_text(emulator, short_dir, services=services, refresh="retry_min_s = 0.05")
+    head, *blocks = text.split("\n[[service]]\n")
     text = head
     for block, (_, lines) in zip(blocks, sinks.values(), strict=True):
         text += "\n[[service]]\n" + block + "\n[service.sink]\n" + lines

@@ -274,6 +274,7 @@ async def test_a_failed_write_is_logged_and_retried_at_the_next_fetch(
     assert "tok-secret-1" not in logs.getvalue()
 
 
+@pytest.mark.usefixtures("every_repeat")
 async def test_a_failed_write_is_retried_without_waiting_for_a_fetch(
     store: Store,
     provider: FakeProvider,
