@@ -115,6 +115,7 @@ class Store:
         self._waiters: list[asyncio.Future[None]] = []
         # Bounds calls to Azure, which throttles per principal and per subscription:
         # a thousand services starting at once queue here instead of bursting.
+        self.max_concurrency = max_concurrency
         self._upstream_slots = asyncio.Semaphore(max_concurrency)
 
     def configure(
@@ -123,6 +124,7 @@ class Store:
         """Apply a reloaded `[refresh]`: fetches under way finish under the old bounds."""
         self.policy = policy
         self.client_refresh_window_s = client_refresh_window_s
+        self.max_concurrency = max_concurrency
         self._upstream_slots = asyncio.Semaphore(max_concurrency)
 
     def add(self, provider: TokenProvider) -> Entry:
