@@ -26,6 +26,7 @@ SCHEMA: dict[str, tuple[str, frozenset[str]]] = {
     "token_broker_service_state": ("gauge", frozenset({"service", "state"})),
     "token_broker_credential_expiry_seconds": ("gauge", frozenset({"service"})),
     "token_broker_last_refresh_age_seconds": ("gauge", frozenset({"service"})),
+    "token_broker_clock_skew_seconds": ("gauge", frozenset({"service"})),
     "token_broker_refreshes": ("counter", frozenset({"service", "outcome", "reason"})),
     "token_broker_upstream_request_duration_seconds": (
         "histogram",
