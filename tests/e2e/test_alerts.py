@@ -1,0 +1,227 @@
+"""The alert rules in a real Prometheus scraping a live broker: the series arrive, and an
+expired credential or a stopped broker fires its alert through Prometheus's own API.
+
+The rules are deploy/prometheus/token-broker.rules.yml with every `for:` cut to one second
+(promtool's unit tests hold the production durations); Prometheus scrapes and evaluates
+every second, on loopback only, with its data in the test's directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from broker.emulator import Emulator
+from broker.emulator import seed as demo
+from tests.e2e.conftest import Broker, StartBroker
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = REPO / "deploy" / "prometheus" / "token-broker.rules.yml"
+JOB = "token-broker"
+LISTENING = re.compile(r'msg="Listening on" address=(127\.0\.0\.1:\d+)')
+READY = "Server is ready to receive web requests."
+POLL_S = 0.2
+
+
+def prometheus_binary() -> str:
+    """The path of prometheus; fails the test, with the fix, when it is missing."""
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail(
+            "prometheus is not installed: this test runs the alert rules in it. `make tools` "
+            "installs it (Debian: apt-get install prometheus).",
+            pytrace=False,
+        )
+    return path
+
+
+class Prometheus:
+    """A Prometheus server of the test's own, and a client of its HTTP API."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.address = ""
+        self._session = aiohttp.ClientSession()
+
+    async def started(self, within: float = 20.0) -> None:
+        """Read its log until it listens and is ready; the log is kept for failures."""
+
+        async def read() -> None:
+            assert self.proc.stderr is not None
+            async for raw in self.proc.stderr:
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                if found := LISTENING.search(line):
+                    self.address = found.group(1)
+                if READY in line:
+                    return
+            raise AssertionError("prometheus exited:\n" + "".join(self.lines))
+
+        await asyncio.wait_for(read(), within)
+        self._drain = asyncio.create_task(self._keep_reading())
+
+    async def _keep_reading(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            self.lines.append(raw.decode(errors="replace"))
+
+    async def api(self, path: str, **params: str) -> Any:
+        """The `data` of one answer of its HTTP API."""
+        url = f"http://{self.address}/api/v1/{path}"
+        async with self._session.get(url, params=params) as resp:
+            body = await resp.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    async def until(
+        self, what: str, check: Callable[[], Awaitable[Any]], within: float = 30.0
+    ) -> Any:
+        """Poll `check` until it returns something truthy; fail with Prometheus's log after
+        `within` seconds."""
+        deadline = asyncio.get_running_loop().time() + within
+        while not (found := await check()):
+            if asyncio.get_running_loop().time() > deadline:
+                log = "".join(self.lines[-20:])
+                raise AssertionError(f"{what}: not within {within} s; prometheus log:\n{log}")
+            await asyncio.sleep(POLL_S)
+        return found
+
+    async def alerts(self, name: str, state: str = "firing") -> list[dict[str, Any]]:
+        data = await self.api("alerts")
+        return [
+            alert
+            for alert in data["alerts"]
+            if alert["labels"]["alertname"] == name and alert["state"] == state
+        ]
+
+    async def stop(self) -> None:
+        await self._session.close()
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        with contextlib.suppress(AttributeError):
+            await self._drain
+
+
+def fast_rules() -> dict[str, Any]:
+    """The production rules with every `for:` cut to one second."""
+    rules: dict[str, Any] = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "1s"
+    return rules
+
+
+StartPrometheus = Callable[[Broker], Awaitable[Prometheus]]
+
+
+@pytest.fixture
+async def start_prometheus(tmp_path: Path) -> AsyncIterator[StartPrometheus]:
+    """Start Prometheus scraping a broker's TCP listener; it is stopped after the test."""
+    started: list[Prometheus] = []
+
+    async def start(broker: Broker) -> Prometheus:
+        assert broker.daemon.tcp_address is not None
+        host, port = broker.daemon.tcp_address
+        (tmp_path / "rules.yml").write_text(yaml.safe_dump(fast_rules()))
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(tmp_path / "rules.yml")],
+            "scrape_configs": [
+                {"job_name": JOB, "static_configs": [{"targets": [f"{host}:{port}"]}]}
+            ],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        proc = await asyncio.create_subprocess_exec(
+            prometheus_binary(),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            "--web.listen-address=127.0.0.1:0",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        prometheus = Prometheus(proc)
+        started.append(prometheus)
+        await prometheus.started()
+        return prometheus
+
+    yield start
+    for prometheus in started:
+        await prometheus.stop()
+
+
+async def series_arrived(prometheus: Prometheus) -> bool:
+    """Whether Prometheus has the broker up and its service gauges for `fraud`."""
+    up = await prometheus.api("query", query=f'up{{job="{JOB}"}} == 1')
+    fresh = await prometheus.api(
+        "query", query='token_broker_service_state{service="fraud", state="fresh"} == 1'
+    )
+    expiry = await prometheus.api(
+        "query", query='token_broker_credential_expiry_seconds{service="fraud"} > 0'
+    )
+    return bool(up["result"] and fresh["result"] and expiry["result"])
+
+
+async def test_a_credential_failing_until_it_expires_fires_the_expired_alert(
+    start_broker: StartBroker, start_prometheus: StartPrometheus, emulator: Emulator
+) -> None:
+    """Prometheus sees the broker's series, then fires TokenBrokerServiceExpired for the
+    service whose refreshes the emulator fails until its 4 s token expires."""
+    emulator.state.set_token_lifetime(4.0, refresh_after_s=2.0)
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    await broker.settled()
+    prometheus = await start_prometheus(broker)
+    await prometheus.until("the broker's series", lambda: series_arrived(prometheus))
+    assert not await prometheus.alerts("TokenBrokerServiceExpired", state="pending")
+
+    emulator.state.fail("mms.token", status=503)
+    [alert] = await prometheus.until(
+        "TokenBrokerServiceExpired firing",
+        lambda: prometheus.alerts("TokenBrokerServiceExpired"),
+    )
+    assert alert["labels"]["service"] == "fraud"
+    assert alert["labels"]["job"] == JOB
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"] == "fraud: the cached credential has expired"
+    reply = await broker.client("tcp").get("/v1/services/fraud")
+    assert reply.json()["state"] == "expired"
+    assert not await prometheus.alerts("TokenBrokerDown")
+
+
+async def test_a_stopped_broker_fires_the_down_alert(
+    start_broker: StartBroker, start_prometheus: StartPrometheus
+) -> None:
+    """Once the broker stops answering scrapes, TokenBrokerDown fires for its instance."""
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    await broker.settled()
+    prometheus = await start_prometheus(broker)
+    await prometheus.until("the broker's series", lambda: series_arrived(prometheus))
+    assert not await prometheus.alerts("TokenBrokerDown")
+
+    assert broker.daemon.tcp_address is not None
+    host, port = broker.daemon.tcp_address
+    for client in broker.clients.values():
+        await client.close()
+    broker.clients.clear()
+    await broker.daemon.stop()
+    [alert] = await prometheus.until(
+        "TokenBrokerDown firing", lambda: prometheus.alerts("TokenBrokerDown")
+    )
+    assert alert["labels"]["instance"] == f"{host}:{port}"
+    assert alert["labels"]["severity"] == "critical"
