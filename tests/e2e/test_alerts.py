@@ -1,5 +1,6 @@
-"""The alert rules in a real Prometheus scraping a live broker: the series arrive, and an
-expired credential or a stopped broker fires its alert through Prometheus's own API.
+"""The alert rules and the dashboard in a real Prometheus scraping a live broker: the series
+arrive, the dashboard's queries answer, and an expired credential or a stopped broker fires
+its alert through Prometheus's own API.
 
 The rules are deploy/prometheus/token-broker.rules.yml with every `for:` cut to one second
 (promtool's unit tests hold the production durations); Prometheus scrapes and evaluates
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +31,9 @@ pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "token-broker.rules.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "token-broker.json"
+# Grafana's variables as the dashboard's "All" fills them in.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".+", "$instance": ".+", "$service": ".+"}
 JOB = "token-broker"
 LISTENING = re.compile(r'msg="Listening on" address=(127\.0\.0\.1:\d+)')
 READY = "Server is ready to receive web requests."
@@ -225,3 +231,47 @@ async def test_a_stopped_broker_fires_the_down_alert(
     )
     assert alert["labels"]["instance"] == f"{host}:{port}"
     assert alert["labels"]["severity"] == "critical"
+
+
+def dashboard_queries() -> dict[str, str]:
+    """Each panel's first query by panel title, variables filled in as Grafana would."""
+    found = {}
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", [])[:1]:
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            found[panel["title"]] = expr
+    return found
+
+
+async def test_dashboard_queries_answer_from_a_live_broker(
+    start_broker: StartBroker, start_prometheus: StartPrometheus
+) -> None:
+    """Every panel's query runs in Prometheus, and the state, expiry, refresh, Azure and
+    local-request panels get series from the broker."""
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    await broker.settled()
+    prometheus = await start_prometheus(broker)
+    await prometheus.until("the broker's series", lambda: series_arrived(prometheus))
+    queries = dashboard_queries()
+    must_show = [
+        "Service states",
+        "Seconds to expiry",
+        "Refresh outcomes",
+        "Upstream calls by region and status",
+        "Local requests by route and status",
+    ]
+
+    async def answered(title: str) -> list[Any]:
+        data = await prometheus.api("query", query=queries[title])
+        result: list[Any] = data["result"]
+        return result
+
+    for title in must_show:
+        await prometheus.until(title, functools.partial(answered, title))
+    [state] = await answered("Service states")
+    assert state["metric"]["service"] == "fraud"
+    assert state["value"][1] == "1"  # fresh
+    for title in queries:
+        await answered(title)
