@@ -1,6 +1,6 @@
 """The alert rules and the dashboard in a real Prometheus scraping a live broker: the series
-arrive, the dashboard's queries answer, and an expired credential or a stopped broker fires
-its alert through Prometheus's own API.
+arrive, the dashboard's queries answer, and an expired credential or a killed
+`token-broker run` process fires its alert through Prometheus's own API.
 
 The rules are deploy/prometheus/token-broker.rules.yml with every `for:` cut to one second
 (promtool's unit tests hold the production durations); Prometheus scrapes and evaluates
@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import re
 import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,9 @@ import yaml
 
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
-from tests.e2e.conftest import Broker, StartBroker
+from tests.conftest import config_text
+from tests.e2e.conftest import StartBroker
+from tests.e2e.test_process import Process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,24 +139,21 @@ def fast_rules() -> dict[str, Any]:
     return rules
 
 
-StartPrometheus = Callable[[Broker], Awaitable[Prometheus]]
+StartPrometheus = Callable[[str], Awaitable[Prometheus]]
 
 
 @pytest.fixture
 async def start_prometheus(tmp_path: Path) -> AsyncIterator[StartPrometheus]:
-    """Start Prometheus scraping a broker's TCP listener; it is stopped after the test."""
+    """Start Prometheus scraping a broker's TCP listener (`host:port`); it is stopped after
+    the test."""
     started: list[Prometheus] = []
 
-    async def start(broker: Broker) -> Prometheus:
-        assert broker.daemon.tcp_address is not None
-        host, port = broker.daemon.tcp_address
+    async def start(target: str) -> Prometheus:
         (tmp_path / "rules.yml").write_text(yaml.safe_dump(fast_rules()))
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(tmp_path / "rules.yml")],
-            "scrape_configs": [
-                {"job_name": JOB, "static_configs": [{"targets": [f"{host}:{port}"]}]}
-            ],
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         proc = await asyncio.create_subprocess_exec(
@@ -172,6 +174,60 @@ async def start_prometheus(tmp_path: Path) -> AsyncIterator[StartPrometheus]:
         await prometheus.stop()
 
 
+@dataclass
+class RunningBroker:
+    process: Process
+    address: str  # host:port of its TCP listener
+
+    async def state(self, service: str) -> str:
+        url = f"http://{self.address}/v1/services/{service}"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, headers={"Metadata": "true"}) as resp,
+        ):
+            assert resp.status == 200
+            state: str = (await resp.json())["state"]
+            return state
+
+
+@pytest.fixture
+async def run_broker(emulator: Emulator, short_dir: Path) -> AsyncIterator[RunningBroker]:
+    """A `token-broker run` process serving `fraud` from the emulator, its first token
+    fetched; killed after the test if still running."""
+    path = short_dir / "broker.toml"
+    path.write_text(config_text(emulator, short_dir, services={"fraud": demo.TOKEN_SERVICE}))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "run",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    process = Process(proc)
+    started = await process.event("listeners.started")
+    await process.event("token.refreshed")
+    yield RunningBroker(process, started["tcp"])
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+@pytest.fixture
+def short_tokens(emulator: Emulator) -> None:
+    """The emulator's MMS tokens live 4 s, refreshAfter at 2 s."""
+    emulator.state.set_token_lifetime(4.0, refresh_after_s=2.0)
+
+
+@pytest.fixture
+def run_broker_with_short_tokens(short_tokens: None, run_broker: RunningBroker) -> RunningBroker:
+    """`run_broker`, started after the emulator's tokens were made to live 4 s."""
+    return run_broker
+
+
 async def series_arrived(prometheus: Prometheus) -> bool:
     """Whether Prometheus has the broker up and its service gauges for `fraud`."""
     up = await prometheus.api("query", query=f'up{{job="{JOB}"}} == 1')
@@ -185,14 +241,14 @@ async def series_arrived(prometheus: Prometheus) -> bool:
 
 
 async def test_a_credential_failing_until_it_expires_fires_the_expired_alert(
-    start_broker: StartBroker, start_prometheus: StartPrometheus, emulator: Emulator
+    emulator: Emulator,
+    run_broker_with_short_tokens: RunningBroker,
+    start_prometheus: StartPrometheus,
 ) -> None:
-    """Prometheus sees the broker's series, then fires TokenBrokerServiceExpired for the
-    service whose refreshes the emulator fails until its 4 s token expires."""
-    emulator.state.set_token_lifetime(4.0, refresh_after_s=2.0)
-    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
-    await broker.settled()
-    prometheus = await start_prometheus(broker)
+    """Prometheus sees a running broker's series, then fires TokenBrokerServiceExpired for
+    the service whose refreshes the emulator fails until its 4 s token expires."""
+    broker = run_broker_with_short_tokens
+    prometheus = await start_prometheus(broker.address)
     await prometheus.until("the broker's series", lambda: series_arrived(prometheus))
     assert not await prometheus.alerts("TokenBrokerServiceExpired", state="pending")
 
@@ -203,33 +259,27 @@ async def test_a_credential_failing_until_it_expires_fires_the_expired_alert(
     )
     assert alert["labels"]["service"] == "fraud"
     assert alert["labels"]["job"] == JOB
+    assert alert["labels"]["instance"] == broker.address
     assert alert["labels"]["severity"] == "critical"
     assert alert["annotations"]["summary"] == "fraud: the cached credential has expired"
-    reply = await broker.client("tcp").get("/v1/services/fraud")
-    assert reply.json()["state"] == "expired"
+    assert await broker.state("fraud") == "expired"
     assert not await prometheus.alerts("TokenBrokerDown")
 
 
-async def test_a_stopped_broker_fires_the_down_alert(
-    start_broker: StartBroker, start_prometheus: StartPrometheus
+async def test_a_killed_broker_fires_the_down_alert(
+    run_broker: RunningBroker, start_prometheus: StartPrometheus
 ) -> None:
-    """Once the broker stops answering scrapes, TokenBrokerDown fires for its instance."""
-    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
-    await broker.settled()
-    prometheus = await start_prometheus(broker)
+    """Once the broker process is killed, TokenBrokerDown fires for its instance."""
+    prometheus = await start_prometheus(run_broker.address)
     await prometheus.until("the broker's series", lambda: series_arrived(prometheus))
     assert not await prometheus.alerts("TokenBrokerDown")
 
-    assert broker.daemon.tcp_address is not None
-    host, port = broker.daemon.tcp_address
-    for client in broker.clients.values():
-        await client.close()
-    broker.clients.clear()
-    await broker.daemon.stop()
+    run_broker.process.proc.kill()
+    await run_broker.process.exit_code()
     [alert] = await prometheus.until(
         "TokenBrokerDown firing", lambda: prometheus.alerts("TokenBrokerDown")
     )
-    assert alert["labels"]["instance"] == f"{host}:{port}"
+    assert alert["labels"]["instance"] == run_broker.address
     assert alert["labels"]["severity"] == "critical"
 
 
@@ -252,7 +302,9 @@ async def test_dashboard_queries_answer_from_a_live_broker(
     local-request panels get series from the broker."""
     broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
     await broker.settled()
-    prometheus = await start_prometheus(broker)
+    assert broker.daemon.tcp_address is not None
+    host, port = broker.daemon.tcp_address
+    prometheus = await start_prometheus(f"{host}:{port}")
     await prometheus.until("the broker's series", lambda: series_arrived(prometheus))
     queries = dashboard_queries()
     must_show = [
