@@ -10,7 +10,6 @@ every second, on loopback only, with its data in the test's directory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import os
@@ -65,6 +64,7 @@ class Prometheus:
         self.lines: list[str] = []
         self.address = ""
         self._session = aiohttp.ClientSession()
+        self._drain: asyncio.Task[None] | None = None
 
     async def started(self, within: float = 20.0) -> None:
         """Read its log until it listens and is ready; the log is kept for failures."""
@@ -126,7 +126,7 @@ class Prometheus:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        with contextlib.suppress(AttributeError):
+        if self._drain is not None:
             await self._drain
 
 
