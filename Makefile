@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit tools fuzz bench clean
+.PHONY: demo test lint typecheck unit fuzz bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ test: lint typecheck unit
 # promtool and prometheus, for the tests of deploy/prometheus/ and deploy/grafana/: Debian's
 # package, installed as root when either is missing. A policy-rc.d (unless one exists already)
 # refuses the service the package would start, and it is left disabled: the tests start their own.
+.PHONY: tools
 tools:
 	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
 	  set -e; policy=/usr/sbin/policy-rc.d; \
