@@ -24,10 +24,25 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) tools
 	$(BIN)/python -m pytest --cov --cov-report=term
 
 test: lint typecheck unit
+
+# promtool and prometheus, for the tests of deploy/prometheus/ and deploy/grafana/: Debian's
+# package, installed as root when either is missing. A policy-rc.d (unless one exists already)
+# refuses the service the package would start, and it is left disabled: the tests start their own.
+.PHONY: tools
+tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  set -e; policy=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$policy ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
+	  fi; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  if [ -d /run/systemd/system ]; then systemctl disable -q prometheus; fi; \
+	fi
 
 # The property-based tests of hostile input with a large budget (make test runs a small one).
 fuzz: $(STAMP)

@@ -4,6 +4,7 @@
     token_broker_credential_expiry_seconds{service}        gauge, computed at scrape time
     token_broker_last_refresh_age_seconds{service}         gauge, computed at scrape time
     token_broker_upstream_budget_waits_total{service}      counter, computed at scrape time
+    token_broker_clock_skew_seconds{service}               gauge, computed at scrape time
     token_broker_refreshes_total{service, outcome, reason} counter, from `Store.on_result`
     token_broker_upstream_request_duration_seconds{route, region, status}
                                                            histogram, from `Upstream`'s observer
@@ -91,7 +92,8 @@ def region_of(url: str) -> str:
 
 
 class StoreCollector:
-    """Each service's state, expiry and refresh age, read from the store at scrape time."""
+    """Each service's state, expiry, refresh age and Azure's clock skew, read from the store
+    at scrape time."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -102,7 +104,7 @@ class StoreCollector:
     def collect(self) -> Iterator[Metric]:
         store = self._store
         now = store.clock()
-        state, expiry, age, waits = families = self._families()
+        state, expiry, age, skew, waits = families = self._families()
         for entry in store.entries:
             waits.add_metric([entry.service], entry.budget_waits)
             current = store.state(entry)
@@ -112,11 +114,17 @@ class StoreCollector:
                 expiry.add_metric([entry.service], entry.token.expires_on - now)
             if entry.last_success_at is not None:
                 age.add_metric([entry.service], now - entry.last_success_at)
+            if entry.provider.clock_skew_s is not None:
+                skew.add_metric([entry.service], entry.provider.clock_skew_s)
         yield from families
 
     @staticmethod
     def _families() -> tuple[
-        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+        CounterMetricFamily,
     ]:
         return (
             GaugeMetricFamily(
@@ -133,6 +141,12 @@ class StoreCollector:
             GaugeMetricFamily(
                 "token_broker_last_refresh_age_seconds",
                 "Seconds since the service's last successful refresh; absent before the first.",
+                labels=["service"],
+            ),
+            GaugeMetricFamily(
+                "token_broker_clock_skew_seconds",
+                "Azure's clock minus the broker's, from the Date of the service's last Azure "
+                "answer; absent before the first and for Entra ID services.",
                 labels=["service"],
             ),
             CounterMetricFamily(

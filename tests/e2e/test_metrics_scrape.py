@@ -27,6 +27,7 @@ SCHEMA: dict[str, tuple[str, frozenset[str]]] = {
     "token_broker_credential_expiry_seconds": ("gauge", frozenset({"service"})),
     "token_broker_last_refresh_age_seconds": ("gauge", frozenset({"service"})),
     "token_broker_upstream_budget_waits": ("counter", frozenset({"service"})),
+    "token_broker_clock_skew_seconds": ("gauge", frozenset({"service"})),
     "token_broker_refreshes": ("counter", frozenset({"service", "outcome", "reason"})),
     "token_broker_upstream_request_duration_seconds": (
         "histogram",

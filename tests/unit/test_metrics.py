@@ -105,6 +105,15 @@ def test_a_service_without_a_credential_has_no_expiry_or_age(clock: FakeClock) -
     assert value(metrics, "token_broker_last_refresh_age_seconds", service="cold") is None
 
 
+def test_clock_skew_is_the_providers_last_reading(clock: FakeClock) -> None:
+    """The skew gauge is what the provider last read from Azure's `Date`, absent before."""
+    store, providers = make_store(clock, "seen", "unseen")
+    metrics = Metrics(store, version="9.9.9")
+    providers["seen"].clock_skew_s = -42.5
+    assert value(metrics, "token_broker_clock_skew_seconds", service="seen") == -42.5
+    assert value(metrics, "token_broker_clock_skew_seconds", service="unseen") is None
+
+
 async def test_refreshes_are_counted_by_outcome_and_error_kind(clock: FakeClock) -> None:
     """Every finished fetch counts once: successes as ok, failures by their error kind."""
     store, providers = make_store(clock, "svc")
