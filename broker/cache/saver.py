@@ -13,6 +13,7 @@ from collections.abc import Callable
 from broker.cache.persist import PersistedCache, Saved
 from broker.cache.store import Entry, Store
 from broker.log import get_logger
+from broker.providers import RestoresScoringUri
 
 log = get_logger("broker.cache.saver")
 
@@ -40,6 +41,8 @@ class Saver:
         for service, saved in restored.items():
             entry = self._store.restore(service, saved.token, saved.obtained_at)
             self._saved_generations[service] = entry.generation
+            if saved.scoring_uri and isinstance(entry.provider, RestoresScoringUri):
+                entry.provider.restore_scoring_uri(saved.scoring_uri)
         return len(restored)
 
     def _on_result(self, entry: Entry) -> None:
@@ -61,7 +64,8 @@ class Saver:
             fingerprint = self._fingerprint(entry.service)
             if entry.token is None or entry.obtained_at is None or fingerprint is None:
                 continue
-            snapshot[entry.service] = (fingerprint, Saved(entry.token, entry.obtained_at))
+            saved = Saved(entry.token, entry.obtained_at, entry.provider.scoring_uri)
+            snapshot[entry.service] = (fingerprint, saved)
         return snapshot
 
     async def close(self) -> None:
