@@ -27,7 +27,8 @@ class Saver:
         self._store = store
         self._cache = cache
         self._fingerprint = fingerprint
-        self._saved_generations: dict[str, int] = {}
+        # what was last saved of each service: its credential's generation, its scoring URI
+        self._saved: dict[str, tuple[int, str | None]] = {}
         self._dirty = False
         self._writer: asyncio.Task[None] | None = None
         store.on_result(self._on_result)
@@ -40,15 +41,16 @@ class Saver:
         restored = self._cache.load(fingerprints)
         for service, saved in restored.items():
             entry = self._store.restore(service, saved.token, saved.obtained_at)
-            self._saved_generations[service] = entry.generation
             if saved.scoring_uri and isinstance(entry.provider, RestoresScoringUri):
                 entry.provider.restore_scoring_uri(saved.scoring_uri)
+            self._saved[service] = (entry.generation, entry.provider.scoring_uri)
         return len(restored)
 
     def _on_result(self, entry: Entry) -> None:
-        if self._saved_generations.get(entry.service) == entry.generation:
-            return  # a failed refresh, or the same credential again: nothing new to save
-        self._saved_generations[entry.service] = entry.generation
+        current = (entry.generation, entry.provider.scoring_uri)
+        if self._saved.get(entry.service) == current:
+            return  # a failed refresh, or the same credential at the same URI: nothing new
+        self._saved[entry.service] = current
         self._dirty = True
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_while_dirty())
