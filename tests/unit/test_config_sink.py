@@ -357,3 +357,21 @@ def test_check_config_refuses_a_sink_onto_the_cache_key_with_exit_2(
     ) in err
     assert " — give the sink a path of its own" in err
     assert (workdir / "cache.key").read_bytes() == b"k" * 32
+
+
+def test_a_sink_may_not_overwrite_a_systemd_credential(workdir: Path) -> None:
+    """A file in $CREDENTIALS_DIRECTORY the broker reads (here the cache key) is no sink."""
+    credentials = workdir / "credentials"
+    credentials.mkdir()
+    (credentials / "cache-key").write_bytes(b"k" * 32)
+    (credentials / "cache-key").chmod(0o600)
+    text = '[cache]\nenabled = true\npath = "cache.bin"\nkey_credential = "cache-key"\n' + HEAD
+    text += service("fraud", f'path = "{credentials}/cache-key"\n')
+    path = workdir / "broker.toml"
+    path.write_text(text)
+    environ = {"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(credentials)}
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=environ)
+    (problem,) = caught.value.problems
+    assert problem.key == "service[1].sink.path"
+    assert problem.message.endswith("which the broker reads as cache.key_credential")
