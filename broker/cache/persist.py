@@ -2,7 +2,14 @@
 
 One file, rewritten whole after every change:
 
-    b"TBCACHE1" | 12-byte nonce | AES-256-GCM(JSON document, associated data = the header)
+    b"TBCACHE2" | 12-byte nonce | AES-256-GCM(JSON document, associated data = the header)
+
+Version 2 keeps each service's scoring URI with its credential, so that proxy mode works
+at once after a restart; files of version 1 (without it) are still read, their services
+restored without a scoring URI until the next refresh describes them again. A broker of
+version 1 ignores a version 2 file ("written by another version") and starts empty.
+
+Only a regular file is read: the path is opened without following a symbolic link.
 
 The AES key is derived with HKDF-SHA256 from the operator's key file, so any 32 bytes or
 more of it will do. Reading trusts all of the file or none of it: anything that does not
@@ -14,6 +21,7 @@ the disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -33,25 +41,29 @@ if TYPE_CHECKING:
 
 log = get_logger("broker.cache.persist")
 
-MAGIC = b"TBCACHE1"
+MAGIC = b"TBCACHE2"
+MAGIC_V1 = b"TBCACHE1"  # still read: entries without a scoring URI
 MIN_KEY_BYTES = 32
 _FAMILY = MAGIC[:-1]  # b"TBCACHE": the same format family, any version
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
-_HKDF_INFO = b"token-broker cache v1"
+_HKDF_INFO = b"token-broker cache v1"  # the key, not the format: every version shares it
 _MAX_FILE_BYTES = 16 * 1024 * 1024  # far above any real cache; a bound on what is read
 _TEXT_KEYS = ("fingerprint", "value", "auth", "token_type")
-_ENTRY_KEYS = frozenset(
+_ENTRY_KEYS_V1 = frozenset(
     {"fingerprint", "value", "auth", "expires_on", "refresh_after", "token_type", "obtained_at"}
 )
+_ENTRY_KEYS = {MAGIC_V1: _ENTRY_KEYS_V1, MAGIC: _ENTRY_KEYS_V1 | {"scoring_uri"}}
 
 
 @dataclass(frozen=True, slots=True)
 class Saved:
-    """A credential as the store holds it: the token and when it was obtained."""
+    """A credential as the store holds it: the token, when it was obtained, and where the
+    service is called (its scoring URI, when Azure described one)."""
 
     token: AccessToken
     obtained_at: float
+    scoring_uri: str | None = None
 
 
 def fingerprint(*parts: str) -> str:
@@ -93,7 +105,8 @@ class PersistedCache:
         A missing file gives `{}` quietly; an untrustworthy one gives `{}` and a warning.
         """
         try:
-            services = self._decode(self._decrypt(self._read()))
+            header, plaintext = self._decrypt(self._read())
+            services = self._decode(plaintext, _ENTRY_KEYS[header])
         except FileNotFoundError:
             log.debug("cache.absent", path=str(self.path))
             return {}
@@ -142,11 +155,17 @@ class PersistedCache:
 
     def _read(self) -> bytes:
         try:
-            # O_NONBLOCK: a FIFO planted at the path must not hang the start
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted at the path must not hang the start; O_NOFOLLOW:
+            # a link to another cache file (even a valid one) is not this cache
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(self.path, flags)
         except FileNotFoundError:
             raise
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Ignored(
+                    "a symbolic link; the broker reads only the regular file it writes there"
+                ) from None
             raise _Ignored(f"cannot open it: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
@@ -166,11 +185,12 @@ class PersistedCache:
         finally:
             os.close(fd)
 
-    def _decrypt(self, blob: bytes) -> bytes:
+    def _decrypt(self, blob: bytes) -> tuple[bytes, bytes]:
+        """The header (the format's version) and the decrypted document."""
         header, body = blob[: len(MAGIC)], blob[len(MAGIC) :]
         if not blob:
             raise _Ignored("the file is empty")
-        if header != MAGIC:
+        if header not in _ENTRY_KEYS:
             known = header.startswith(_FAMILY) and len(header) == len(MAGIC)
             raise _Ignored(
                 "written by another version of token-broker"
@@ -182,11 +202,11 @@ class PersistedCache:
         from cryptography.exceptions import InvalidTag
 
         try:
-            return self._aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], header)
+            return header, self._aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], header)
         except InvalidTag:
             raise _Ignored("written with another key or corrupted") from None
 
-    def _decode(self, plaintext: bytes) -> dict[str, tuple[str, Saved]]:
+    def _decode(self, plaintext: bytes, entry_keys: frozenset[str]) -> dict[str, tuple[str, Saved]]:
         try:
             document = json.loads(plaintext.decode("utf-8"))
         except ValueError:  # UnicodeDecodeError and JSONDecodeError both
@@ -194,7 +214,8 @@ class PersistedCache:
         if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
             raise _Ignored("the decrypted document has no services table")
         _number(document.get("written_at"), "written_at")
-        return {name: _saved(name, entry) for name, entry in document["services"].items()}
+        services = document["services"].items()
+        return {name: _saved(name, entry, entry_keys) for name, entry in services}
 
     def _write(self, blob: bytes) -> None:
         directory = self.path.parent
@@ -243,15 +264,19 @@ def _entry(digest: str, saved: Saved) -> dict[str, Any]:
         "refresh_after": token.refresh_after,
         "token_type": token.token_type,
         "obtained_at": saved.obtained_at,
+        "scoring_uri": saved.scoring_uri,
     }
 
 
-def _saved(name: str, entry: object) -> tuple[str, Saved]:
+def _saved(name: str, entry: object, entry_keys: frozenset[str]) -> tuple[str, Saved]:
     """One service's entry, or `_Ignored` naming what is wrong with it (never its value)."""
     where = f"the entry of service {name!r}"
-    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+    if not isinstance(entry, dict) or set(entry) != entry_keys:
         raise _Ignored(f"{where} does not have the expected fields")
-    if not all(isinstance(entry[key], str) for key in _TEXT_KEYS):
+    scoring_uri = entry.get("scoring_uri")
+    if not all(isinstance(entry[key], str) for key in _TEXT_KEYS) or not isinstance(
+        scoring_uri, str | None
+    ):
         raise _Ignored(f"{where} has a field of the wrong type")
     try:
         token = AccessToken(
@@ -263,7 +288,8 @@ def _saved(name: str, entry: object) -> tuple[str, Saved]:
         )
     except ValueError:  # an unknown auth kind, or a value AccessToken refuses
         raise _Ignored(f"{where} is not a valid credential") from None
-    return entry["fingerprint"], Saved(token, _number(entry["obtained_at"], where))
+    obtained_at = _number(entry["obtained_at"], where)
+    return entry["fingerprint"], Saved(token, obtained_at, scoring_uri)
 
 
 def _optional_number(value: object, where: str) -> float | None:

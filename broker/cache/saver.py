@@ -13,6 +13,7 @@ from collections.abc import Callable
 from broker.cache.persist import PersistedCache, Saved
 from broker.cache.store import Entry, Store
 from broker.log import get_logger
+from broker.providers import RestoresScoringUri
 
 log = get_logger("broker.cache.saver")
 
@@ -26,7 +27,8 @@ class Saver:
         self._store = store
         self._cache = cache
         self._fingerprint = fingerprint
-        self._saved_generations: dict[str, int] = {}
+        # what was last saved of each service: its credential's generation, its scoring URI
+        self._saved: dict[str, tuple[int, str | None]] = {}
         self._dirty = False
         self._writer: asyncio.Task[None] | None = None
         store.on_result(self._on_result)
@@ -40,15 +42,19 @@ class Saver:
         count = 0
         for service, saved in restored.items():
             entry = self._store.restore(service, saved.token, saved.obtained_at)
-            if entry is not None:
-                self._saved_generations[service] = entry.generation
-                count += 1
+            if entry is None:
+                continue
+            if saved.scoring_uri and isinstance(entry.provider, RestoresScoringUri):
+                entry.provider.restore_scoring_uri(saved.scoring_uri)
+            self._saved[service] = (entry.generation, entry.provider.scoring_uri)
+            count += 1
         return count
 
     def _on_result(self, entry: Entry) -> None:
-        if self._saved_generations.get(entry.service) == entry.generation:
-            return  # a failed refresh, or the same credential again: nothing new to save
-        self._saved_generations[entry.service] = entry.generation
+        current = (entry.generation, entry.provider.scoring_uri)
+        if self._saved.get(entry.service) == current:
+            return  # a failed refresh, or the same credential at the same URI: nothing new
+        self._saved[entry.service] = current
         self._dirty = True
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_while_dirty())
@@ -64,7 +70,8 @@ class Saver:
             fingerprint = self._fingerprint(entry.service)
             if entry.token is None or entry.obtained_at is None or fingerprint is None:
                 continue
-            snapshot[entry.service] = (fingerprint, Saved(entry.token, entry.obtained_at))
+            saved = Saved(entry.token, entry.obtained_at, entry.provider.scoring_uri)
+            snapshot[entry.service] = (fingerprint, saved)
         return snapshot
 
     async def close(self) -> None:

@@ -154,12 +154,18 @@ def _key_parts(line: str, pos: int) -> tuple[list[str], int] | None:
 
 
 class Problems:
-    """Every problem found in one file, each placed at its key and line."""
+    """Every problem found in one file, each placed at its key and line.
+
+    It also keeps `files_read`: every file a key names for the broker to read (a secret,
+    a key, a certificate, a CA bundle), by path, with that key, so that nothing the
+    broker writes may be pointed at one of them.
+    """
 
     def __init__(self, file: str) -> None:
         self.file = file
         self.lines: LineIndex | None = None
         self.items: list[ConfigProblem] = []
+        self.files_read: dict[Path, KeyPath] = {}
 
     def add(self, path: KeyPath, message: str, fix: str, *, line: int | None = None) -> None:
         if line is None and self.lines is not None:
@@ -376,6 +382,7 @@ class Table:
 
     def readable(self, key: str, path: Path) -> bytes | None:
         """The content of the file `key` names; None, with a problem, when it is unreadable."""
+        self.problems.files_read.setdefault(path, (*self.path, key))
         try:
             return read_file(path)
         except Unreadable as exc:

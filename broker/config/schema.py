@@ -105,8 +105,8 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
     by_name = identities(root, sources)
     keys = api_keys(root)
     served = services(root, list(by_name), keys, sources.environ)
-    sink_conflicts(problems, served, listen, cache, path)
     compatible = compat(root, sources, list(by_name))
+    sink_conflicts(problems, served, listen, cache, path)  # after every file is read
     proxying = proxy(root)
     if problems.items:
         raise ConfigError(problems.in_file_order())

@@ -11,8 +11,9 @@
     command = ["/usr/bin/systemctl", "reload", "app"]
 
 Users and groups are resolved, and the command's program found, once at load time.
-Conflicts between files (two sinks, the socket, the persisted cache) need the whole
-configuration and are checked by `sink_conflicts` once every section is read.
+Conflicts between files (two sinks, the socket, the persisted cache, a secret or other
+file the broker reads) need the whole configuration and are checked by `sink_conflicts`
+once every section is read.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import cast
 
 from broker.config.access import account_id
 from broker.config.model import CacheConfig, ListenConfig, ServiceConfig, SinkConfig, SinkFormat
-from broker.config.reader import Problems, Table, describe, permission_mode, quote
+from broker.config.reader import Problems, Table, describe, dotted, permission_mode, quote
 
 SINK_KEYS = tuple(f.name for f in fields(SinkConfig))
 FORMATS = ("token", "header", "json")
@@ -168,32 +169,49 @@ def sink_conflicts(
     cache: CacheConfig,
     config_file: Path,
 ) -> None:
-    """Report sinks that would overwrite each other, the socket, the cache or the file."""
-    reserved = {_normal(config_file): "the configuration file itself"}
+    """Report sinks that would overwrite each other, or a file the broker itself uses.
+
+    Those are the socket, the cache, the configuration file and every file it names for
+    the broker to read (`problems.files_read`: secrets, keys, certificates, the CA
+    bundle). Paths are compared by name and after resolving symbolic links, so neither
+    a second spelling nor a link leads a sink onto one of them.
+    """
+    reserved = {config_file: "the configuration file itself"}
     if listen.unix.enabled:
-        reserved[_normal(listen.unix.path)] = "the Unix socket ([listen.unix] path)"
+        reserved[listen.unix.path] = "the Unix socket ([listen.unix] path)"
     if cache.enabled:
-        reserved[_normal(cache.path)] = "the persisted cache ([cache] path)"
+        reserved[cache.path] = "the persisted cache ([cache] path)"
+    for read, key in problems.files_read.items():
+        reserved.setdefault(read, f"{read}, which the broker reads as {dotted(key)}")
+    used = {name: what for path, what in reserved.items() for name in _names(path)}
     first_use: dict[Path, int] = {}
     for index, service in enumerate(services):
         if service.sink is None:
             continue
-        path = _normal(service.sink.path)
+        names = _names(service.sink.path)
         where = ("service", index, "sink", "path")
-        if path in reserved:
+        if taken := next((used[name] for name in names if name in used), None):
             problems.add(
                 where,
-                f"the sink of {quote(service.name)} would overwrite {reserved[path]}",
+                f"the sink of {quote(service.name)} would overwrite {taken}",
                 "give the sink a path of its own",
             )
-        elif path in first_use:
+        elif (earlier := next((first_use[n] for n in names if n in first_use), None)) is not None:
             problems.add(
                 where,
-                f"service[{first_use[path] + 1}] already writes its sink to {path}",
+                f"service[{earlier + 1}] already writes its sink to {names[0]}",
                 "give each service's sink a path of its own: each file holds one credential",
             )
         else:
-            first_use[path] = index
+            first_use.update(dict.fromkeys(names, index))
+
+
+def _names(path: Path) -> tuple[Path, ...]:
+    """The path with `.` and `..` resolved by name, and with symbolic links resolved too."""
+    try:
+        return (_normal(path), Path(os.path.realpath(path)))
+    except (OSError, ValueError):  # a NUL in a path named by a key already reported
+        return (_normal(path),)
 
 
 def _normal(path: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from broker.providers.azureml_v1 import WebServiceProvider, Workspaces
 from broker.providers.azureml_v2 import OnlineEndpointProvider
-from broker.providers.base import KeyName, KeyRotator, TokenProvider
+from broker.providers.base import KeyName, KeyRotator, RestoresScoringUri, TokenProvider
 from broker.providers.entra import EntraProvider
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Upstream
@@ -14,6 +14,7 @@ __all__ = [
     "KeyName",
     "KeyRotator",
     "OnlineEndpointProvider",
+    "RestoresScoringUri",
     "Throttles",
     "TokenProvider",
     "Upstream",

@@ -143,6 +143,7 @@ class WebServiceProvider:
         self.serve_key: KeyName = "primary"  # which key a key service hands out
         self._mms_base: str | None = None
         self._description: Description | None = None
+        self._restored_scoring_uri: str | None = None  # from the persisted cache
         self.auth: AuthKind | None = None
 
     @property
@@ -151,7 +152,13 @@ class WebServiceProvider:
 
     @property
     def scoring_uri(self) -> str | None:
-        return self._description.scoring_uri if self._description else None
+        if self._description is not None:
+            return self._description.scoring_uri
+        return self._restored_scoring_uri
+
+    def restore_scoring_uri(self, uri: str) -> None:
+        """Serve `uri`, saved before a restart, until the service is described again."""
+        self._restored_scoring_uri = uri
 
     async def fetch(self) -> AccessToken:
         arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value

@@ -66,6 +66,11 @@ class OnlineEndpointProvider:
     def clock_skew_s(self) -> float | None:
         return self._calls.clock_skew_s
 
+    def restore_scoring_uri(self, uri: str) -> None:
+        """Serve `uri`, saved before a restart, until the endpoint is described again."""
+        if self.auth_mode is None:
+            self.scoring_uri = uri
+
     @property
     def service(self) -> str:
         return self._config.name

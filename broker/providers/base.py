@@ -27,6 +27,14 @@ class TokenProvider(Protocol):
 
 
 @runtime_checkable
+class RestoresScoringUri(Protocol):
+    """A provider that can be told its scoring URI, saved with its credential before a
+    restart, so that proxy mode forwards at once; its next describe replaces it."""
+
+    def restore_scoring_uri(self, uri: str) -> None: ...
+
+
+@runtime_checkable
 class KeyRotator(Protocol):
     """A provider of a key service that can regenerate one key while serving the other."""
 

@@ -246,3 +246,132 @@ def test_sink_config_refuses_unsafe_values_built_by_hand(
     """SinkConfig itself refuses what the parser refuses, for code that builds one."""
     with pytest.raises(ValueError, match=message):
         SinkConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _secrets(workdir: Path) -> None:
+    """Write every file the configurations of `OWN_FILES` name, each valid as it is."""
+    for name, content in (
+        ("cache.key", b"k" * 32),
+        ("both.pem", b"-----BEGIN PRIVATE KEY-----\n-----BEGIN CERTIFICATE-----\n"),
+        ("password", b"pfx-password\n"),
+        ("ca.pem", b"-----BEGIN CERTIFICATE-----\n"),
+        ("header", b"h" * 32 + b"\n"),
+        ("token", b"federated.jwt.token\n"),
+    ):
+        (workdir / name).write_bytes(content)
+        (workdir / name).chmod(0o600)
+
+
+CUSTOM_CLOUD = """
+[cloud]
+name = "custom"
+authority_host = "https://login.example"
+resource_manager = "https://arm.example"
+region_api = "https://{region}.ml.example"
+ca_bundle = "ca.pem"
+"""
+CERTIFICATE = 'certificate_file = "both.pem"\ncertificate_password_file = "password"\n'
+OWN_FILES = [
+    pytest.param("", "sp", "identity.main.client_secret_file", id="client-secret"),
+    pytest.param(
+        '[cache]\nenabled = true\npath = "cache.bin"\nkey_file = "cache.key"\n',
+        "cache.key",
+        "cache.key_file",
+        id="cache-key",
+    ),
+    pytest.param(f"@{CERTIFICATE}", "both.pem", "identity.main.certificate_file", id="certificate"),
+    pytest.param(
+        f"@{CERTIFICATE}", "password", "identity.main.certificate_password_file", id="password"
+    ),
+    pytest.param(
+        '@federated_token_file = "token"\n',
+        "token",
+        "identity.main.federated_token_file",
+        id="federated-token",
+    ),
+    pytest.param(CUSTOM_CLOUD, "ca.pem", "cloud.ca_bundle", id="ca-bundle"),
+    pytest.param(
+        '[compat]\napp_service_header_file = "header"\nresources = ["https://ml.azure.com"]\n',
+        "header",
+        "compat.app_service_header_file",
+        id="compat-header",
+    ),
+]
+
+
+def _with_own_file(workdir: Path, top: str, sink: str) -> str:
+    """A configuration with `top` (an identity's credential when it starts with @)."""
+    _secrets(workdir)
+    head = HEAD.replace('client_secret_file = "sp"\n', top[1:]) if top[:1] == "@" else top + HEAD
+    return head + service("fraud", sink)
+
+
+@pytest.mark.parametrize(("top", "target", "key"), OWN_FILES)
+def test_a_sink_may_not_overwrite_a_file_the_broker_reads(
+    workdir: Path, top: str, target: str, key: str
+) -> None:
+    """A secret, key, certificate, password, token or CA file the broker reads is no sink."""
+    text = _with_own_file(workdir, top, f'path = "{workdir}/{target}"\n')
+    problem = only_problem_of(workdir, text)
+    assert problem.key == "service[1].sink.path"
+    assert problem.message == (
+        f'the sink of "fraud" would overwrite {workdir / target}, which the broker reads as {key}'
+    )
+    assert problem.fix == "give the sink a path of its own"
+
+
+@pytest.mark.parametrize("through", ["link", "directory"])
+def test_a_symbolic_link_does_not_lead_a_sink_onto_a_secret(workdir: Path, through: str) -> None:
+    """A sink path that reaches the client secret file through a link is refused."""
+    if through == "link":
+        sink = workdir / "innocent.token"
+        sink.symlink_to(workdir / "sp")
+    else:
+        (workdir / "run").symlink_to(workdir, target_is_directory=True)
+        sink = workdir / "run" / "sp"
+    problem = only_problem_of(workdir, HEAD + service("fraud", f'path = "{sink}"\n'))
+    assert problem.key == "service[1].sink.path"
+    assert "which the broker reads as identity.main.client_secret_file" in problem.message
+
+
+def test_a_sink_next_to_the_secrets_is_still_allowed(workdir: Path) -> None:
+    """Only the files themselves are refused: a sink in the same directory is fine."""
+    text = _with_own_file(workdir, OWN_FILES[1].values[0], f'path = "{workdir}/fraud.token"\n')
+    assert load(workdir, text).services[0].sink == SinkConfig(workdir / "fraud.token")
+
+
+def test_check_config_refuses_a_sink_onto_the_cache_key_with_exit_2(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config exits 2 with file:line, the sink's key, the file it would overwrite, a fix."""
+    path = workdir / "broker.toml"
+    top = '[cache]\nenabled = true\npath = "cache.bin"\nkey_file = "cache.key"\n'
+    text = _with_own_file(workdir, top, f'path = "{workdir}/cache.key"\n')
+    path.write_text(text)
+    assert main(["check-config", "-c", str(path)]) == EXIT_CONFIG
+    line = text.splitlines().index(f'path = "{workdir}/cache.key"') + 1
+    err = capsys.readouterr().err
+    assert (
+        f'{path}:{line}: [service[1].sink.path] the sink of "fraud" would overwrite '
+        f"{workdir}/cache.key, which the broker reads as cache.key_file"
+    ) in err
+    assert " — give the sink a path of its own" in err
+    assert (workdir / "cache.key").read_bytes() == b"k" * 32
+
+
+def test_a_sink_may_not_overwrite_a_systemd_credential(workdir: Path) -> None:
+    """A file in $CREDENTIALS_DIRECTORY the broker reads (here the cache key) is no sink."""
+    credentials = workdir / "credentials"
+    credentials.mkdir()
+    (credentials / "cache-key").write_bytes(b"k" * 32)
+    (credentials / "cache-key").chmod(0o600)
+    text = '[cache]\nenabled = true\npath = "cache.bin"\nkey_credential = "cache-key"\n' + HEAD
+    text += service("fraud", f'path = "{credentials}/cache-key"\n')
+    path = workdir / "broker.toml"
+    path.write_text(text)
+    environ = {"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(credentials)}
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=environ)
+    (problem,) = caught.value.problems
+    assert problem.key == "service[1].sink.path"
+    assert problem.message.endswith("which the broker reads as cache.key_credential")

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker import log
-from broker.cache.persist import MAGIC, PersistedCache, Saved, fingerprint
+from broker.cache.persist import MAGIC, MAGIC_V1, PersistedCache, Saved, fingerprint
 from broker.models import AccessToken, AuthKind
 from tests.unit.fakes import FakeClock
 
@@ -88,6 +88,7 @@ def entry(**changes: object) -> dict[str, object]:
         "refresh_after": None,
         "token_type": "Bearer",
         "obtained_at": NOW,
+        "scoring_uri": None,
     }
     fields.update(changes)
     return fields
@@ -229,7 +230,7 @@ DAMAGE = [
     ("flipped-ciphertext", lambda c: flip(c, 40), "written with another key or corrupted"),
     ("flipped-tag", lambda c: flip(c, len(c) - 1), "written with another key or corrupted"),
     ("wrong-magic", lambda c: b"SQLite f" + c[8:], "not a token-broker cache"),
-    ("other-version", lambda c: b"TBCACHE2" + c[8:], "written by another version of token-broker"),
+    ("other-version", lambda c: b"TBCACHE9" + c[8:], "written by another version of token-broker"),
     ("garbage", lambda c: random.Random(7).randbytes(500), "not a token-broker cache"),
     ("plain-json", lambda c: b'{"services": {}}', "not a token-broker cache"),
 ]
@@ -279,6 +280,7 @@ ENTRIES = [
     ("expiry-as-text", entry(expires_on="soon"), "not a finite number"),
     ("expiry-as-boolean", entry(expires_on=True), "not a finite number"),
     ("obtained-not-finite", entry(obtained_at=float("nan")), "not a finite number"),
+    ("scoring-uri-not-text", entry(scoring_uri=5), "wrong type"),
 ]
 
 
@@ -301,6 +303,52 @@ def test_sealed_well_formed_document_is_restored(cache: PersistedCache, path: Pa
     overwrite(path, seal(json.dumps(document).encode()))
 
     assert cache.load(FINGERPRINTS)["fraud"].token.value == TOKEN_VALUE
+
+
+def test_scoring_uri_is_saved_with_the_credential(cache: PersistedCache) -> None:
+    """A service's scoring URI comes back with its token, so proxy mode needs no describe."""
+    token = AccessToken(TOKEN_VALUE, AuthKind.TOKEN, NOW + 3600, NOW + 1800)
+    saved = Saved(token, NOW - 60, "https://fraud.example/api/v1/service/fraud/score")
+    cache.save({"fraud": (FRAUD, saved)})
+
+    assert cache.load(FINGERPRINTS) == {"fraud": saved}
+
+
+def test_a_version_1_file_is_still_read_without_scoring_uris(
+    cache: PersistedCache, path: Path
+) -> None:
+    """A cache written before scoring URIs were kept restores its credentials, URIs unknown."""
+    v1_entry = {k: v for k, v in entry().items() if k != "scoring_uri"}
+    document = {"written_at": NOW, "services": {"fraud": v1_entry}}
+    overwrite(path, seal(json.dumps(document).encode(), header=MAGIC_V1))
+
+    restored = cache.load(FINGERPRINTS)["fraud"]
+    assert (restored.token.value, restored.scoring_uri) == (TOKEN_VALUE, None)
+
+
+def test_each_version_has_exactly_its_own_fields(
+    cache: PersistedCache, path: Path, logs: io.StringIO
+) -> None:
+    """A version 1 file with a scoring URI is not trusted: each header pins its fields."""
+    document = {"written_at": NOW, "services": {"fraud": entry()}}
+    overwrite(path, seal(json.dumps(document).encode(), header=MAGIC_V1))
+    assert "expected fields" in ignored_reason(cache, logs)
+
+
+def test_a_link_to_a_valid_cache_file_is_ignored(
+    cache: PersistedCache, path: Path, tmp_path: Path, clock: FakeClock, logs: io.StringIO
+) -> None:
+    """A symbolic link at the path is not followed, even to a good cache; a save replaces it."""
+    elsewhere = tmp_path / "elsewhere.bin"
+    PersistedCache(elsewhere, KEY, clock=clock).save(credentials())
+    path.symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+
+    assert ignored_reason(cache, logs) == (
+        "a symbolic link; the broker reads only the regular file it writes there"
+    )
+    cache.save({})
+    assert not path.is_symlink() and elsewhere.read_bytes() == before
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o666])
