@@ -97,7 +97,7 @@ class Daemon:
         self.sinks = Sinks(self.store, config.services)
         self.access = AccessRules(config)
         self.rotations = Rotations(self.store)
-        self.compat = Compat(*self._compat(), clock=clock)
+        self.compat = Compat(*self._compat(), clock=clock, clock_skew_s=config.refresh.clock_skew_s)
         app = make_app(
             self.store,
             self.access,
@@ -272,6 +272,7 @@ class Daemon:
         self.upstream.set_timeout(refresh.timeout_s)
         for credential in self.credentials.values():
             credential.configure(refresh.timeout_s, refresh.clock_skew_s)
+        self.compat.clock_skew_s = refresh.clock_skew_s
 
     def _swap_shared_parts(self, cloud_changed: bool, identities: set[str]) -> None:
         for name in identities:

@@ -11,6 +11,8 @@ Two protocols, as `ManagedIdentityCredential` speaks them:
 
 Only resources on the configured allowlist are served. Tokens come from MSAL's cache
 for `R/.default`, so a crowd of SDK clients costs Azure one sign-in per token lifetime.
+When a sign-in fails — Entra down, or answering a token that cannot be used — the last
+token served for the resource goes on being served while it is valid, as for services.
 """
 
 from __future__ import annotations
@@ -43,13 +45,19 @@ class Compat:
         client_id: str,
         *,
         clock: Clock = system_clock,
+        clock_skew_s: float = 30.0,
     ) -> None:
         self._clock = clock  # the broker's: token expiry times are on it
+        self.clock_skew_s = clock_skew_s  # a fallback token is served only outside it
+        self._last: dict[str, AccessToken] = {}  # resource -> the last token served for it
+        self._credential: Credential | None = None
         self.update(config, credential, client_id)
 
     def update(self, config: CompatConfig, credential: Credential | None, client_id: str) -> None:
         """Serve a new `[compat]` table (on reload); requests under way finish with the old."""
         self.config = config
+        if credential is not self._credential:
+            self._last = {}  # another principal's tokens are not this one's fallback
         self._credential = credential
         self._client_id = client_id
 
@@ -68,9 +76,14 @@ class Compat:
         try:
             token = await self._credential.get_token(resource.rstrip("/") + "/.default")
         except UpstreamError as exc:
+            previous = self._last.get(resource)
+            now = self._clock()
+            if previous is not None and previous.unusable_reason(now, self.clock_skew_s) is None:
+                return resource, previous
             raise NotReadyError(
                 f"no token for {resource!r}: {exc.message}", retry_after=5
             ) from None
+        self._last[resource] = token
         return resource, token
 
     def body(self, resource: str, token: AccessToken, *, imds: bool) -> bytes:

@@ -198,3 +198,26 @@ async def test_lifetimes_are_counted_on_the_brokers_clock(
     assert lifetime - 60 <= int(body["expires_in"]) <= lifetime
     assert int(body["expires_on"]) - int(body["not_before"]) == int(body["expires_in"])
     assert abs(int(body["not_before"]) - broker.clock()) < 60
+
+
+@pytest.mark.parametrize("kind", ["expired", "not_yet_valid"])
+async def test_an_unusable_entra_answer_keeps_the_last_token_served(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, kind: str
+) -> None:
+    """While Entra answers tokens that cannot be used, the compatible route keeps serving
+    the last good token for the resource; good answers bring a new one."""
+    emulator.state.entra_token_lifetime_s = 60  # short enough for every request to ask Entra
+    broker = await compat_broker(start_broker, emulator, short_dir)
+    client = broker.client("tcp")
+    path = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://ml.azure.com"
+    first = await client.get(path)
+    assert first.status == 200, first.text
+    emulator.state.fail("entra.token", kind=kind)
+    calls = emulator.state.count("entra.token")
+    during = [await client.get(path) for _ in range(3)]
+    assert emulator.state.count("entra.token") > calls  # Entra was asked, and refused
+    assert [r.status for r in during] == [200] * 3
+    assert {r.json()["access_token"] for r in during} == {first.json()["access_token"]}
+    emulator.state.clear_faults()
+    after = await client.get(path)
+    assert after.status == 200 and after.json()["access_token"] != first.json()["access_token"]

@@ -25,6 +25,7 @@ import email.utils
 import itertools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,36 @@ class DrawnUpstream:
         return parse_token(body, skew_s=answer.skew_s)
 
 
+STATS = {"machines": 0, "steps": 0, "calls": 0, "service_window": 0, "principal_window": 0}
+WINDOW_S = 60.0
+
+
+def busiest_window(calls: list[float]) -> int:
+    """The most calls in any `WINDOW_S` seconds."""
+    most, start = 0, 0
+    for end, when in enumerate(calls):
+        while when - calls[start] > WINDOW_S:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Print what the machine ran and the busiest minute it saw against the budget."""
+    yield
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(
+            f"\nrefresh machine: {STATS['machines']} examples, {STATS['steps']} steps, "
+            f"{STATS['calls']} upstream calls; busiest minute per service "
+            f"{STATS['service_window']} (budget allows "
+            f"{CONFIG.service_calls_burst + CONFIG.service_calls_per_minute:g}), per principal "
+            f"{STATS['principal_window']} (allows "
+            f"{CONFIG.principal_calls_burst + CONFIG.principal_calls_per_minute:g})"
+        )
+
+
 class RefreshMachine(RuleBasedStateMachine):
     """The refresh path of one broker with two services of one principal."""
 
@@ -219,6 +250,7 @@ class RefreshMachine(RuleBasedStateMachine):
         self.served: list[tuple[float, AccessToken]] = []
         self.held = {name: None for name in SERVICES}
         self._run(self._start())
+        STATS["machines"] += 1
 
     def _wanted(self) -> list[Wanted]:
         return [
@@ -240,6 +272,11 @@ class RefreshMachine(RuleBasedStateMachine):
 
         self._run(stop())
         self.loop.close()
+        everyone = sorted(t for up in self.upstreams.values() for t in up.calls)
+        STATS["calls"] += len(everyone)
+        STATS["principal_window"] = max(STATS["principal_window"], busiest_window(everyone))
+        for upstream in self.upstreams.values():
+            STATS["service_window"] = max(STATS["service_window"], busiest_window(upstream.calls))
 
     @rule(service=st.sampled_from(SERVICES), queued=st.lists(answers, min_size=1, max_size=6))
     def upstream_will_answer(self, service: str, queued: list[Answer]) -> None:
@@ -292,6 +329,7 @@ class RefreshMachine(RuleBasedStateMachine):
 
     @invariant()
     def nothing_served_past_its_expiry(self) -> None:
+        STATS["steps"] += 1
         for at, token in self.served:
             assert token.expires_on is None or at < token.expires_on, (at, token)
         self.served.clear()
