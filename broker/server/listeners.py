@@ -184,8 +184,9 @@ class _RequestLines:
                 parser.feed_data(data)
             except httptools.HttpParserUpgrade as upgrade:
                 # aiohttp declines every upgrade and reads what follows as requests again.
-                if parser.get_method() != b"CONNECT":
-                    data = data[upgrade.args[0] :]
+                offset = upgrade.args[0] if upgrade.args else 0
+                if parser.get_method() != b"CONNECT" and 0 < offset < len(data):
+                    data = data[offset:]
                     continue
             except httptools.HttpParserError:
                 self._parser = None
