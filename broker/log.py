@@ -187,7 +187,7 @@ _AIOHTTP_EVENTS = (
 )
 
 
-def library_record(
+def _library_record(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """structlog processor for records of the standard library's loggers: aiohttp's become
@@ -241,7 +241,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[library_record, *_shared(json_output)],
+            foreign_pre_chain=[_library_record, *_shared(json_output)],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 _renderer(json_output),
