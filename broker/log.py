@@ -16,6 +16,7 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 from broker.models import Clock, system_clock
 
@@ -212,11 +213,19 @@ def _shared(json_output: bool) -> list[Any]:
     return [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.dict_tracebacks
-        if json_output
-        else structlog.processors.format_exc_info,
+        _tracebacks(json_output),
         redact,
     ]
+
+
+def _tracebacks(json_output: bool) -> Any:
+    """Tracebacks as structured frames (JSON) or text, never with the frames' local
+    variables: structlog's default JSON tracebacks print them, cut at 80 characters, and a
+    cut-off token, a request's headers or the first bytes of a body escape redaction by
+    value. A frame's file, line and function say where; its locals stay out."""
+    if not json_output:
+        return structlog.processors.format_exc_info
+    return structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
 
 
 def _renderer(json_output: bool) -> Any:
@@ -235,6 +244,47 @@ class _QuietMalformedRequests(logging.Filter):
             record.name.startswith("aiohttp")
             and str(record.msg).startswith("Error handling request")
         )
+
+
+# What aiohttp's own records say, as stable event names. Its records are rendered from
+# these and the exception's class alone: their message arguments, their text and their
+# traceback can quote the request (every header, the API key and identity header among
+# them) and are never written.
+_AIOHTTP_EVENTS = (
+    ("Unhandled exception", "http.connection_failed"),
+    ("Missing return statement", "http.handler_without_response"),
+    ("Web-handler should return", "http.handler_without_response"),
+)
+
+
+def _library_record(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor for records of the standard library's loggers: aiohttp's become
+    ordinary events (`http.connection_failed reason=ContentEncodingError`) with no header
+    value, body byte or traceback in them; other libraries' pass as they are."""
+    record = event_dict.get("_record")
+    if record is None or not record.name.startswith("aiohttp"):
+        return event_dict
+    exc_info = event_dict.pop("exc_info", None)
+    event_dict.pop("stack_info", None)
+    event_dict.pop("positional_args", None)
+    template = str(record.msg)
+    event_dict["event"] = next(
+        (name for prefix, name in _AIOHTTP_EVENTS if template.startswith(prefix)),
+        "http.library_message",
+    )
+    event_dict["component"] = record.name
+    event_dict["reason"] = _exception_name(exc_info)
+    return event_dict
+
+
+def _exception_name(exc_info: Any) -> str | None:
+    if isinstance(exc_info, tuple) and exc_info and isinstance(exc_info[0], type):
+        return exc_info[0].__name__
+    if isinstance(exc_info, BaseException):
+        return type(exc_info).__name__
+    return None
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -264,7 +314,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=_shared(json_output),
+            foreign_pre_chain=[_library_record, *_shared(json_output)],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 _renderer(json_output),

@@ -105,7 +105,8 @@ class AccessRules:
     def _authorize_key(self, request: web.Request, service: str, policy: Policy) -> None:
         presented = request.headers.get(API_KEY_HEADER)
         if presented is not None and policy.keys:
-            digest = hashlib.sha256(presented.encode()).digest()
+            # aiohttp keeps undecodable bytes as surrogates: hashed as sent, never an error.
+            digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
             # Compare against every key, always, so timing says nothing about which matched.
             matches = [name for name, d in policy.keys.items() if hmac.compare_digest(d, digest)]
             if matches:

@@ -54,8 +54,12 @@ def guarded(count: Count | None = None) -> Middleware:
             response = error_body(exc.status, code, exc.reason)
             if "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
-        except Exception:
-            log.exception("request.crashed", route=request.path)
+        except routes.ClientLeft as left:
+            if count is not None:
+                count(request, routes.CLIENT_LEFT)
+            return left.response
+        except Exception as exc:
+            log.exception("request.crashed", route=request.path, reason=type(exc).__name__)
             response = error_body(500, "internal", "internal error; see the broker's log")
         if count is not None:
             count(request, response.status)

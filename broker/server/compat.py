@@ -127,7 +127,9 @@ async def app_service(request: web.Request) -> web.Response:
     if expected is None:
         raise web.HTTPNotFound()
     presented = request.headers.get(IDENTITY_HEADER, "")
-    if not hmac.compare_digest(presented.encode(), expected.reveal().encode()):
+    # aiohttp keeps a header's undecodable bytes as surrogates: encoded back, never an error.
+    sent = presented.encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(sent, expected.reveal().encode()):
         log.warning("access.denied", route=request.path, reason="identity header missing or wrong")
         raise ForbiddenError(
             f"send the identity header ({IDENTITY_HEADER}) given to this app", code="access_denied"

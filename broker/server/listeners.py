@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
+import httptools
 from aiohttp import web
 
 from broker.config import ListenConfig
@@ -135,23 +136,83 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
-_BAD_METHOD = json.dumps(
-    {"error": "method_not_allowed", "message": "CONNECT is not served here"}
-).encode()
+def _json_refusal(status: str, code: str, message: str) -> bytes:
+    body = json.dumps({"error": code, "message": message}).encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+_BAD_METHOD = _json_refusal(
+    "405 Method Not Allowed", "method_not_allowed", "CONNECT is not served here"
+)
+_NO_VERSION = _json_refusal(
+    "400 Bad Request",
+    "bad_request_line",
+    "a request line ends with its HTTP version (GET /path HTTP/1.1); HTTP/0.9 is not served",
+)
+
+
+class _RequestLines:
+    """Follows a connection's requests with llhttp (httptools), as aiohttp's own parser
+    reads them, to find a request line to refuse: CONNECT as a method, or no HTTP version.
+
+    Only request lines count: a body's bytes are a body whatever they hold. When llhttp
+    finds the bytes malformed it stops following, and the bytes go to aiohttp, whose
+    parser (llhttp too, as strict) refuses the same bytes and closes the connection.
+    """
+
+    __slots__ = ("_parser", "_refusal")
+
+    def __init__(self) -> None:
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self._refusal: bytes | None = None
+
+    def on_message_complete(self) -> None:
+        assert self._parser is not None
+        if self._parser.get_http_version() == "0.9":
+            self._refusal = _NO_VERSION
+
+    def refusal(self, data: bytes) -> bytes | None:
+        """Read the connection's next bytes: the answer that refuses them, or None."""
+        parser = self._parser
+        if parser is None:
+            return None
+        while data:
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # aiohttp declines every upgrade and reads what follows as requests again.
+                offset = upgrade.args[0] if upgrade.args else 0
+                if parser.get_method() != b"CONNECT" and 0 < offset < len(data):
+                    data = data[offset:]
+                    continue
+            except httptools.HttpParserError:
+                self._parser = None
+            break
+        # The method of the request being read (an earlier one's until a method is read,
+        # and never CONNECT then: a CONNECT ends the connection).
+        if parser.get_method() == b"CONNECT":
+            return _BAD_METHOD
+        return self._refusal
 
 
 class _NoConnect(asyncio.Protocol):
-    """Answers CONNECT before aiohttp parses it, then passes everything else through.
+    """Answers CONNECT and version-less requests before aiohttp parses them, then passes
+    everything else through.
 
     aiohttp's server fails on a CONNECT request line with no target: the connection's
     task dies without answering or closing, and the connection holds one of the
     `max_connections` places until the client leaves — a way for any local process to
-    shut everyone else out. The broker serves no CONNECT, so it is refused up front.
+    shut everyone else out. The broker serves no CONNECT, so it is refused up front; and
+    a request line with no version would be served as HTTP/0.9, which no client needs.
     """
 
     def __init__(self, inner: asyncio.Protocol) -> None:
         self._inner = inner
         self._forward = inner.data_received  # every chunk passes here: one lookup less
+        self._lines = _RequestLines()
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -159,16 +220,10 @@ class _NoConnect(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if b"CONNECT" in data and (
-            data.startswith((b"CONNECT", b"\r\nCONNECT", b"\nCONNECT")) or b"\nCONNECT " in data
-        ):
+        refusal = self._lines.refusal(data)
+        if refusal is not None:
             assert self._transport is not None
-            self._transport.write(
-                b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\n"
-                + f"Content-Length: {len(_BAD_METHOD)}\r\n\r\n".encode()
-                + _BAD_METHOD
-            )
+            self._transport.write(refusal)
             self._transport.close()
             return
         self._forward(data)
@@ -230,6 +285,9 @@ class Listeners:
             keepalive_timeout=config.idle_timeout_s,
             max_line_size=config.max_header_bytes,
             max_field_size=config.max_header_bytes,
+            # Request bodies are never decoded: the proxy forwards them byte for byte, and
+            # the broker's own routes refuse an encoded one (guards.py).
+            auto_decompress=False,
         )
         self._config = config
         self._inherited = list(inherited)

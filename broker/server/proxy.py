@@ -58,12 +58,12 @@ from broker.models import AccessToken
 from broker.providers import EntraProvider
 from broker.providers.upstream import ssl_context
 from broker.server.access import API_KEY_HEADER
-from broker.server.guards import METADATA_HEADER
+from broker.server.guards import METADATA_HEADER, PROXY_PREFIX
 from broker.server.keys import ACCESS, STORE
 
 log = get_logger("broker.proxy")
 
-PREFIX = "/v1/proxy/"
+PREFIX = PROXY_PREFIX
 ProxyObserver: TypeAlias = Callable[[str, int | None], None]
 """Told of every forwarded call: `(service, status)`, status None when no answer came."""
 

@@ -17,10 +17,25 @@ from aiohttp import web
 from broker import __version__
 from broker.cache import Entry, Store
 from broker.errors import BadRequestError, ForbiddenError
+from broker.log import get_logger
 from broker.server.access import peer_of
 from broker.server.keys import ACCESS, ROTATIONS, STORE
 
+log = get_logger("broker.server")
+
 _JSON = "application/json"
+CLIENT_LEFT = 499  # the status counted for a stream whose client left (nginx's convention)
+
+
+class ClientLeft(Exception):
+    """Raised by a stream whose client has left: the middleware counts a disconnect and
+    gives aiohttp the begun response, with no error logged."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client left")
+        self.response = response
+
+
 SSE_HEARTBEAT_S = 15.0
 STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
 
@@ -115,6 +130,10 @@ async def _watch(request: web.Request, store: Store, service: str) -> web.Stream
         await _stream(request, response, store, service)
     except asyncio.CancelledError:
         pass
+    except ConnectionError:
+        # How most streams end: the watcher left and a write found the connection closed.
+        log.debug("watch.client_left", service=service)
+        raise ClientLeft(response) from None
     finally:
         streams.discard(task)
     return response

@@ -300,3 +300,117 @@ async def test_connect_is_answered_and_closed(
     status, body = await asyncio.wait_for(raw(where, request_bytes), 5)
     assert status == 405 and body["error"] == "method_not_allowed"
     assert (await broker.client(listener).get("/healthz")).status == 200
+
+
+def head(lines: list[bytes]) -> bytes:
+    """A request from its lines, with CRLFs, ending the connection after its answer."""
+    return b"\r\n".join([*lines, b"Connection: close", b"", b""])
+
+
+@pytest.mark.parametrize(
+    "host", [b"[::1]evil.com", b"[::1]:evil", b"localhost:abc", b"127.0.0.1:80x", b"[::1]]"]
+)
+async def test_hosts_with_anything_but_a_port_after_the_name_are_refused(
+    start_broker: StartBroker, host: bytes
+) -> None:
+    """Nothing may follow a name or `]` but `:` and digits: such a Host is refused on TCP."""
+    broker = await start_broker()
+    assert broker.daemon.tcp_address is not None
+    request = head([b"GET /v1/token/fraud HTTP/1.1", b"Host: " + host, b"Metadata: true"])
+    status, body = await raw(broker.daemon.tcp_address, request)
+    assert status == 403 and body["error"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [b"Metadata: true", b"Metadata: false"],
+        [b"Metadata: false", b"Metadata: true"],
+        [b"Metadata: true", b"metadata: true"],
+        [b"Metadata: true", b"X-Token-Broker-Key: " + API_KEY.encode(), b"X-Token-Broker-Key: x"],
+    ],
+)
+async def test_a_guard_header_sent_twice_is_refused(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    short_dir: Path,
+    listener: str,
+    headers: list[bytes],
+) -> None:
+    """Two Metadata (or API key) headers are refused with 400, whatever their values: which
+    one a guard reads is never a question."""
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    text = config_text(emulator, short_dir, extra_service_keys='api_keys = ["scorer"]')
+    broker = await start_broker(text + f'\n[api_key.scorer]\nsha256 = "{digest}"\n')
+    where = broker.daemon.tcp_address if listener == "tcp" else broker.daemon.unix_path
+    assert where is not None
+    request = head([b"GET /v1/token/fraud HTTP/1.1", b"Host: localhost", *headers])
+    status, body = await raw(where, request)
+    assert status == 400 and body["error"] == "duplicate_header", body
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest.mark.parametrize("path", ["/v1/token/fraud", "/v1/proxy/fraud", "/healthz"])
+@pytest.mark.parametrize(
+    "header",
+    ["Via", "X-Client-IP", "True-Client-IP", "X-Forwarded-Port", "X_Forwarded_For", "X-Real_IP"],
+)
+async def test_every_forwarding_header_is_refused(
+    start_broker: StartBroker, listener: str, path: str, header: str
+) -> None:
+    """Via, X-Client-IP, True-Client-IP, any X-Forwarded-* and their `_` spellings mark a
+    relayed request, refused on every route (the proxy's too) naming the header."""
+    broker = await start_broker()
+    reply = await broker.client(listener).get(path, headers={header: "203.0.113.9"})
+    assert reply.status == 400, reply
+    assert reply.json()["error"] == "forwarded_request" and header in reply.json()["message"]
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+async def test_a_request_line_without_a_version_is_refused(
+    start_broker: StartBroker, listener: str
+) -> None:
+    """`GET /v1/token/fraud` with no HTTP version is refused with 400, not served as HTTP/0.9."""
+    broker = await start_broker()
+    where = broker.daemon.tcp_address if listener == "tcp" else broker.daemon.unix_path
+    assert where is not None
+    request = head([b"GET /v1/token/fraud", b"Host: localhost", b"Metadata: true"])
+    status, body = await asyncio.wait_for(raw(where, request), 5)
+    assert status == 400 and body["error"] == "bad_request_line", body
+    assert (await broker.client(listener).get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_connect_in_a_body_is_a_body(
+    start_broker: StartBroker, listener: str, framing: str
+) -> None:
+    """A body line starting with `CONNECT ` does not get the request refused; a CONNECT
+    pipelined after it, as the next request's method, still is, and ends the connection."""
+    broker = await start_broker()
+    where = broker.daemon.tcp_address if listener == "tcp" else broker.daemon.unix_path
+    assert where is not None
+    body = b"hello\r\nCONNECT me HTTP/1.1\r\n\nCONNECT x\n"
+    if framing == "chunked":
+        frame, framed = b"Transfer-Encoding: chunked", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    else:
+        frame, framed = b"Content-Length: %d" % len(body), body
+    post = [b"POST /v1/token/fraud/refresh HTTP/1.1", b"Host: localhost", b"Metadata: true", frame]
+    status, answer = await asyncio.wait_for(raw(where, head(post) + framed), 5)
+    assert status == 200 and answer["service"] == "fraud"
+    keep = b"\r\n".join([*post, b"", b""]) + framed
+    connect = b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n"
+    reader, writer = await (
+        asyncio.open_connection(*where)
+        if isinstance(where, tuple)
+        else asyncio.open_unix_connection(str(where))
+    )
+    writer.write(keep)
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    writer.write(connect)
+    rest = await asyncio.wait_for(reader.read(), 5)  # read() returns at the close
+    writer.close()
+    assert b"HTTP/1.1 405 Method Not Allowed" in rest and b"method_not_allowed" in rest

@@ -4,6 +4,7 @@ endpoints with the service's credential, streaming, bounded and guarded like the
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
@@ -458,3 +459,67 @@ async def test_no_token_in_logs_or_error_bodies(
     everything = text + "\n".join(bodies)
     for secret in [*secrets, "query-secret"]:
         assert secret not in everything
+
+
+@pytest.mark.parametrize("size", ["kept", "streamed"])
+async def test_compressed_bodies_are_forwarded_as_sent(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, caller: Any, size: str
+) -> None:
+    """A gzip body with `Content-Encoding: gzip` reaches the scoring host byte for byte,
+    kept for a retry or streamed past retry_buffer_bytes: the host decodes the original."""
+    proxy = "retry_buffer_bytes = 4096"
+    broker = await start_broker(proxy_config(emulator, short_dir, proxy=proxy))
+    payload = os.urandom(1024 if size == "kept" else 256 << 10)
+    packed = gzip.compress(payload)
+    answer = await caller(broker).call(
+        "POST",
+        "/v1/proxy/fraud?report=true",
+        headers={"Content-Encoding": "gzip"},
+        data=packed,
+    )
+    assert answer.status == 200, answer.body[:300]
+    report = answer.json()
+    assert report["bytes"] == len(payload)
+    assert report["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert "content-encoding" in report["headers"]
+
+
+async def test_a_corrupt_compressed_body_is_the_scoring_hosts_to_judge(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, caller: Any, logs: io.StringIO
+) -> None:
+    """A body that is not the gzip it claims to be is forwarded as it came and answered by
+    the scoring host: no local 500, and no byte of it in the broker's log."""
+    broker = await start_broker(proxy_config(emulator, short_dir))
+    marker = b"BODY-BYTES-NEVER-LOGGED-"
+    before = score_calls(emulator)
+    answer = await caller(broker).call(
+        "POST",
+        "/v1/proxy/fraud",
+        headers={"Content-Encoding": "gzip"},
+        data=b"\x1f\x8b\x08\x00" + marker * 8,
+    )
+    assert score_calls(emulator) == before + 1  # the scoring host got it
+    assert not (answer.status == 500 and b'"internal"' in answer.body), answer.body
+    text = logs.getvalue()
+    assert "request.crashed" not in text
+    assert marker.decode() not in text and "BODY-BYTES" not in text
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_line_starting_with_connect_is_forwarded(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    short_dir: Path,
+    caller: Any,
+    listener: str,
+    framing: str,
+) -> None:
+    """A body holding `\\nCONNECT ` lines is proxied and answered by the scoring host, not
+    refused as if it were a CONNECT request."""
+    broker = await start_broker(proxy_config(emulator, short_dir))
+    payload = b"hello\nCONNECT me\n\r\nCONNECT evil.example:443 HTTP/1.1\r\n\r\n"
+    data: Any = payload if framing == "content-length" else chunks(payload)
+    answer = await caller(broker, listener).call("POST", "/v1/proxy/fraud?report=true", data=data)
+    assert answer.status == 200, answer.body[:300]
+    assert answer.json()["sha256"] == hashlib.sha256(payload).hexdigest()

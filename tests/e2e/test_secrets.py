@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from broker.daemon import Daemon
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from broker.log import MASK, forget_secret, scrub
+from broker.server import routes
 from tests.conftest import CLIENT_SECRET, config_text
 from tests.e2e.conftest import StartBroker
 
@@ -96,3 +98,83 @@ def test_configured_secrets_are_redacted_before_any_sign_in(
     path.write_text(config_text(emulator, short_dir))
     Daemon(load_config(path))
     assert scrub(f"secret={CLIENT_SECRET}") == f"secret={MASK}"
+
+
+async def test_no_secret_in_the_log_lines_of_hostile_requests(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    logs: io.StringIO,
+    short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Undecodable bodies, an API key with a byte outside ASCII, repeated guard headers, a
+    corrupt compressed body through the proxy and a watcher leaving write no credential, nor
+    a piece of one, to any log line (aiohttp's own records included)."""
+    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
+    api_key = "tbk_secret-search-" + "z" * 24
+    digest = hashlib.sha256(api_key.encode()).hexdigest()
+    text = config_text(emulator, short_dir, extra_service_keys='api_keys = ["search"]')
+    broker = await start_broker(text + f'\n[api_key.search]\nsha256 = "{digest}"\n')
+    await broker.settled()
+    tokens = [e.token.value for e in broker.daemon.store.entries if e.token is not None]
+    assert len(tokens) == 2
+    assert broker.daemon.tcp_address is not None and broker.daemon.unix_path is not None
+    key = api_key.encode()
+
+    async def send(data: bytes, unix: bool = False) -> bytes:
+        reader, writer = await (
+            asyncio.open_unix_connection(str(broker.daemon.unix_path))
+            if unix
+            else asyncio.open_connection(*broker.daemon.tcp_address)
+        )
+        writer.write(data)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    head = b"Host: localhost\r\nMetadata: true\r\nConnection: close\r\n"
+    for token in tokens:
+        carried = b"X-Token-Broker-Key: " + key + b"\r\nAuthorization: Bearer " + token.encode()
+        body = b"\x1f\x8b\x08\x00" + token.encode()
+        encoded = b"Content-Encoding: gzip\r\nContent-Length: %d\r\n" % len(body)
+        for path in (b"/healthz", b"/v1/token/fraud/refresh", b"/v1/proxy/fraud"):
+            answer = await send(
+                b"POST "
+                + path
+                + b" HTTP/1.1\r\n"
+                + head
+                + carried
+                + b"\r\n"
+                + encoded
+                + b"\r\n"
+                + body
+            )
+            assert b'"error": "internal"' not in answer, answer[:300]  # the host may 500
+        for extra in (key + b"\xff", key + b"\r\nX-Token-Broker-Key: " + token.encode()):
+            answer = await send(
+                b"GET /v1/token/fraud HTTP/1.1\r\n"
+                + head
+                + b"X-Token-Broker-Key: "
+                + extra
+                + b"\r\n\r\n"
+            )
+            assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 403")), answer[:200]
+    reader, writer = await asyncio.open_unix_connection(str(broker.daemon.unix_path))
+    writer.write(
+        b"GET /v1/token/fraud?watch=true HTTP/1.1\r\nHost: localhost\r\nMetadata: true\r\n\r\n"
+    )
+    await asyncio.wait_for(reader.readuntil(b"event: token\n"), 10)
+    writer.close()
+    await writer.wait_closed()
+
+    async def watch_ended() -> None:
+        while not logs.getvalue().count('"watch.client_left"'):
+            await broker.client().get("/healthz")  # a look per request; the deadline bounds it
+
+    await asyncio.wait_for(watch_ended(), 10)
+    everything = logs.getvalue()
+    assert "request.crashed" not in everything
+    for secret in [api_key, *tokens]:
+        middle = len(secret) // 2
+        for piece in (secret, secret[:16], secret[middle : middle + 16], secret[-16:]):
+            assert piece not in everything, piece

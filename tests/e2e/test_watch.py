@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import aiohttp
@@ -94,3 +95,39 @@ async def test_watch_of_unknown_service_is_404(start_broker: StartBroker) -> Non
     broker = await start_broker()
     reply = await broker.client().get("/v1/token/nope?watch=true")
     assert reply.status == 404 and reply.json()["error"] == "unknown_service"
+
+
+async def test_a_watcher_leaving_ends_the_stream_quietly(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, logs: io.StringIO
+) -> None:
+    """A watcher that disconnects ends its stream at the next write: `watch.client_left` at
+    debug, counted under status 499, no error record and no piece of the token logged."""
+    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    reader, writer = await asyncio.open_unix_connection(str(broker.daemon.unix_path))
+    writer.write(
+        b"GET /v1/token/fraud?watch=true HTTP/1.1\r\nHost: localhost\r\nMetadata: true\r\n\r\n"
+    )
+    await asyncio.wait_for(reader.readuntil(b"event: token\n"), 10)
+    event = await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
+    token = json.loads(event.split(b"data: ", 1)[1])["access_token"]
+    writer.close()
+    await writer.wait_closed()
+
+    counted = 'token_broker_requests_total{route="/v1/token/{service}",status="%s"}'
+
+    async def counted_as_left() -> str:
+        while counted % "499" + " 1.0" not in (
+            text := (await broker.client().get("/metrics")).text
+        ):
+            pass  # each look is a request to the broker; the deadline below bounds them
+        return text
+
+    metrics = await asyncio.wait_for(counted_as_left(), 10)
+    assert counted % "500" not in metrics
+    text = logs.getvalue()
+    assert '"watch.client_left"' in text
+    assert "request.crashed" not in text and '"level": "error"' not in text
+    middle = len(token) // 2
+    for piece in (token[:20], token[middle : middle + 20], token[-20:]):
+        assert piece not in text

@@ -1,5 +1,6 @@
 """Hostile headers on both listeners: random names and values, long ones, too many, odd
-Metadata spellings, duplicates, and random Host values. The answer is exactly what the
+Metadata spellings, duplicated guard headers, forwarding headers however spelt, and random
+or almost-loopback Host values. The answer is exactly what the
 guards define (or aiohttp's own 4xx past its limits), never a 5xx, never a leak."""
 
 from __future__ import annotations
@@ -32,7 +33,27 @@ Outcome = tuple[int, str | None]  # status, and the JSON error code unless 200
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 VALUE_CHARS = st.characters(codec="latin-1", exclude_categories=["Cc"]) | st.just("\t")
-FORWARDING = {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+FORWARDING = {
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+}
+SINGLE = {"metadata", "x-token-broker-key", "x-identity-header"}  # refused when sent twice
+
+
+def forwarding(name: str) -> bool:
+    """Whether the guards take a header for a proxy's: the known names, any X-Forwarded-*,
+    with `_` for `-` too."""
+    name = name.lower().replace("_", "-")
+    return name in FORWARDING or name.startswith("x-forwarded-")
+
+
 # Framing and connection headers change how the request is read, which is the raw-bytes
 # test's business; the guards' own headers are drawn on purpose, from the lists below.
 NOT_RANDOM = FORWARDING | {"origin", "metadata", "host", "content-length", "transfer-encoding"}
@@ -41,6 +62,8 @@ NOT_RANDOM |= {"connection", "expect", "upgrade", "te", "trailer", "keep-alive",
 SPECIAL = [
     "Origin", "ORIGIN", "Forwarded", "X-Forwarded-For", "x-forwarded-host", "X-FORWARDED-PROTO",
     "X-Real-IP", "X-Token-Broker-Key", "Access-Control-Request-Method", "Authorization", "Cookie",
+    "X-IDENTITY-HEADER", "Via", "X-Client-IP", "True-Client-IP", "X-Forwarded-Port",
+    "X_Forwarded_For", "x_real_ip", "X-Forwarded-Server",
 ]
 METADATA_NAMES = ["Metadata", "metadata", "METADATA", "MetaData", "mEtAdAtA"]
 METADATA_VALUES = [
@@ -49,17 +72,18 @@ METADATA_VALUES = [
 ]
 LOOPBACK_HOSTS = [
     "localhost", "LOCALHOST", "localhost.", "localhost:8765", " localhost ", "127.0.0.1",
-    "127.0.0.1:1", "127.1.2.3", "[::1]", "[::1]:8765", "::1", "ip6-localhost",
+    "127.0.0.1:1", "127.1.2.3", "[::1]", "[::1]:8765", "::1", "ip6-localhost", "localhost:",
 ]
 FOREIGN_HOSTS = [
     "evil.example", "evil.example:80", "10.0.0.1", "0.0.0.0", "[::2]", "localhost.evil",
     "evil.localhost", "127.0.0.1.evil", "127.1", "0x7f.0.0.1", "2130706433", "",
-    "[::ffff:10.0.0.1]", "localhost:80:80",
+    "[::ffff:10.0.0.1]", "localhost:80:80", "[::1]evil.com", "[::1]:evil", "localhost:abc",
+    "127.0.0.1:80x", "[::1]]", "[::1]:80:80", "[::1", "localhost :80",
 ]
 # fmt: on
 
 header_names = st.text(alphabet=TCHAR, min_size=1, max_size=40).filter(
-    lambda name: name.lower() not in NOT_RANDOM
+    lambda name: name.lower() not in NOT_RANDOM | SINGLE and not forwarding(name)
 )
 header_values = st.one_of(
     st.text(alphabet=VALUE_CHARS, max_size=60),
@@ -94,11 +118,14 @@ def header_sets(draw: st.DrawFn) -> tuple[Headers, str]:
 
 
 def guard_outcomes(pairs: Headers, host_kind: str, listener: str) -> set[Outcome]:
-    """The answers the guards may give, checked in their order: forwarded, browser, Host
-    (on TCP; a random Host may or may not be a loopback name), Metadata (the first one,
-    without the whitespace around it, in any case)."""
-    names = {name.lower() for name, _ in pairs}
-    if names & FORWARDING:
+    """The answers the guards may give, checked in their order: a guard header sent twice,
+    forwarded, browser, Host (on TCP; a random Host may or may not be a loopback name),
+    Metadata (without the whitespace around it, in any case)."""
+    sent = [name.lower() for name, _ in pairs]
+    if any(sent.count(name) > 1 for name in SINGLE):
+        return {(400, "duplicate_header")}
+    names = set(sent)
+    if any(forwarding(name) for name in names):
         return {(400, "forwarded_request")}
     if "origin" in names:
         return {(403, "browser_request")}

@@ -7,6 +7,8 @@ it writes, whichever logger wrote it.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from broker.emulator import seed as demo
 from tests.fuzz.harness import (
     LISTENERS,
     TEST_TIMEOUT_S,
     Target,
     assert_aiohttp_refusal,
+    assert_not_5xx,
     exchange,
     request,
 )
@@ -53,11 +57,11 @@ class BrokerProcess:
     """`token-broker run` against the fuzz broker's emulator, its output kept: a real process
     logs whatever it logs through whatever handlers it sets up, which is what matters."""
 
-    def __init__(self, broker: Target, directory: Path) -> None:
+    def __init__(self, broker: Target, directory: Path, extra: str = "") -> None:
         assert broker.config is not None
         path = directory / "broker.toml"
         path.write_text(
-            broker.config.read_text().replace(str(broker.unix), str(directory / "b.sock"))
+            broker.config.read_text().replace(str(broker.unix), str(directory / "b.sock")) + extra
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "run", "-c", str(path)],
@@ -115,3 +119,111 @@ def test_credentials_in_malformed_requests_are_not_logged(
         if credential in line
     ]
     assert not leaked, "credentials in the broker's output:\n" + "\n".join(leaked)
+
+
+API_KEY = "tbk_fuzz-leak-key-" + "q" * 24
+IDENTITY = "identity-fuzz-leak-" + "w" * 20
+
+
+def keyed(directory: Path) -> str:
+    """A service behind an API key, and the App Service route with its identity header."""
+    header = directory / "identity-header"
+    header.write_text(IDENTITY + "\n")
+    header.chmod(0o600)
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    return (
+        f'\n[[service]]\nname = "keyed"\nsubscription_id = "{demo.SUBSCRIPTION_ID}"\n'
+        f'resource_group = "{demo.RESOURCE_GROUP}"\nworkspace = "{demo.WORKSPACE}"\n'
+        f'web_service = "{demo.TOKEN_SERVICE}"\napi_keys = ["leak"]\n'
+        f'\n[api_key.leak]\nsha256 = "{digest}"\n'
+        f'\n[compat]\napp_service_header_file = "{header}"\nresources = ["https://ml.azure.com"]\n'
+    )
+
+
+def hostile(credential: bytes) -> dict[str, bytes]:
+    """Requests the guards and the log must withstand, credentials in every header that
+    holds one and in the request line or body where the request allows. (A corrupt body
+    through the proxy is tests/e2e/test_proxy.py's: the emulator here, in this process,
+    logs its own failure to decode it.)"""
+    carried = [
+        b"X-Token-Broker-Key: " + API_KEY.encode(),
+        b"X-IDENTITY-HEADER: " + IDENTITY.encode(),
+        b"Authorization: Bearer " + credential,
+        b"Cookie: session=" + credential,
+    ]
+
+    def make(line: bytes, headers: list[bytes], body: bytes = b"") -> bytes:
+        framing = [b"Content-Length: %d" % len(body)] if body else []
+        lines = [line, *headers, *framing, b"Connection: close"]
+        return b"\r\n".join([*lines, b"", b""]) + body
+
+    usual = [b"Host: localhost", b"Metadata: true", *carried]
+    gzipped = [*usual, b"Content-Encoding: gzip"]
+    return {
+        "undecodable-body": make(b"POST /healthz HTTP/1.1", gzipped, b"junk " + credential),
+        "undecodable-refresh": make(
+            b"POST /v1/token/keyed/refresh HTTP/1.1", gzipped, b"\x1f\x8b" + credential
+        ),
+        "proxied-gzip": make(b"POST /v1/proxy/fraud HTTP/1.1", gzipped, gzip.compress(credential)),
+        "key-0xff": make(
+            b"GET /v1/token/keyed HTTP/1.1",
+            [
+                b"Host: localhost",
+                b"Metadata: true",
+                b"X-Token-Broker-Key: " + API_KEY.encode() + b"\xff",
+            ],
+        ),
+        "identity-0xff": make(
+            b"GET /msi/token?api-version=2019-08-01&resource=https://ml.azure.com HTTP/1.1",
+            [b"Host: localhost", b"X-IDENTITY-HEADER: " + IDENTITY.encode() + b"\xc3"],
+        ),
+        "two-metadata": make(b"GET /v1/token/keyed HTTP/1.1", [*usual, b"Metadata: false"]),
+        "two-keys": make(
+            b"GET /v1/token/keyed HTTP/1.1", [*usual, b"X-Token-Broker-Key: " + credential]
+        ),
+        "host-after-bracket": make(
+            b"GET /v1/token/keyed HTTP/1.1", [b"Host: [::1]" + credential, *usual[1:]]
+        ),
+        "host-port-letters": make(
+            b"GET /v1/token/keyed HTTP/1.1", [b"Host: localhost:" + credential, *usual[1:]]
+        ),
+        "no-version": make(b"GET /v1/token/" + credential, usual),
+        "connect": make(b"CONNECT " + credential + b":443 HTTP/1.1", usual),
+        "connect-in-body": make(
+            b"POST /v1/token/keyed/refresh HTTP/1.1", usual, b"\nCONNECT " + credential + b"\n"
+        ),
+        "forwarded": make(
+            b"GET /v1/token/keyed HTTP/1.1", [*usual, b"X_Forwarded_For: " + credential]
+        ),
+    }
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_credentials_in_hostile_headers_and_bodies_are_not_logged(
+    short_dir: Path, broker: Target, listener: str
+) -> None:
+    """Undecodable and compressed bodies, keys and identity headers with bytes outside ASCII,
+    repeated guard headers, odd Hosts, version-less and CONNECT request lines, all carrying
+    credentials: no local 5xx, and no credential anywhere in the broker process's output."""
+    process = BrokerProcess(broker, short_dir, keyed(short_dir))
+    try:
+        credentials = {"api-key": API_KEY, "identity-header": IDENTITY}
+        for service in ("churn", "fraud"):
+            reply = request(process.target, listener, "GET", f"/v1/token/{service}")
+            credentials[service] = reply.json()["access_token"]
+        for name, value in credentials.items():
+            for kind, data in hostile(value.encode()).items():
+                reply = exchange(process.target, listener, data)
+                if not kind.startswith("proxied"):  # the scoring host's answer is its own
+                    assert_not_5xx(reply)
+                assert reply is None or reply.status != 500 or not reply.is_json, (name, kind)
+    finally:
+        output = process.stop()
+    leaked = [
+        f"{name}: {line.strip()}"
+        for line in output.splitlines()
+        for name, credential in credentials.items()
+        if credential in line
+    ]
+    assert not leaked, "credentials in the broker's output:\n" + "\n".join(leaked)
+    assert "request.crashed" not in output and "Unhandled exception" not in output

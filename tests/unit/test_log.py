@@ -101,3 +101,39 @@ def test_registered_values_are_found_in_any_context() -> None:
     for n in range(2000):
         log.forget_secret(f"other-secret-value-{n:05d}")
     log.forget_secret("AbCdEf0123456789+/xyz==")
+
+
+def test_aiohttp_records_become_events_without_request_text(lines: io.StringIO) -> None:
+    """aiohttp's other error records are written as a stable event naming the exception's
+    class: no message, argument, traceback or local that could quote a request header."""
+    import logging
+
+    def parse(headers: str) -> None:
+        raise ValueError("Can not decode " + headers)
+
+    try:
+        parse("X-Token-Broker-Key: plain-header-value")
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Unhandled exception")
+    logging.getLogger("aiohttp.web").error("Web-handler should return a response, got %r", "xx")
+    first, second = (json.loads(line) for line in lines.getvalue().splitlines())
+    assert first["event"] == "http.connection_failed" and first["reason"] == "ValueError"
+    assert first["component"] == "aiohttp.server" and "exception" not in first
+    assert second["event"] == "http.handler_without_response" and second["reason"] is None
+    assert "plain-header-value" not in lines.getvalue() and "xx" not in lines.getvalue()
+
+
+def test_tracebacks_show_no_local_variables(lines: io.StringIO) -> None:
+    """A traceback names its frames but never their locals, where a cut-off token would
+    escape redaction by value."""
+
+    def write_event(data: str) -> None:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    fragment = '{"access_token": "unregistered-token-fragm'
+    try:
+        write_event(fragment)
+    except ConnectionResetError:
+        log.get_logger("t").exception("request.crashed")
+    text = lines.getvalue()
+    assert "write_event" in text and "unregistered-token-fragm" not in text
