@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import signal
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -238,7 +237,7 @@ class _Sink:
         if written == self._written:
             return
         value = entry.token.value
-        started = time.monotonic()
+        started = store.clock()
         try:
             await asyncio.to_thread(write_atomically, config, render(config, store, entry))
         except OSError as exc:
@@ -254,7 +253,7 @@ class _Sink:
             service=self.service,
             path=str(config.path),
             format=config.format,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            duration_ms=round((store.clock() - started) * 1000, 1),
         )
         if config.command:
             self._command_wanted = True
