@@ -82,28 +82,32 @@ class Policy:
     def max_attempts(self, window_s: float, shortest_lead_s: float) -> int:
         """The most upstream attempts this policy lets one service make in `window_s`.
 
-        The worst case repeats a cycle: a success whose next refresh is `shortest_lead_s`
-        away (the shortest time from a fetch to its scheduled refresh, for the lifetimes
-        in play), then k failures in a row spaced at `shortest_retry_in`; the bound takes
-        the k that packs the most attempts, and counts a partial cycle as whole.
+        Each attempt is followed either by a success, whose next refresh is at least
+        `shortest_lead_s` away (the shortest time from a fetch to its scheduled refresh,
+        for the lifetimes in play), or by its streak's `shortest_retry_in`; the worst
+        sequence of outcomes is found by dynamic programming over time in small steps,
+        every gap rounded down, so the answer is an upper bound that is nearly tight.
         """
-        best = 0
-        gaps: list[float] = []
-        for streak in range(128):
-            cycle = max(shortest_lead_s, self.config.retry_min_s) + sum(gaps)
-            whole_cycles = int(window_s // cycle) + 1
-            best = max(best, whole_cycles * (streak + 1))
-            gaps.append(self.shortest_retry_in(streak + 1))
-            if sum(gaps) > window_s:
-                break
-        failing_only = 1
-        elapsed = 0.0
-        for failures in range(1, 10_000):
-            elapsed += self.shortest_retry_in(failures)
-            if elapsed > window_s:
-                break
-            failing_only += 1
-        return max(best, failing_only)
+        step = min(self.config.retry_min_s / 4, max(window_s / 20_000, 1e-3))
+        units = int(window_s / step)
+        lead = max(1, int(max(shortest_lead_s, self.config.retry_min_s) / step))
+        gaps = [max(1, int(self.shortest_retry_in(1) / step))]
+        while len(gaps) < 64 and self._ceiling(len(gaps)) < self.config.retry_max_s:
+            gaps.append(max(1, int(self.shortest_retry_in(len(gaps) + 1) / step)))
+        streaks = len(gaps)  # past the last, the gap stays as it is
+        # most[t][n]: attempts from an attempt at t units before the end, after n failures.
+        most = [[1] * (streaks + 1) for _ in range(units + 1)]
+        for t in range(units + 1):
+            row = most[t]
+            for n in range(streaks + 1):
+                best = 1
+                if t >= lead:
+                    best = 1 + most[t - lead][0]
+                gap = gaps[min(n, streaks - 1)]
+                if t >= gap:
+                    best = max(best, 1 + most[t - gap][min(n + 1, streaks)])
+                row[n] = best
+        return most[units][0]
 
     def shortest_lead(self, refresh_by_s: float) -> float:
         """The least time from a fetch to its scheduled refresh, for credentials whose

@@ -79,3 +79,15 @@ def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
 def test_faults_only_an_operator_can_fix_back_off_long() -> None:
     """A non-retryable error (bad secret, missing role) waits at least a minute."""
     assert policy(retry_max_s=5).retry_in(1, None, False) == 60
+
+
+def test_max_attempts_is_the_worst_case_of_the_policy() -> None:
+    """The bound counts the densest sequence the policy allows: failing streaks whose
+    spacing doubles, reset by successes at the shortest lead; never fewer than a failing
+    streak alone makes."""
+    p = policy(retry_min_s=1, retry_max_s=8)
+    # A failing streak alone: attempts at 0, 1, 2, 4, 8, 12, 16, 20 (gaps 1, 1, 2, 4, 4, …).
+    assert p.max_attempts(20, shortest_lead_s=1000) == 8
+    # A success every 1.5 s resets the streak: 0, 1, 2 (fail, fail), 3.5 (success)… is denser.
+    assert p.max_attempts(20, shortest_lead_s=1.5) > 8
+    assert p.max_attempts(20, shortest_lead_s=1.5) <= 21
