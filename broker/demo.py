@@ -42,6 +42,10 @@ port = 0
 format = "console"
 level = "info"
 
+# The demo's tokens live seconds, not an hour: retries may come sooner than the default.
+[refresh]
+retry_min_s = 0.25
+
 [cloud]
 name = "custom"
 authority_host = "{emu.authority_host}"

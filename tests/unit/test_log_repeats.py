@@ -52,7 +52,10 @@ def test_info_lines_are_not_limited(logs: io.StringIO) -> None:
 def test_a_library_warning_repeating_is_limited_too(logs: io.StringIO) -> None:
     """aiohttp's or MSAL's records go through the standard library: they are held back the
     same way."""
-    library = logging.getLogger("aiohttp.server")
-    for _ in range(100):
-        library.error("Error in the handler")
+    for name in ("aiohttp.server", "msal.application"):
+        library = logging.getLogger(name)
+        for _ in range(100):
+            library.error("Error in the handler")
+    written = [line["component"] for line in lines(logs) if "component" in line]
+    assert written.count("aiohttp.server") == 1
     assert sum("Error in the handler" in line for line in logs.getvalue().splitlines()) == 1
