@@ -16,6 +16,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import assert_never
 
 from broker import __version__
 from broker import log as logging_setup
@@ -34,7 +35,16 @@ from broker.cache import (
     Wanted,
     fingerprint,
 )
-from broker.config import CompatConfig, Config, RefreshConfig, ServiceConfig, load_config
+from broker.config import (
+    CompatConfig,
+    Config,
+    EntraScopeConfig,
+    OnlineEndpointConfig,
+    RefreshConfig,
+    ServiceConfig,
+    WebServiceConfig,
+    load_config,
+)
 from broker.credentials import ServicePrincipalCredential
 from broker.errors import ConfigError
 from broker.log import get_logger
@@ -115,20 +125,8 @@ class Daemon:
         if service is None:
             return None
         identity = self.config.identities[service.identity]
-        return fingerprint(
-            self.config.cloud.resource_manager,
-            identity.tenant_id,
-            identity.client_id,
-            service.subscription_id,
-            service.resource_group,
-            service.workspace,
-            service.web_service,
-            service.region or "",
-            service.auth,
-            service.kind,
-            service.scope or "",
-            service.endpoint or "",
-        )
+        cloud = self.config.cloud.resource_manager
+        return fingerprint(cloud, identity.tenant_id, identity.client_id, *service.coordinates)
 
     def _compat(self) -> tuple[CompatConfig, ServicePrincipalCredential | None, str]:
         """What the managed-identity compatible routes serve, and as whom."""
@@ -162,30 +160,31 @@ class Daemon:
         identity = self.config.identities[service.identity]
         return Wanted(
             self._provider(service),
-            target=_target(service),
+            target=service.coordinates,
             signer=(service.identity, identity, self.config.cloud),
-            principal=(identity.client_id, (service.subscription_id or "").lower()),
+            principal=(identity.client_id, _subscription(service).lower()),
         )
 
     def _provider(self, service: ServiceConfig) -> TokenProvider:
-        if service.kind == "entra":
-            return EntraProvider(service, self._credential(service.identity))
-        if service.kind == "azureml-online-endpoint":
-            return OnlineEndpointProvider(
-                service,
-                self.config.cloud,
-                self._credential(service.identity),
-                self.upstream,
-                self.throttles,
-            )
-        return WebServiceProvider(
-            service,
-            self.config.cloud,
-            self._credential(service.identity),
-            self.upstream,
-            self.workspaces,
-            self.throttles,
-        )
+        credential = self._credential(service.identity)
+        match service:
+            case WebServiceConfig():
+                return WebServiceProvider(
+                    service,
+                    self.config.cloud,
+                    credential,
+                    self.upstream,
+                    self.workspaces,
+                    self.throttles,
+                )
+            case OnlineEndpointConfig():
+                return OnlineEndpointProvider(
+                    service, self.config.cloud, credential, self.upstream, self.throttles
+                )
+            case EntraScopeConfig():
+                return EntraProvider(service, credential)
+            case _:
+                assert_never(service)
 
     @property
     def unix_path(self) -> Path | None:
@@ -314,18 +313,10 @@ def _register_secrets(config: Config) -> None:
                 logging_setup.register_secret(secret.reveal())
 
 
-def _target(s: ServiceConfig) -> tuple[object, ...]:
-    return (
-        s.kind,
-        s.scope,
-        s.endpoint,
-        s.subscription_id,
-        s.resource_group,
-        s.workspace,
-        s.web_service,
-        s.region,
-        s.auth,
-    )
+def _subscription(service: ServiceConfig) -> str:
+    """The subscription whose calls a service's fetches count against ("" for Entra scopes,
+    which are in none)."""
+    return "" if isinstance(service, EntraScopeConfig) else service.subscription_id
 
 
 def disable_core_dumps() -> None:

@@ -209,27 +209,76 @@ class SinkConfig:
             raise ValueError("a sink command's timeout must be more than zero")
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceConfig:
-    """One credential local clients ask for by `name`: an Azure ML web service's token or
-    key, or (kind "entra") the principal's own Entra token for a scope."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Service:
+    """What every kind of service has: the name clients use, the identity it is fetched as,
+    who may ask for it, and where it is written."""
 
     name: str
     identity: str
-    subscription_id: str
-    resource_group: str
-    workspace: str
-    web_service: str
-    region: str | None = None
-    auth: AuthMode = "auto"
     # who may ask for this service; an empty tuple puts no restriction of that kind
     allow_users: tuple[int, ...] = ()  # peer uids, on the Unix socket
     allow_groups: tuple[int, ...] = ()  # peer gids, on the Unix socket
     api_keys: tuple[str, ...] = ()  # names of Config.api_keys
-    kind: ServiceKind = "azureml-webservice"
-    scope: str | None = None  # kind "entra": the scope whose token is served
-    endpoint: str | None = None  # kind "azureml-online-endpoint": the endpoint's name
     sink: SinkConfig | None = None  # a file the credential is written to, if any
+
+
+# Each kind's `coordinates` say what its credential is for in Azure, every kind in one
+# shape: the persisted cache restores a credential only for the same, and a reload keeps a
+# service's credential only while they stay the same. The shape is the one caches saved by
+# earlier versions were fingerprinted with (subscription, resource group, workspace, web
+# service, region, auth, kind, scope, endpoint; auth was "auto" for every kind but web
+# services), so that those caches still match.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebServiceConfig(_Service):
+    """An Azure ML web service (AKS or ACI, API v1): its token or one of its keys."""
+
+    subscription_id: str
+    resource_group: str
+    workspace: str
+    web_service: str
+    region: str | None = None  # None: discovered from the workspace
+    auth: AuthMode = "auto"
+    kind: Literal["azureml-webservice"] = "azureml-webservice"
+
+    @property
+    def coordinates(self) -> tuple[str, ...]:
+        where = (self.subscription_id, self.resource_group, self.workspace, self.web_service)
+        return (*where, self.region or "", self.auth, self.kind, "", "")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OnlineEndpointConfig(_Service):
+    """An Azure ML online endpoint (API v2): its token or key, as its auth mode says."""
+
+    subscription_id: str
+    resource_group: str
+    workspace: str
+    endpoint: str
+    kind: Literal["azureml-online-endpoint"] = "azureml-online-endpoint"
+
+    @property
+    def coordinates(self) -> tuple[str, ...]:
+        where = (self.subscription_id, self.resource_group, self.workspace)
+        return (*where, "", "", "auto", self.kind, "", self.endpoint)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EntraScopeConfig(_Service):
+    """The principal's own Entra token for a scope."""
+
+    scope: str
+    kind: Literal["entra"] = "entra"
+
+    @property
+    def coordinates(self) -> tuple[str, ...]:
+        return ("", "", "", "", "", "auto", self.kind, self.scope, "")
+
+
+ServiceConfig = WebServiceConfig | OnlineEndpointConfig | EntraScopeConfig
+"""One credential local clients ask for by `name`; its `kind` tells which of the three."""
 
 
 @dataclass(frozen=True, slots=True)

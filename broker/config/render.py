@@ -104,20 +104,32 @@ def _cache_values(cache: CacheConfig) -> dict[str, _Value]:
     return values
 
 
-_AZURE_ONLY = ("subscription_id", "resource_group", "workspace", "web_service", "region", "auth")
+# The order check-config writes a service's keys in, whatever its kind.
+_SERVICE_ORDER = (
+    "name",
+    "identity",
+    "subscription_id",
+    "resource_group",
+    "workspace",
+    "web_service",
+    "region",
+    "auth",
+    "allow_users",
+    "allow_groups",
+    "api_keys",
+    "kind",
+    "scope",
+    "endpoint",
+)
 
 
 def _service_values(service: ServiceConfig) -> dict[str, _Value]:
+    own = {f.name for f in fields(service)}
     values: dict[str, _Value] = {}
-    unused = {
-        "entra": _AZURE_ONLY,
-        "azureml-online-endpoint": ("web_service", "region", "auth"),
-    }.get(service.kind, ())
-    for f in fields(ServiceConfig):
-        value = getattr(service, f.name)
-        # region None means discovered from the workspace; scope exists only for Entra
-        if value is not None and f.name not in unused and f.name != "sink":
-            values[f.name] = value
+    for name in _SERVICE_ORDER:
+        value = getattr(service, name) if name in own else None
+        if value is not None:  # region None means discovered from the workspace
+            values[name] = value
     return values
 
 

@@ -9,14 +9,29 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import fields, replace
-from typing import cast
+from typing import TypedDict, cast
 
 from broker.config.access import account_ids, service_api_keys
-from broker.config.model import ApiKey, AuthMode, ServiceConfig, ServiceKind
+from broker.config.model import (
+    ApiKey,
+    AuthMode,
+    EntraScopeConfig,
+    OnlineEndpointConfig,
+    ServiceConfig,
+    ServiceKind,
+    WebServiceConfig,
+)
 from broker.config.reader import Table, quote
 from broker.config.sink import service_sink
 
-SERVICE_KEYS = tuple(f.name for f in fields(ServiceConfig))
+# Every key a [[service]] table may hold, of any kind; each kind refuses the others' own.
+SERVICE_KEYS = tuple(
+    dict.fromkeys(
+        f.name
+        for kind in (WebServiceConfig, OnlineEndpointConfig, EntraScopeConfig)
+        for f in fields(kind)
+    )
+)
 
 _AZURE_NAMES = ("subscription_id", "resource_group", "workspace", "web_service")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -91,24 +106,22 @@ def _service(table: Table, identity_names: list[str], keys: Mapping[str, ApiKey]
         )
     auth = cast(AuthMode, table.choice("auth", ("auto", "token", "key"), "auto", "auth mode"))
     identity = _service_identity(table, identity_names)
-    return ServiceConfig(
-        name,
-        identity,
-        subscription,
-        group,
-        workspace,
-        web_service,
-        region or None,
-        auth,
-        account_ids(table, "allow_users", "user"),
-        account_ids(table, "allow_groups", "group"),
-        service_api_keys(table, keys),
+    return WebServiceConfig(
+        name=name,
+        identity=identity,
+        subscription_id=subscription,
+        resource_group=group,
+        workspace=workspace,
+        web_service=web_service,
+        region=region or None,
+        auth=auth,
+        **_who_may_ask(table, keys),
     )
 
 
 def _entra_service(
     table: Table, name: str, identity_names: list[str], keys: Mapping[str, ApiKey]
-) -> ServiceConfig:
+) -> EntraScopeConfig:
     for key in (*_AZURE_NAMES, "region", "auth"):
         if table.has(key):
             table.problem(
@@ -124,24 +137,17 @@ def _entra_service(
             "a service principal's token needs a resource's /.default scope, like "
             "https://ml.azure.com/.default or https://management.azure.com/.default",
         )
-    return ServiceConfig(
-        name,
-        _service_identity(table, identity_names),
-        "",
-        "",
-        "",
-        "",
-        allow_users=account_ids(table, "allow_users", "user"),
-        allow_groups=account_ids(table, "allow_groups", "group"),
-        api_keys=service_api_keys(table, keys),
-        kind="entra",
+    return EntraScopeConfig(
+        name=name,
+        identity=_service_identity(table, identity_names),
         scope=scope,
+        **_who_may_ask(table, keys),
     )
 
 
 def _endpoint_service(
     table: Table, name: str, identity_names: list[str], keys: Mapping[str, ApiKey]
-) -> ServiceConfig:
+) -> OnlineEndpointConfig:
     for key in ("web_service", "region", "auth", "scope"):
         if table.has(key):
             table.problem(
@@ -150,19 +156,29 @@ def _endpoint_service(
                 "remove it: the endpoint's auth mode and scoring URI come from Azure",
             )
     subscription, group, workspace = (_azure_name(table, key) for key in _AZURE_NAMES[:3])
-    return ServiceConfig(
-        name,
-        _service_identity(table, identity_names),
-        subscription,
-        group,
-        workspace,
-        "",
-        allow_users=account_ids(table, "allow_users", "user"),
-        allow_groups=account_ids(table, "allow_groups", "group"),
-        api_keys=service_api_keys(table, keys),
-        kind="azureml-online-endpoint",
+    return OnlineEndpointConfig(
+        name=name,
+        identity=_service_identity(table, identity_names),
+        subscription_id=subscription,
+        resource_group=group,
+        workspace=workspace,
         endpoint=_azure_name(table, "endpoint"),
+        **_who_may_ask(table, keys),
     )
+
+
+class _WhoMayAsk(TypedDict):
+    allow_users: tuple[int, ...]
+    allow_groups: tuple[int, ...]
+    api_keys: tuple[str, ...]
+
+
+def _who_may_ask(table: Table, keys: Mapping[str, ApiKey]) -> _WhoMayAsk:
+    return {
+        "allow_users": account_ids(table, "allow_users", "user"),
+        "allow_groups": account_ids(table, "allow_groups", "group"),
+        "api_keys": service_api_keys(table, keys),
+    }
 
 
 def _azure_name(table: Table, key: str) -> str:

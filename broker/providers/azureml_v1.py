@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from broker.config import CloudProfile, ServiceConfig
+from broker.config import CloudProfile, WebServiceConfig
 from broker.credentials import Credential
 from broker.credentials.jwt_claims import JwtTimes, jwt_times
 from broker.errors import (
@@ -64,7 +64,7 @@ class Description:
         )
 
 
-def choose_auth(config: ServiceConfig, desc: Description) -> AuthKind:
+def choose_auth(config: WebServiceConfig, desc: Description) -> AuthKind:
     """Token or key, by the configuration and Azure's rules for web services."""
     where = f"web service {config.web_service!r} in workspace {config.workspace!r}"
     if desc.auth_enabled and desc.aad_auth_enabled:
@@ -117,7 +117,7 @@ class WebServiceProvider:
 
     def __init__(
         self,
-        config: ServiceConfig,
+        config: WebServiceConfig,
         cloud: CloudProfile,
         credential: Credential,
         upstream: Upstream,

@@ -8,7 +8,7 @@ enough: a 403 names the action the principal lacks.
 
 from __future__ import annotations
 
-from broker.config import CloudProfile, ServiceConfig
+from broker.config import CloudProfile, OnlineEndpointConfig
 from broker.credentials import Credential
 from broker.errors import MalformedResponseError
 from broker.log import get_logger
@@ -38,7 +38,7 @@ class OnlineEndpointProvider:
 
     def __init__(
         self,
-        config: ServiceConfig,
+        config: OnlineEndpointConfig,
         cloud: CloudProfile,
         credential: Credential,
         upstream: Upstream,

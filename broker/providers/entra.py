@@ -9,7 +9,7 @@ from its cache until then.
 
 from __future__ import annotations
 
-from broker.config import ServiceConfig
+from broker.config import EntraScopeConfig
 from broker.credentials import Credential
 from broker.models import AccessToken
 
@@ -20,8 +20,7 @@ class EntraProvider:
     scoring_uri: str | None = None
     clock_skew_s: float | None = None
 
-    def __init__(self, config: ServiceConfig, credential: Credential) -> None:
-        assert config.scope is not None
+    def __init__(self, config: EntraScopeConfig, credential: Credential) -> None:
         self._config = config
         self._scope = config.scope
         self._credential = credential

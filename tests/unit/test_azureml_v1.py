@@ -5,7 +5,7 @@ from __future__ import annotations
 import jwt
 import pytest
 
-from broker.config import ServiceConfig
+from broker.config import WebServiceConfig
 from broker.errors import MalformedResponseError, UnsupportedAuthError
 from broker.models import AuthKind
 from broker.providers.azureml_v1 import Description, choose_auth, parse_token
@@ -14,8 +14,16 @@ from broker.providers.upstream import azure_message, retry_after
 pytestmark = pytest.mark.timeout(5)
 
 
-def service(auth: str = "auto") -> ServiceConfig:
-    return ServiceConfig("svc", "main", "sub", "rg", "ws", "web", auth=auth)  # type: ignore[arg-type]
+def service(auth: str = "auto") -> WebServiceConfig:
+    return WebServiceConfig(
+        name="svc",
+        identity="main",
+        subscription_id="sub",
+        resource_group="rg",
+        workspace="ws",
+        web_service="web",
+        auth=auth,  # type: ignore[arg-type]
+    )
 
 
 @pytest.mark.parametrize(

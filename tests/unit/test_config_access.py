@@ -15,7 +15,7 @@ from broker.config import (
     ApiKey,
     Config,
     Secret,
-    ServiceConfig,
+    WebServiceConfig,
     hash_api_key,
     load_config,
     new_api_key,
@@ -120,9 +120,17 @@ def test_empty_allow_lists_mean_no_restriction(workdir: Path) -> None:
     assert load(workdir, empty, 0o644).services == load(workdir, text, 0o644).services
 
 
-def test_service_config_still_builds_positionally() -> None:
-    """The access fields come last with defaults, so existing constructions keep working."""
-    service = ServiceConfig("svc", "main", "sub", "rg", "ws", "web", None, "key")
+def test_a_service_built_without_access_fields_has_no_restrictions() -> None:
+    """The access fields have defaults: a service built without them restricts no one."""
+    service = WebServiceConfig(
+        name="svc",
+        identity="main",
+        subscription_id="sub",
+        resource_group="rg",
+        workspace="ws",
+        web_service="web",
+        auth="key",
+    )
     assert (service.allow_users, service.allow_groups, service.api_keys) == ((), (), ())
 
 

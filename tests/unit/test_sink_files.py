@@ -26,7 +26,7 @@ from broker.cache.sinks import (
     run_command,
     write_atomically,
 )
-from broker.config import ServiceConfig, SinkConfig
+from broker.config import SinkConfig, WebServiceConfig
 from broker.log import MASK, register_secret
 from broker.models import AccessToken, AuthKind
 from tests.unit.fakes import FakeClock, FakeProvider
@@ -40,8 +40,16 @@ def token(value: str) -> AccessToken:
     return AccessToken(value, AuthKind.TOKEN, NOW + 3600, NOW + 1800)
 
 
-def service(sink: SinkConfig | None, name: str = "svc") -> ServiceConfig:
-    return ServiceConfig(name, "main", "sub", "rg", "ws", "web", sink=sink)
+def service(sink: SinkConfig | None, name: str = "svc") -> WebServiceConfig:
+    return WebServiceConfig(
+        name=name,
+        identity="main",
+        subscription_id="sub",
+        resource_group="rg",
+        workspace="ws",
+        web_service="web",
+        sink=sink,
+    )
 
 
 class FakeRunner:

@@ -1,0 +1,78 @@
+"""Each kind of service is its own configuration type, and what identifies it keeps the shape
+persisted caches were saved with."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.cache import fingerprint
+from broker.config import EntraScopeConfig, OnlineEndpointConfig, WebServiceConfig
+
+pytestmark = pytest.mark.timeout(10)
+
+WEB = WebServiceConfig(
+    name="fraud",
+    identity="main",
+    subscription_id="sub",
+    resource_group="rg",
+    workspace="ws",
+    web_service="fraud-svc",
+    region="eastus",
+    auth="token",
+)
+ENDPOINT = OnlineEndpointConfig(
+    name="churn",
+    identity="main",
+    subscription_id="sub",
+    resource_group="rg",
+    workspace="ws",
+    endpoint="churn-ep",
+)
+ENTRA = EntraScopeConfig(name="arm", identity="main", scope="https://management.azure.com/.default")
+
+
+def test_coordinates_keep_the_persisted_caches_shape() -> None:
+    """subscription, resource group, workspace, web service, region, auth, kind, scope,
+    endpoint: the parts earlier versions fingerprinted, absent ones empty and auth "auto"."""
+    assert WEB.coordinates == (
+        "sub",
+        "rg",
+        "ws",
+        "fraud-svc",
+        "eastus",
+        "token",
+        "azureml-webservice",
+        "",
+        "",
+    )
+    assert ENDPOINT.coordinates == (
+        *("sub", "rg", "ws", "", "", "auto"),
+        *("azureml-online-endpoint", "", "churn-ep"),
+    )
+    assert ENTRA.coordinates == (
+        *("", "", "", "", "", "auto"),
+        *("entra", "https://management.azure.com/.default", ""),
+    )
+
+
+def test_a_fingerprint_from_an_earlier_version_still_matches() -> None:
+    """The digest a web service's saved credential carries is the one computed before the
+    service kinds had their own types (pinned), so an upgrade restores the cache."""
+    parts = ("https://management.azure.com/", "tenant", "client", *WEB.coordinates)
+    assert fingerprint(*parts) == (
+        "d2a111f2cbdb22684ae8afb02639cfa8953d93b0de82bc9703b87987bd4fa0c7"
+    )
+
+
+def test_a_discovered_region_is_empty_in_the_coordinates() -> None:
+    web = WebServiceConfig(
+        name="w",
+        identity="main",
+        subscription_id="s",
+        resource_group="g",
+        workspace="w",
+        web_service="x",
+    )
+    assert web.region is None
+    assert web.coordinates[4] == ""
+    assert web.coordinates[5] == "auto"
