@@ -182,7 +182,7 @@ def _run_daemon(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from broker.daemon import serve
+    from broker.process import serve
 
     config = load_config(_config_path(args))
     log.configure(config.log.format, config.log.level)
