@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -qq -e '.[dev]'
+	@$(BIN)/python -m pip install -qq -e '.[dev,emulator]'
 	@touch $@
 
 demo: $(STAMP)
@@ -51,7 +51,7 @@ fuzz: $(STAMP)
 # Throughput, latency, memory and start-up against the emulator (about 9 minutes);
 # writes bench/results/latest.json, docs/benchmarks.md and docs/benchmarks-rps.png.
 bench: $(STAMP)
-	@$(BIN)/python -m pip install -qq -e '.[dev,bench]'
+	@$(BIN)/python -m pip install -qq -e '.[dev,emulator,bench]'
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/report.py
 

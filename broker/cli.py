@@ -287,7 +287,23 @@ async def _get(
         return 0, detail.encode()
 
 
+def _emulator_missing(command: str) -> bool:
+    """The emulator is an optional part (its TLS needs trustme): say how to get it."""
+    try:
+        import trustme  # noqa: F401
+    except ImportError:
+        print(
+            f"token-broker: `{command}` needs the emulator, an optional part that is not "
+            "installed; install it with: pip install 'token-broker[emulator]'",
+            file=sys.stderr,
+        )
+        return True
+    return False
+
+
 def _cmd_emulator(args: argparse.Namespace) -> int:
+    if _emulator_missing("token-broker emulator"):
+        return EXIT_FAILURE
     from broker.emulator.__main__ import main as emulator_main
 
     try:
@@ -314,6 +330,8 @@ sha256 = "{hash_api_key(key)}"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if _emulator_missing("token-broker demo"):
+        return EXIT_FAILURE
     from broker.demo import run_demo
 
     return EXIT_OK if asyncio.run(run_demo(lifetime_s=args.lifetime)) else EXIT_FAILURE

@@ -153,3 +153,15 @@ async def test_token_command_sends_the_api_key(
     argv = ["token", "fraud", "--url", url, "--api-key", key, "--header"]
     assert await asyncio.to_thread(main, argv) == EXIT_OK
     assert capsys.readouterr().out.startswith("Bearer ")
+
+
+@pytest.mark.parametrize("command", [["demo"], ["emulator", "--port", "0"]])
+def test_without_the_emulator_extra_the_command_says_how_to_get_it(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A production install has no trustme: `demo` and `emulator` name the extra, exit 1."""
+    monkeypatch.setitem(sys.modules, "trustme", None)  # what an install without it looks like
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'token-broker[emulator]'" in err
+    assert "Traceback" not in err
