@@ -226,10 +226,6 @@ class Metrics:
         label = TRANSPORT_ERROR if status is None else str(status)
         self._upstream.labels(route, region_of(url), label).observe(seconds)
 
-    def observe_request(self, route: str, status: int) -> None:
-        """Count one local request by its route template and status."""
-        self.request_count(route, status).inc()
-
     def request_count(self, route: str, status: int) -> Counter:
         """The counter of requests to `route` answered with `status`, for callers that keep
         it (the server's middleware, per matched route)."""

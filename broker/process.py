@@ -114,11 +114,10 @@ async def _watchdog(notifier: Notifier) -> None:
         await asyncio.sleep(notifier.watchdog_s)
 
 
-async def reload_from_disk(daemon: Daemon, notifier: Notifier | None = None) -> None:
+async def reload_from_disk(daemon: Daemon, notifier: Notifier) -> None:
     path = daemon.config.path
     log.info("config.reloading", config=str(path))
-    if notifier is not None:
-        notifier.reloading()
+    notifier.reloading()
     try:
         config = await asyncio.to_thread(load_config, path)
     except ConfigError as exc:
@@ -130,5 +129,4 @@ async def reload_from_disk(daemon: Daemon, notifier: Notifier | None = None) -> 
         )
     else:
         await daemon.reload(config)
-    if notifier is not None:
-        notifier.ready(status_line(daemon.store))
+    notifier.ready(status_line(daemon.store))

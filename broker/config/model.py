@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import ClassVar, Generic, Literal, TypeVar
 
 DEFAULT_CONFIG_PATH = Path("/etc/token-broker/broker.toml")
 DEFAULT_SOCKET_PATH = Path("/run/token-broker/broker.sock")
@@ -20,52 +20,48 @@ ServiceKind = Literal["azureml-webservice", "entra", "azureml-online-endpoint"]
 LogFormat = Literal["auto", "json", "console"]
 IdentityKind = Literal["secret", "certificate", "federated"]
 SinkFormat = Literal["token", "header", "json"]
+_V = TypeVar("_V", str, bytes)
 
 
-class Secret:
-    """A secret string that never shows itself in repr, str or format."""
+class _Hidden(Generic[_V]):
+    """A value that never shows itself in repr, str or format; `reveal()` gives it."""
 
     __slots__ = ("_value",)
+    _value: _V
+    _shown: ClassVar[str]
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: _V) -> None:
         self._value = value
 
-    def reveal(self) -> str:
+    def reveal(self) -> _V:
         return self._value
 
     def __repr__(self) -> str:
-        return "Secret('********')"
+        return self._shown
 
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return (
+            isinstance(other, _Hidden) and type(other) is type(self) and other._value == self._value
+        )
 
     def __hash__(self) -> int:
         return hash(self._value)
 
 
-class SecretBytes:
-    """Secret bytes, such as a key file's raw content, that never show themselves."""
+class Secret(_Hidden[str]):
+    """A secret string: a client secret, a password, a header's expected value."""
 
-    __slots__ = ("_value",)
+    __slots__ = ()
+    _shown = "Secret('********')"
 
-    def __init__(self, value: bytes) -> None:
-        self._value = value
 
-    def reveal(self) -> bytes:
-        return self._value
+class SecretBytes(_Hidden[bytes]):
+    """Secret bytes, such as a key file's raw content."""
 
-    def __repr__(self) -> str:
-        return "SecretBytes(b'********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SecretBytes) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+    __slots__ = ()
+    _shown = "SecretBytes(b'********')"
 
 
 @dataclass(frozen=True, slots=True)

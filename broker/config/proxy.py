@@ -26,8 +26,8 @@ def proxy(root: Table) -> ProxyConfig:
     defaults = ProxyConfig()
     max_body = table.integer("max_body_bytes", defaults.max_body_bytes, 0, _MAX_BYTES)
     retry_buffer = _retry_buffer(table, defaults.retry_buffer_bytes, max_body)
-    timeout = _seconds(table, "timeout_s", defaults.timeout_s)
-    connect = _seconds(table, "connect_timeout_s", min(defaults.connect_timeout_s, timeout))
+    timeout = table.positive("timeout_s", defaults.timeout_s)
+    connect = table.positive("connect_timeout_s", min(defaults.connect_timeout_s, timeout))
     if connect > timeout:
         table.problem(
             "connect_timeout_s",
@@ -57,16 +57,4 @@ def _retry_buffer(table: Table, default: int, max_body: int) -> int:
             "lower retry_buffer_bytes to max_body_bytes or less, or raise max_body_bytes",
         )
         return max_body
-    return value
-
-
-def _seconds(table: Table, key: str, default: float) -> float:
-    value = table.number(key, default)
-    if value <= 0:
-        table.problem(
-            key,
-            f"{key} must be more than zero, got {value:g}",
-            f"use a positive number of seconds, or remove it for the default ({default:g})",
-        )
-        return default
     return value

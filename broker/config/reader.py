@@ -333,6 +333,22 @@ class Table:
             return default
         return float(value)
 
+    def positive(
+        self, key: str, default: float, unit: str = "seconds", *, zero: bool = False
+    ) -> float:
+        """A number more than zero (zero too, with `zero`) of `unit`; anything else is a
+        problem, and the default stands in for it."""
+        value = self.number(key, default)
+        if value < 0 or (value == 0 and not zero):
+            least = "zero or more" if zero else "more than zero"
+            self.problem(
+                key,
+                f"{key} must be {least}, got {value:g}",
+                f"use a positive number of {unit}, or remove it for the default ({default:g})",
+            )
+            return default
+        return value
+
     def text(self, key: str, default: str) -> str:
         value = self.typed(key, "a string")
         return value if isinstance(value, str) else default

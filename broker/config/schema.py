@@ -320,29 +320,11 @@ def _refresh(table: Table) -> RefreshConfig:
 
 
 def _rate(table: Table, name: str, default: float) -> float:
-    value = table.number(name, default)
-    if value <= 0:
-        table.problem(
-            name,
-            f"{name} must be more than zero, got {value:g}",
-            f"use a positive number of calls per minute, or remove it for the default "
-            f"({default:g})",
-        )
-        return default
-    return value
+    return table.positive(name, default, "calls per minute")
 
 
 def _seconds(table: Table, name: str, default: float) -> float:
-    value = table.number(name, default)
-    if value < 0 or (value == 0 and name not in _ZERO_ALLOWED):
-        least = "zero or more" if name in _ZERO_ALLOWED else "more than zero"
-        table.problem(
-            name,
-            f"{name} must be {least}, got {value:g}",
-            f"use a positive number of seconds, or remove it for the default ({default:g})",
-        )
-        return default
-    return value
+    return table.positive(name, default, zero=name in _ZERO_ALLOWED)
 
 
 def _at_least(table: Table, name: str, default: int, low: int) -> int:

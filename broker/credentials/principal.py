@@ -153,9 +153,7 @@ class ServicePrincipalCredential:
             result = app.acquire_token_for_client(scopes=[scope])
         except UpstreamError:
             raise
-        except (requests.RequestException, ValueError, OSError) as exc:
-            raise self._transport_error(exc) from None
-        except Exception as exc:  # MSAL raises its own MsalServiceError and friends
+        except Exception as exc:  # requests' errors, OSError, MSAL's own MsalServiceError…
             raise self._transport_error(exc) from None
         return self._token_from(result, scope), _reusable_s(result)
 

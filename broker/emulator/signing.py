@@ -76,10 +76,5 @@ def unverified_claims(token: str) -> dict[str, Any]:
     return jwt.decode(token, options={"verify_signature": False})
 
 
-def unverified_header(token: str) -> dict[str, Any]:
-    """The JOSE header of `token` without any check."""
-    return jwt.get_unverified_header(token)
-
-
 def _without_time_checks() -> Options:
     return {"verify_exp": False, "verify_nbf": False, "verify_iat": False, "require": ["exp"]}

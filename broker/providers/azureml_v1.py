@@ -26,7 +26,7 @@ from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.base import KeyName
-from broker.providers.operations import wait_for_operation
+from broker.providers.operations import wait_for_regeneration
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
 
@@ -161,7 +161,7 @@ class WebServiceProvider:
         self._restored_scoring_uri = uri
 
     async def fetch(self) -> AccessToken:
-        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        arm_token = await self._arm_bearer()
         auth = await self._auth(arm_token)
         if auth is AuthKind.TOKEN:
             return await self._token(arm_token)
@@ -231,28 +231,28 @@ class WebServiceProvider:
         Raises `KeyRotationError` with Azure's error when the operation ends `Failed`,
         `Cancelled` or `TimedOut`, and `UnavailableError` when it outlasts `within_s`.
         """
-        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        arm_token = await self._arm_bearer()
         url = await self._service_url(arm_token) + "/regenerateKeys"
         body = {"keyType": which.capitalize(), "keyValue": None}
         reply = await self._call("POST", url, "mms.regenerate", arm_token, json_body=body)
         location = reply.headers.get("Operation-Location")
         if location is None:
             return  # answered at once: nothing to wait for
-
-        async def poll() -> Reply:
-            arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
-            return await self._call("GET", location, "mms.operation", arm_token)
-
-        await wait_for_operation(
-            poll,
+        await wait_for_regeneration(
+            self._call,
+            self._arm_bearer,
+            location,
             lambda reply: reply.body.get("state") if isinstance(reply.body, dict) else None,
-            what=f"regenerating the {which} key of {self.service!r}",
+            service=self.service,
+            which=which,
             route="mms.operation",
             poll_s=poll_s,
             within_s=within_s,
             clock=self._calls.clock,
         )
-        log.info("keys.regenerated", service=self.service, key=which)
+
+    async def _arm_bearer(self) -> str:
+        return (await self._credential.get_token(self._cloud.arm_scope)).value
 
     @property
     def clock_skew_s(self) -> float | None:

@@ -16,7 +16,7 @@ from broker.models import AccessToken
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.azureml_v1 import API_VERSION, parse_keys, parse_token
 from broker.providers.base import KeyName
-from broker.providers.operations import wait_for_operation
+from broker.providers.operations import wait_for_regeneration
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
 
@@ -85,7 +85,7 @@ class OnlineEndpointProvider:
         )
 
     async def fetch(self) -> AccessToken:
-        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        arm_token = await self._arm_bearer()
         if self.auth_mode is None:
             await self._describe(arm_token)
         if self.auth_mode == "AADToken":
@@ -112,7 +112,7 @@ class OnlineEndpointProvider:
         Raises `KeyRotationError` with Azure's error when it ends badly and
         `UnavailableError` when it outlasts `within_s`.
         """
-        arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
+        arm_token = await self._arm_bearer()
         body = {"keyType": which.capitalize(), "keyValue": None}
         url = self._url("/regenerateKeys")
         reply = await self._calls.call(
@@ -123,20 +123,18 @@ class OnlineEndpointProvider:
         if reply.status != 202 or location is None:
             return  # answered at once: nothing to wait for
 
-        async def poll() -> Reply:
-            arm_token = (await self._credential.get_token(self._cloud.arm_scope)).value
-            return await self._call("GET", location, "arm.operation", arm_token)
-
-        await wait_for_operation(
-            poll,
+        await wait_for_regeneration(
+            self._call,
+            self._arm_bearer,
+            location,
             _async_operation_status if async_operation else _location_status,
-            what=f"regenerating the {which} key of {self.service!r}",
+            service=self.service,
+            which=which,
             route="arm.operation",
             poll_s=poll_s,
             within_s=within_s,
             clock=self._calls.clock,
         )
-        log.info("keys.regenerated", service=self.service, key=which)
 
     async def _describe(self, arm_token: str) -> None:
         reply = await self._call("GET", self._url(), "arm.endpoint", arm_token)
@@ -150,6 +148,9 @@ class OnlineEndpointProvider:
         uri = properties.get("scoringUri") if isinstance(properties, dict) else None
         self.auth_mode, self.scoring_uri = mode, uri if isinstance(uri, str) else None
         log.info("endpoint.described", service=self.service, auth_mode=mode)
+
+    async def _arm_bearer(self) -> str:
+        return (await self._credential.get_token(self._cloud.arm_scope)).value
 
     async def _call(self, method: str, url: str, route: str, bearer: str) -> Reply:
         return await self._calls.call(method, url, route, bearer)

@@ -23,6 +23,38 @@ SUCCEEDED = frozenset({"Succeeded"})
 ENDED_BADLY = frozenset({"Failed", "Cancelled", "Canceled", "TimedOut"})
 
 
+async def wait_for_regeneration(
+    call: Callable[[str, str, str, str], Awaitable[Reply]],
+    bearer: Callable[[], Awaitable[str]],
+    location: str,
+    state_of: Callable[[Reply], str | None],
+    *,
+    service: str,
+    which: str,
+    route: str,
+    poll_s: float,
+    within_s: float,
+    clock: Clock,
+) -> None:
+    """Poll a key regeneration's `location` until it ends, as `wait_for_operation` does,
+    with a fresh ARM token for each poll (a regeneration may outlast one); log its end.
+    `call(method, url, route, bearer)` is the provider's own call to Azure."""
+
+    async def poll() -> Reply:
+        return await call("GET", location, route, await bearer())
+
+    await wait_for_operation(
+        poll,
+        state_of,
+        what=f"regenerating the {which} key of {service!r}",
+        route=route,
+        poll_s=poll_s,
+        within_s=within_s,
+        clock=clock,
+    )
+    log.info("keys.regenerated", service=service, key=which)
+
+
 async def wait_for_operation(
     poll: Callable[[], Awaitable[Reply]],
     state_of: Callable[[Reply], str | None],

@@ -11,6 +11,7 @@ from broker.config import load_config
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from broker.process import reload_from_disk
+from broker.service_manager import Notifier
 from tests.conftest import config_text
 from tests.e2e.conftest import Broker, StartBroker
 
@@ -88,7 +89,7 @@ async def test_invalid_configuration_is_rejected_and_old_one_kept(
     """A broken file on reload is logged with its problems; the running configuration stays."""
     broker = await start_broker()
     (short_dir / "broker.toml").write_text("[[service]]\nname = 1\n")
-    await reload_from_disk(broker.daemon)
+    await reload_from_disk(broker.daemon, Notifier({}))  # not under systemd
     assert "config.reload_rejected" in logs.getvalue()
     assert "service[1].name" in logs.getvalue()
     assert (await broker.client().get("/v1/token/fraud")).status == 200

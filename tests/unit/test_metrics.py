@@ -197,7 +197,7 @@ def test_exposition_has_build_info_and_no_created_series(clock: FakeClock) -> No
     """Build info is 1 with the version given, and no `_created` timestamps are exported."""
     store, _ = make_store(clock)
     metrics = Metrics(store, version="9.9.9")
-    metrics.observe_request("/healthz", 200)
+    metrics.request_count("/healthz", 200).inc()
     body = metrics.render().decode()
     assert 'token_broker_build_info{python="' in body and 'version="9.9.9"} 1.0' in body
     assert "_created" not in body
