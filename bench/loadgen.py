@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -120,12 +121,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for i in range(args.connections):
         if args.unix:
             _, proto = await loop.create_unix_connection(
-                lambda i=i: Client(requests, stats, i), args.unix
+                functools.partial(Client, requests, stats, i), args.unix
             )
         else:
             h, port = args.tcp.rsplit(":", 1)
             _, proto = await loop.create_connection(
-                lambda i=i: Client(requests, stats, i), h, int(port)
+                functools.partial(Client, requests, stats, i), h, int(port)
             )
         clients.append(proto)
     await asyncio.sleep(args.warmup)
@@ -163,7 +164,8 @@ def _paths(args: argparse.Namespace) -> list[str]:
     if args.paths_file:
         with open(args.paths_file) as f:
             return [line.strip() for line in f if line.strip()]
-    return args.path
+    paths: list[str] = args.path
+    return paths
 
 
 def _cpu() -> float:
@@ -190,7 +192,7 @@ def main() -> int:
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
         uvloop.install()
         loop_name = "uvloop"

@@ -377,7 +377,7 @@ async def load(
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+    return float(statistics.median(r[key] for r in runs))
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -562,7 +562,7 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
     one: Broker | None = None
     try:
         for n in (10, 1_000, BIG):
-            starts = []
+            starts: list[dict[str, Any]] = []
             for _ in range(ROUNDS if n == 10 else 1):
                 b = Broker(emu, [bench_name(i) for i in range(n)], LONG_REFRESH)
                 await b.start(ready_poll_s=0.02 if n <= 1000 else 0.1)
@@ -591,7 +591,8 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
                 "ready_timeout_s": READY_TIMEOUT_S,
                 "services_waiting_at_timeout": starts[-1]["waiting_at_timeout"],
             }
-        one = await Broker(emu, [bench_name(0)], LONG_REFRESH).start()
+        one = Broker(emu, [bench_name(0)], LONG_REFRESH)
+        await one.start()
         assert big is not None
         # Only services already fetched can be asked for if start-up has not finished.
         paths_big = [f"/v1/token/{bench_name(0)}"]
@@ -602,7 +603,7 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
                 r = await load(("tcp", f"127.0.0.1:{b.port}"), 16, DURATION_S, paths, b.pid)
                 runs[key].append(r)
                 log(f"{key:>5} services: {r['rps']:.0f} req/s")
-        scaling = {k: summary(v) for k, v in runs.items()}
+        scaling: dict[str, Any] = {k: summary(v) for k, v in runs.items()}
         scaling["ratio"] = scaling[str(BIG)]["rps"] / scaling["1"]["rps"]
         scaling["transport"], scaling["connections"] = "tcp", 16
         scaling["note"] = f"both are asked for {bench_name(0)}; the {BIG}-service broker was " + (
@@ -612,9 +613,9 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
             f"{READY_TIMEOUT_S:g} s), so its start-up work competes with the requests"
         )
     finally:
-        for b in (big, one):
-            if b is not None:
-                await b.stop()
+        for left in (big, one):
+            if left is not None:
+                await left.stop()
     return {"startup": startup, "scaling": scaling}
 
 
@@ -663,9 +664,9 @@ def machine() -> dict[str, Any]:
                 break
     tools: dict[str, str | None] = {"load generator": "bench/loadgen.py (asyncio protocols)"}
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
-        tools["uvloop (generator; broker when installed)"] = uvloop.__version__
+        tools["uvloop (generator; broker when installed)"] = getattr(uvloop, "__version__", "?")
     except ImportError:
         tools["uvloop (generator; broker when installed)"] = None
     nginx = shutil.which("nginx") or (

@@ -121,7 +121,7 @@ async def reload_from_disk(daemon: Daemon, notifier: Notifier) -> None:
     try:
         config = await asyncio.to_thread(load_config, path)
     except ConfigError as exc:
-        log.error(
+        log.error(  # noqa: TRY400 — the problems say it all; a traceback would not help
             "config.reload_rejected",
             config=str(path),
             problems=[str(p) for p in exc.problems],

@@ -153,7 +153,7 @@ class ServicePrincipalCredential:
             result = app.acquire_token_for_client(scopes=[scope])
         except UpstreamError:
             raise
-        except Exception as exc:  # requests' errors, OSError, MSAL's own MsalServiceError…
+        except Exception as exc:  # noqa: BLE001 — requests', OSError, MSAL's own: all transport
             raise self._transport_error(exc) from None
         return self._token_from(result, scope), _reusable_s(result)
 

@@ -112,7 +112,7 @@ COMPAT = web.AppKey("compat", Compat)
 async def imds(request: web.Request) -> web.Response:
     compat = request.app[COMPAT]
     if not compat.config.imds:
-        raise web.HTTPNotFound()
+        raise web.HTTPNotFound
     if "api-version" not in request.query:
         raise BadRequestError("the api-version query parameter is required", code="invalid_request")
     resource, token = await compat.token(request)
@@ -125,7 +125,7 @@ async def app_service(request: web.Request) -> web.Response:
     compat = request.app[COMPAT]
     expected = compat.config.app_service_header
     if expected is None:
-        raise web.HTTPNotFound()
+        raise web.HTTPNotFound
     presented = request.headers.get(IDENTITY_HEADER, "")
     # aiohttp keeps a header's undecodable bytes as surrogates: encoded back, never an error.
     sent = presented.encode("utf-8", "surrogateescape")

@@ -20,7 +20,7 @@ from tests.e2e.test_metrics_scrape import SAMPLE_SUFFIXES, SCHEMA
 # Labels Prometheus adds to every series it scrapes, whatever the target exports.
 TARGET_LABELS = frozenset({"job", "instance"})
 # The series Prometheus writes itself for each scrape.
-SCRAPE_SERIES = {"up": frozenset()}
+SCRAPE_SERIES: dict[str, frozenset[str]] = {"up": frozenset()}
 # Labels whose values are the broker's own names: a query asking for another is a typo.
 DOMAINS: dict[str, frozenset[str]] = {
     "state": frozenset(state.value for state in State),
@@ -111,8 +111,7 @@ def names(expr: str) -> Names:
 
 
 def _closing(tokens: list[tuple[str, str]], opening: int) -> int:
-    end = next(i for i in range(opening, len(tokens)) if tokens[i][1] == ")")
-    return end
+    return next(i for i in range(opening, len(tokens)) if tokens[i][1] == ")")
 
 
 def _matchers(tokens: list[tuple[str, str]], at: int, selector: Selector) -> int:

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from broker.config import load_config
+from broker.config import WebServiceConfig, load_config
 from broker.config.identity import CLIENT_ENV, FEDERATED_ENV, TENANT_ENV
 from broker.emulator import seed as demo
 from broker.server.guards import FORWARDING_HEADERS, loopback_host
@@ -73,13 +73,17 @@ def broker_toml(variant: str) -> str:
 
 
 def mount(container: Manifest, volume: str) -> Manifest:
-    [found] = [m for m in container.get("volumeMounts", []) if m["name"] == volume]
-    return found
+    found: list[Manifest] = [m for m in container.get("volumeMounts", []) if m["name"] == volume]
+    return found[0] if len(found) == 1 else _not_one(found)
 
 
 def volume(variant: str, name: str) -> Manifest:
-    [found] = [v for v in pod(variant)["spec"]["volumes"] if v["name"] == name]
-    return found
+    found: list[Manifest] = [v for v in pod(variant)["spec"]["volumes"] if v["name"] == name]
+    return found[0] if len(found) == 1 else _not_one(found)
+
+
+def _not_one(found: list[Manifest]) -> Manifest:
+    raise AssertionError(f"expected exactly one, found {len(found)}")
 
 
 def all_yaml() -> list[Path]:
@@ -529,7 +533,9 @@ def test_compose_broker_config_is_the_emulators_demo_cloud(tmp_path: Path) -> No
     assert (identity.tenant_id, identity.client_id) == (demo.TENANT_ID, demo.CLIENT_ID)
     assert identity.client_secret is not None
     assert identity.client_secret.reveal() == demo.CLIENT_SECRET
-    assert {s.web_service for s in config.services} == {demo.TOKEN_SERVICE, demo.KEY_SERVICE}
-    assert {s.workspace for s in config.services} == {demo.WORKSPACE}
+    web_services = [s for s in config.services if isinstance(s, WebServiceConfig)]
+    assert web_services == list(config.services)
+    assert {s.web_service for s in web_services} == {demo.TOKEN_SERVICE, demo.KEY_SERVICE}
+    assert {s.workspace for s in web_services} == {demo.WORKSPACE}
     assert config.listen.unix.path.parent == Path("/run/token-broker")
     assert mounts["/run/token-broker"] == "broker-run"

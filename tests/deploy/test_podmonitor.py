@@ -84,9 +84,8 @@ def patched(variant: str) -> Manifest:
 
 
 def relay(variant: str) -> Manifest:
-    [found] = [
-        c for c in patched(variant)["spec"]["template"]["spec"]["containers"] if c["name"] == RELAY
-    ]
+    containers: list[Manifest] = patched(variant)["spec"]["template"]["spec"]["containers"]
+    [found] = [c for c in containers if c["name"] == RELAY]
     return found
 
 

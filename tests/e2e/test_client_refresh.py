@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,7 +15,7 @@ from tests.e2e.conftest import Broker, StartBroker
 pytestmark = pytest.mark.timeout(30)
 
 
-async def post_refresh(broker: Broker, service: str = "fraud") -> tuple[int, dict]:
+async def post_refresh(broker: Broker, service: str = "fraud") -> tuple[int, dict[str, Any]]:
     assert broker.daemon.tcp_address is not None
     host, port = broker.daemon.tcp_address
     async with (

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -67,10 +68,10 @@ async def test_the_daemon_serves_on_either_event_loop(
             await proc.wait()
 
 
-async def _event(proc: asyncio.subprocess.Process, name: str) -> dict:
+async def _event(proc: asyncio.subprocess.Process, name: str) -> dict[str, Any]:
     assert proc.stderr is not None
 
-    async def read() -> dict:
+    async def read() -> dict[str, Any]:
         assert proc.stderr is not None
         async for line in proc.stderr:
             event = json.loads(line) if line.startswith(b"{") else {}

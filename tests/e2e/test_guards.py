@@ -9,6 +9,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ NOBODY = 65534
 API_KEY = "tbk_test-key-for-the-scorer-0123456789"
 
 
-async def raw(path: str | Path, request: bytes) -> tuple[int, dict]:
+async def raw(path: str | Path | tuple[str, int], request: bytes) -> tuple[int, dict[str, Any]]:
     """Send raw bytes to a Unix socket path or (host, port); the status and JSON body."""
     if isinstance(path, tuple):
         reader, writer = await asyncio.open_connection(*path)
@@ -152,7 +153,7 @@ def fork_client(uid: int, gid: int, sock: Path, path: str) -> tuple[int, int]:
             )
             while chunk := client.recv(65536):
                 os.write(write_end, chunk)
-        except BaseException as exc:  # anything goes back to the parent
+        except BaseException as exc:  # noqa: BLE001 — the forked child reports anything to the parent
             os.write(write_end, f"HTTP/1.1 000 {exc!r}\r\n\r\n".encode())
         finally:
             os._exit(0)
@@ -160,7 +161,7 @@ def fork_client(uid: int, gid: int, sock: Path, path: str) -> tuple[int, int]:
     return pid, read_end
 
 
-async def as_user(uid: int, gid: int, sock: Path, path: str) -> tuple[int, dict]:
+async def as_user(uid: int, gid: int, sock: Path, path: str) -> tuple[int, dict[str, Any]]:
     pid, read_end = fork_client(uid, gid, sock, path)
 
     def collect() -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +21,7 @@ FED_CLIENT = "33333333-3333-3333-3333-333333333333"
 ONLY_FRAUD = {"fraud": demo.TOKEN_SERVICE}
 
 
-def register(emulator: Emulator, client_id: str, **credential: object) -> None:
+def register(emulator: Emulator, client_id: str, **credential: Any) -> None:
     emulator.state.add_client(demo.TENANT_ID, client_id, **credential)
     emulator.state.grant_role(client_id, demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE)
 
@@ -31,14 +32,15 @@ def identity_block(client_id: str, credential_line: str) -> str:
 
 async def token_via(
     start_broker: StartBroker, emulator: Emulator, short_dir: Path, client_id: str, line: str
-) -> dict:
+) -> dict[str, Any]:
     text = config_text(emulator, short_dir, services=ONLY_FRAUD, identity=line)
     text = text.replace(f'client_id = "{demo.CLIENT_ID}"', f'client_id = "{client_id}"')
     broker = await start_broker(text)
     reply = await broker.client().get("/v1/token/fraud")
     detail = (await broker.client().get("/v1/services/fraud")).json()
     assert reply.status == 200, detail
-    return reply.json()
+    token: dict[str, Any] = reply.json()
+    return token
 
 
 async def test_certificate_pem(

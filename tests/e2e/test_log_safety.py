@@ -12,6 +12,7 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,7 +101,7 @@ async def process(emulator: Emulator, short_dir: Path) -> AsyncIterator[Process]
         await proc.wait()
 
 
-async def exchange(address: tuple[str, int], request: bytes) -> tuple[int, dict]:
+async def exchange(address: tuple[str, int], request: bytes) -> tuple[int, dict[str, Any]]:
     """Send one request on a new TCP connection; its status and JSON body."""
     reader, writer = await asyncio.open_connection(*address)
     writer.write(request)

@@ -73,11 +73,12 @@ async def start_relay() -> AsyncIterator[StartRelay]:
         while True:  # poll until it accepts connections, within a deadline
             try:
                 await relay.get("/ready-check")
-                return relay
             except aiohttp.ClientConnectionError:
                 assert proc.returncode is None, "the relay exited"
                 assert asyncio.get_running_loop().time() < deadline, "the relay never listened"
                 await asyncio.sleep(0.05)
+            else:
+                return relay
 
     yield start
     await session.close()

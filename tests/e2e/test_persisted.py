@@ -10,6 +10,7 @@ import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -37,7 +38,7 @@ def cached_config(emulator: Emulator, short_dir: Path) -> Path:
     return path
 
 
-async def run_once(path: Path) -> dict[str, dict]:
+async def run_once(path: Path) -> dict[str, dict[str, Any]]:
     """Start a broker, read both services' states and tokens, stop it."""
     async with Daemon(load_config(path)) as daemon:
         store = daemon.store

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,7 +26,7 @@ class Process:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.events: list[dict] = []
+        self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Condition()
         self._reader = asyncio.create_task(self._read())
 
@@ -40,10 +41,10 @@ class Process:
                 self.events.append(event)
                 self._changed.notify_all()
 
-    async def event(self, name: str, within: float = 20.0) -> dict:
+    async def event(self, name: str, within: float = 20.0) -> dict[str, Any]:
         """Wait for the first log event called `name` not yet returned."""
 
-        async def wait() -> dict:
+        async def wait() -> dict[str, Any]:
             async with self._changed:
                 while True:
                     for event in self.events:
@@ -89,7 +90,7 @@ async def run_broker(emulator: Emulator, short_dir: Path) -> AsyncIterator[Proce
         await proc.wait()
 
 
-async def get(short_dir: Path, path: str) -> tuple[int, dict]:
+async def get(short_dir: Path, path: str) -> tuple[int, dict[str, Any]]:
     connector = aiohttp.UnixConnector(path=str(short_dir / "broker.sock"))
     async with (
         aiohttp.ClientSession(connector=connector) as session,
@@ -152,7 +153,7 @@ async def test_sigterm_finishes_a_request_under_way_and_exits_0(
     assert names.index("broker.stopping") < names.index("broker.stopped")
 
 
-async def _refresh_then_get(short_dir: Path) -> tuple[int, dict]:
+async def _refresh_then_get(short_dir: Path) -> tuple[int, dict[str, Any]]:
     connector = aiohttp.UnixConnector(path=str(short_dir / "broker.sock"))
     async with (
         aiohttp.ClientSession(connector=connector) as session,

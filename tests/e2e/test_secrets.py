@@ -120,12 +120,13 @@ async def test_no_secret_in_the_log_lines_of_hostile_requests(
     assert len(tokens) == 2
     assert broker.daemon.tcp_address is not None and broker.daemon.unix_path is not None
     key = api_key.encode()
+    tcp = broker.daemon.tcp_address
 
     async def send(data: bytes, unix: bool = False) -> bytes:
         reader, writer = await (
             asyncio.open_unix_connection(str(broker.daemon.unix_path))
             if unix
-            else asyncio.open_connection(*broker.daemon.tcp_address)
+            else asyncio.open_connection(*tcp)
         )
         writer.write(data)
         answer = await asyncio.wait_for(reader.read(), 10)

@@ -46,16 +46,20 @@ class NotifyListener:
 
 
 async def start(
-    short_dir: Path, emulator: Emulator, env: dict[str, str], **kwargs: object
+    short_dir: Path,
+    emulator: Emulator,
+    env: dict[str, str],
+    argv: list[str] | None = None,
+    stdin: int | None = None,
 ) -> Process:
     path = short_dir / "broker.toml"
     path.write_text(config_text(emulator, short_dir, services={"fraud": demo.TOKEN_SERVICE}))
     proc = await asyncio.create_subprocess_exec(
-        *kwargs.pop("argv", [sys.executable, "-m", "broker", "run", "-c", str(path)]),  # type: ignore[arg-type]
+        *(argv or [sys.executable, "-m", "broker", "run", "-c", str(path)]),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-        **kwargs,  # type: ignore[arg-type]
+        stdin=stdin,
     )
     return Process(proc)
 

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -76,7 +77,7 @@ async def broker_process(emulator: Emulator, short_dir: Path) -> AsyncIterator[P
         await proc.wait()
 
 
-async def call(short_dir: Path, method: str, path: str) -> tuple[int, dict]:
+async def call(short_dir: Path, method: str, path: str) -> tuple[int, dict[str, Any]]:
     connector = aiohttp.UnixConnector(path=str(short_dir / "broker.sock"))
     async with (
         aiohttp.ClientSession(connector=connector) as session,
@@ -85,7 +86,7 @@ async def call(short_dir: Path, method: str, path: str) -> tuple[int, dict]:
         return resp.status, json.loads(await resp.read() or b"{}")
 
 
-async def first_token(short_dir: Path, service: str) -> dict:
+async def first_token(short_dir: Path, service: str) -> dict[str, Any]:
     deadline = time.monotonic() + 20
     while True:
         status, body = await call(short_dir, "GET", f"/v1/token/{service}")
@@ -95,7 +96,7 @@ async def first_token(short_dir: Path, service: str) -> dict:
         await asyncio.sleep(0.05)
 
 
-def told(process: Process) -> list[dict]:
+def told(process: Process) -> list[dict[str, Any]]:
     """What the broker logged, for a failure's message (its log holds no credential)."""
     return [{k: v for k, v in e.items() if k != "timestamp"} for e in process.events]
 

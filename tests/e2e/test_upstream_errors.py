@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from broker.emulator import Emulator
@@ -11,7 +14,9 @@ from tests.e2e.conftest import StartBroker
 pytestmark = pytest.mark.timeout(30)
 
 
-async def error_of(start_broker: StartBroker, service: str, **kwargs: object) -> tuple[dict, dict]:
+async def error_of(
+    start_broker: StartBroker, service: str, **kwargs: object
+) -> tuple[dict[str, Any], dict[str, Any]]:
     broker = await start_broker(**kwargs)
     await broker.settled()
     client = broker.client()
@@ -51,7 +56,7 @@ async def test_both_auth_modes_on_is_refused(start_broker: StartBroker, emulator
 
 
 async def test_wrong_client_secret_shows_aadsts(
-    start_broker: StartBroker, emulator: Emulator, short_dir
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
 ) -> None:
     """A wrong client secret surfaces AADSTS7000215 and the fix, never the secret."""
     wrong = short_dir / "wrong-secret"

@@ -153,16 +153,15 @@ async def test_refresh_after_placement(
     broker = await start_broker(services=ONLY_FRAUD)
     await broker.settled()
     entry = broker.daemon.store.entry("fraud")
-    assert entry.token is not None and entry.obtained_at is not None
+    token, obtained_at = entry.token, entry.obtained_at
+    assert token is not None and obtained_at is not None and token.expires_on is not None
     refresh_by = broker.daemon.store.refresh_by(entry)
     assert refresh_by is not None
     if placement == "normal":
-        assert refresh_by == entry.token.refresh_after
+        assert refresh_by == token.refresh_after
     else:
-        assert refresh_by == pytest.approx(
-            entry.obtained_at + (entry.token.expires_on - entry.obtained_at) / 2
-        )
-    assert refresh_by < entry.token.expires_on
+        assert refresh_by == pytest.approx(obtained_at + (token.expires_on - obtained_at) / 2)
+    assert refresh_by < token.expires_on
 
 
 async def test_clock_skew_is_detected_and_deadlines_corrected(

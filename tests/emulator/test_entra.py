@@ -219,7 +219,8 @@ async def test_bad_certificate_assertions_are_aadsts700027(
     }
     claims.update(change)
     if "exp_offset" in change:
-        claims["exp"] = clock.now + claims.pop("exp_offset")
+        del claims["exp_offset"]
+        claims["exp"] = clock.now + change["exp_offset"]
     form = {
         "grant_type": "client_credentials",
         "client_id": "cert-client",

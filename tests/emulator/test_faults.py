@@ -112,7 +112,7 @@ def test_fault_validates_its_fields() -> None:
         {"route": "score", "times": 0},
     ):
         with pytest.raises(ValueError, match=r"."):
-            Fault(**kwargs)  # type: ignore[arg-type]
+            Fault(**kwargs)
     assert "mms.regenerate" in ROUTES
 
 

@@ -83,7 +83,7 @@ class BrokerThread:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
-        except BaseException as exc:  # handed to the test thread, which is listening
+        except BaseException as exc:  # noqa: BLE001 — handed to the test thread, which re-raises it
             self._failure = exc
             if not self._ready.done():
                 self._ready.set_exception(exc)

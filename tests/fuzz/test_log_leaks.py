@@ -213,9 +213,9 @@ def test_credentials_in_hostile_headers_and_bodies_are_not_logged(
             credentials[service] = reply.json()["access_token"]
         for name, value in credentials.items():
             for kind, data in hostile(value.encode()).items():
-                reply = exchange(process.target, listener, data)
+                answer = exchange(process.target, listener, data)
                 if not kind.startswith("proxied"):  # the scoring host's answer is its own
-                    assert_not_5xx(reply)
+                    assert_not_5xx(answer)
                 assert reply is None or reply.status != 500 or not reply.is_json, (name, kind)
     finally:
         output = process.stop()

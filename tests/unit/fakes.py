@@ -28,7 +28,7 @@ class FakeProvider:
     def __init__(self, service: str = "svc", *, gated: bool = False) -> None:
         self.service = service
         self.scoring_uri = None
-        self.clock_skew_s = None
+        self.clock_skew_s: float | None = None
         self.calls = 0
         self.gate = asyncio.Event()
         if not gated:
@@ -53,7 +53,7 @@ class SimTime:
         self.jobs: dict[str, tuple[float, Callable[[], Awaitable[None]]]] = {}
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Future[None]] = set()
 
     def __call__(self) -> float:
         return self.now
@@ -105,7 +105,7 @@ class SimTime:
         for key, (when, job) in list(self.jobs.items()):
             if when <= self.now:
                 del self.jobs[key]  # a one-shot job is gone once it fires
-                task = asyncio.get_running_loop().create_task(job())
+                task = asyncio.ensure_future(job())
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
 

@@ -23,6 +23,7 @@ from broker.config import (
     RefreshConfig,
     Secret,
     SecretBytes,
+    WebServiceConfig,
     hash_api_key,
     load_config,
     render_effective,
@@ -273,8 +274,10 @@ def test_full_file_loads_every_section(workdir: Path) -> None:
     assert [s.name for s in config.services] == ["fraud", "churn.v2"]
     assert config.service("churn.v2") is config.services[1]
     assert config.services[1].identity == "work load"
-    assert config.services[1].region is None
-    assert config.services[0].region == "eastus"
+    fraud, churn = config.services
+    assert isinstance(fraud, WebServiceConfig) and isinstance(churn, WebServiceConfig)
+    assert churn.region is None
+    assert fraud.region == "eastus"
     assert config.services[0].allow_users == (0, 1001)  # root by name and by id: once
     assert config.services[0].allow_groups == (0, 2000)
     assert config.services[0].api_keys == ("scorer",)
@@ -359,7 +362,9 @@ def test_defaults_fill_every_absent_section(workdir: Path) -> None:
     assert config.refresh == RefreshConfig()
     assert config.cache == CacheConfig(False, DEFAULT_CACHE_PATH)
     assert config.cloud == CLOUDS["AzureCloud"]
-    assert config.services[0].auth == "auto"
+    (service,) = config.services
+    assert isinstance(service, WebServiceConfig)
+    assert service.auth == "auto"
     assert config.services[0].allow_users == config.services[0].allow_groups == ()
     assert config.services[0].api_keys == ()
     assert config.api_keys == {} and isinstance(config.api_keys, MappingProxyType)

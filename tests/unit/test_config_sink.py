@@ -336,7 +336,8 @@ def test_a_symbolic_link_does_not_lead_a_sink_onto_a_secret(workdir: Path, throu
 
 def test_a_sink_next_to_the_secrets_is_still_allowed(workdir: Path) -> None:
     """Only the files themselves are refused: a sink in the same directory is fine."""
-    text = _with_own_file(workdir, OWN_FILES[1].values[0], f'path = "{workdir}/fraud.token"\n')
+    cache_table = str(OWN_FILES[1].values[0])
+    text = _with_own_file(workdir, cache_table, f'path = "{workdir}/fraud.token"\n')
     assert load(workdir, text).services[0].sink == SinkConfig(workdir / "fraud.token")
 
 

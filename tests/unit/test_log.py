@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -16,7 +17,7 @@ PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----"
 
 
 @pytest.fixture
-def lines() -> io.StringIO:
+def lines() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     log.configure("json", "debug", stream=stream)
     yield stream

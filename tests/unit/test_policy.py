@@ -20,7 +20,7 @@ def token(expires_in: float, refresh_after: float | None) -> AccessToken:
 
 
 def policy(**overrides: float) -> Policy:
-    return Policy(RefreshConfig(**overrides), random.Random(7))
+    return Policy(RefreshConfig(**overrides), random.Random(7))  # type: ignore[arg-type]  # floats only: tests override seconds
 
 
 def test_refresh_happens_before_refresh_after() -> None:

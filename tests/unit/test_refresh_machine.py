@@ -248,7 +248,7 @@ class RefreshMachine(RuleBasedStateMachine):
         self.refresher = Refresher(self.store, self.time)
         self.clients: list[tuple[str, asyncio.Task[Any]]] = []
         self.served: list[tuple[float, AccessToken]] = []
-        self.held = {name: None for name in SERVICES}
+        self.held: dict[str, AccessToken | None] = {name: None for name in SERVICES}
         self._run(self._start())
         STATS["machines"] += 1
 

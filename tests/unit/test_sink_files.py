@@ -148,7 +148,7 @@ def test_a_missing_directory_raises_and_leaves_nothing(tmp_path: Path) -> None:
 def test_a_failed_rename_removes_the_temporary_file(tmp_path: Path) -> None:
     """When the target is a directory the rename fails; the temporary file is removed."""
     (tmp_path / "t").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError):
         write_atomically(SinkConfig(tmp_path / "t"), b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
 
