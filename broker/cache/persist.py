@@ -48,7 +48,7 @@ _FAMILY = MAGIC[:-1]  # b"TBCACHE": the same format family, any version
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _HKDF_INFO = b"token-broker cache v1"  # the key, not the format: every version shares it
-_MAX_FILE_BYTES = 16 * 1024 * 1024  # far above any real cache; a bound on what is read
+MAX_FILE_BYTES = 16 * 1024 * 1024  # far above any real cache; a bound on what is read
 _TEXT_KEYS = ("fingerprint", "value", "auth", "token_type")
 _ENTRY_KEYS_V1 = frozenset(
     {"fingerprint", "value", "auth", "expires_on", "refresh_after", "token_type", "obtained_at"}
@@ -83,7 +83,14 @@ class _Ignored(Exception):
 class PersistedCache:
     """Saves and restores the store's credentials in one encrypted file at `path`."""
 
-    def __init__(self, path: Path, key_material: bytes, *, clock: Clock = system_clock) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key_material: bytes,
+        *,
+        clock: Clock = system_clock,
+        max_file_bytes: int = MAX_FILE_BYTES,
+    ) -> None:
         if len(key_material) < MIN_KEY_BYTES:
             raise ValueError(f"the cache key must be at least {MIN_KEY_BYTES} bytes")
         # Imported here: cryptography costs about 8 MiB of RSS, and only this cache uses it.
@@ -95,6 +102,7 @@ class PersistedCache:
         self._aead: AESGCM = AESGCM(hkdf.derive(key_material))
         self.path = path
         self._clock = clock
+        self._max_file_bytes = max_file_bytes
 
     def __repr__(self) -> str:
         return f"PersistedCache(path={str(self.path)!r})"
@@ -177,7 +185,7 @@ class PersistedCache:
                     f"mode {mode:04o} lets group or other users at it; the broker writes it "
                     "0600, so someone changed it"
                 )
-            if info.st_size > _MAX_FILE_BYTES:
+            if info.st_size > self._max_file_bytes:
                 raise _Ignored(f"{info.st_size} bytes is too large for a token-broker cache")
             return _read_all(fd)
         except OSError as exc:

@@ -31,7 +31,7 @@ from typing import Final
 
 from aiohttp import hdrs, web
 
-from broker.emulator.context import stopping_of
+from broker.emulator.context import state_of, stopping_of
 from broker.emulator.faults import VALIDITY_KINDS, Fault
 from broker.emulator.replies import fault_response
 
@@ -64,7 +64,11 @@ async def apply(
     if fault.kind == "reset":
         return await reset(request)
     if fault.kind == "hang":
-        return await hang(request)
+        try:
+            return await hang(request)
+        except asyncio.CancelledError:  # the client gave up
+            state_of(request).tell("abandoned", route)
+            raise
     if fault.kind == "malformed":
         return malformed(fault)
     if fault.kind == "partial":

@@ -11,6 +11,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal, TypeAlias
 
 from cryptography import x509
 
@@ -39,6 +40,9 @@ AUTHORISING_ROLES = frozenset({"reader", "contributor", "owner"})
 # Reader may do every `…/read`; Contributor and Owner may also do every `…/action`.
 ACTING_ROLES = frozenset({"contributor", "owner"})
 
+Happening: TypeAlias = Literal["called", "abandoned"]
+Listener: TypeAlias = Callable[[Happening, str], None]
+
 
 class EmulatorState:
     """Everything the fake Entra ID, ARM and Azure ML know, plus call counts and faults."""
@@ -58,6 +62,7 @@ class EmulatorState:
         self._endpoints: dict[ServiceKey, OnlineEndpoint] = {}
         self._service_calls: Counter[tuple[str, str]] = Counter()
         self._issued: dict[str, IssuedToken] = {}
+        self._listeners: list[Listener] = []
         self._operations: dict[str, Operation] = {}
 
     # -- setting up the cloud -------------------------------------------------------------
@@ -283,6 +288,18 @@ class EmulatorState:
         self.calls[route] += 1
         if service is not None:
             self._service_calls[(route, service.lower())] += 1
+        self.tell("called", route)
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Tell `listener(what, route)` of each request counted ("called") and of each
+        hung request its client gave up on ("abandoned"); returns what removes it. A way
+        for tests to know what reached the emulator without sleeping."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def tell(self, what: Happening, route: str) -> None:
+        for listener in list(self._listeners):
+            listener(what, route)
 
     @property
     def federated_key(self) -> SigningKey:

@@ -120,18 +120,11 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def arrival(monkeypatch: pytest.MonkeyPatch, state: EmulatorState, route: str) -> asyncio.Event:
+def arrival(state: EmulatorState, route: str) -> asyncio.Event:
     """An event set once the emulator has counted a request of `route`: a way to know a
     hung request has reached the server without sleeping."""
     event = asyncio.Event()
-    record = state.record_call
-
-    def record_and_signal(called: str, service: str | None) -> None:
-        record(called, service)
-        if called == route:
-            event.set()
-
-    monkeypatch.setattr(state, "record_call", record_and_signal)
+    state.listen(lambda what, called: event.set() if (what, called) == ("called", route) else None)
     return event
 
 

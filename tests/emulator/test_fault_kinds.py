@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.emulator import Emulator, EmulatorState, Fault, http_date, sabotage
+from broker.emulator import Emulator, EmulatorState, Fault, http_date
 from tests.emulator.conftest import (
     ACI,
     AKS,
@@ -83,16 +83,7 @@ async def test_hang_never_answers_until_the_client_gives_up(
 ) -> None:
     """A hung request times out on the client, whose leaving ends the server's handler."""
     given_up = asyncio.Event()
-    real_hang = sabotage.hang
-
-    async def watched_hang(request: Any) -> Any:
-        try:
-            return await real_hang(request)
-        except asyncio.CancelledError:
-            given_up.set()
-            raise
-
-    monkeypatch.setattr(sabotage, "hang", watched_hang)
+    state.listen(lambda what, route: given_up.set() if what == "abandoned" else None)
     state.fail("mms.token", kind="hang", times=1)
     with pytest.raises(TimeoutError):
         await _post_token(http, arm_token, timeout=aiohttp.ClientTimeout(total=CLIENT_PATIENCE_S))
@@ -110,7 +101,7 @@ async def test_stop_is_prompt_with_a_waiting_request(
     fault: dict[str, Any],
 ) -> None:
     """stop() does not wait for a hung or slowed request: it ends well within a second."""
-    arrived = arrival(monkeypatch, state, "score")
+    arrived = arrival(state, "score")
     state.fail("score", **fault)
     request = asyncio.create_task(http.post(SCORE_PATH))
     await arrived.wait()

@@ -372,13 +372,11 @@ def test_directory_at_the_path_is_ignored(
     assert ignored_reason(cache, logs) == "not a regular file"
 
 
-def test_oversized_file_is_ignored(
-    cache: PersistedCache, path: Path, logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_oversized_file_is_ignored(path: Path, clock: FakeClock, logs: io.StringIO) -> None:
     """A file larger than any cache could be is not read into memory."""
-    cache.save(credentials())
-    monkeypatch.setattr("broker.cache.persist._MAX_FILE_BYTES", 64)
-    assert "too large" in ignored_reason(cache, logs)
+    PersistedCache(path, KEY, clock=clock).save(credentials())
+    small = PersistedCache(path, KEY, clock=clock, max_file_bytes=64)
+    assert "too large" in ignored_reason(small, logs)
 
 
 def test_unopenable_path_is_ignored(tmp_path: Path, clock: FakeClock, logs: io.StringIO) -> None:
