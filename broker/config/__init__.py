@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from broker.config.access import hash_api_key, new_api_key
+from broker.config.client_access import hash_api_key, new_api_key
 from broker.config.model import (
     CLOUDS,
     DEFAULT_CACHE_PATH,

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from broker.config.model import IdentityConfig, Secret
-from broker.config.reader import Sources, Table, describe, quote
+from broker.config.reader import Sources, Table, kind_of, quote
 
 SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
 CREDENTIAL_KEYS = (*SECRET_KEYS, "certificate_file", "federated_token_file", "client_secret")
@@ -176,7 +176,7 @@ def _inline_secret(
     if not isinstance(value, str):
         table.problem(
             key,
-            f"expected a string, got {describe(value, show=False)}",
+            f"expected a string, got {kind_of(value, show=False)}",
             f'write the {what} in quotes: {key} = "…"',
         )
         return None, source

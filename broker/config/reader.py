@@ -50,10 +50,10 @@ def quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def describe(value: object, *, show: bool = True) -> str:
+def kind_of(value: object, *, show: bool = True) -> str:
     """What a TOML value is, for "expected X, got Y" messages; `show=False` hides the value."""
     if not show:
-        return describe(value).split(" (", 1)[0]
+        return kind_of(value).split(" (", 1)[0]
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if isinstance(value, int):
@@ -270,7 +270,7 @@ class Table:
         if isinstance(value, kinds) and not wrong_bool:
             return value
         self.problem(
-            key, f"expected {expected}, got {describe(value)}", _type_fix(key, expected, value)
+            key, f"expected {expected}, got {kind_of(value)}", _type_fix(key, expected, value)
         )
         return None
 
@@ -279,7 +279,7 @@ class Table:
         value = self.data.get(key, [])
         if isinstance(value, list):
             return value
-        self.problem(key, f"expected an array, got {describe(value)}", f"write {key} = {example}")
+        self.problem(key, f"expected an array, got {kind_of(value)}", f"write {key} = {example}")
         return []
 
     def table(self, key: str) -> Table:
@@ -293,13 +293,13 @@ class Table:
             if isinstance(value, dict):
                 found.append((key, Table(value, (*self.path, key), self.problems)))
             else:
-                self.problem(key, f"expected a table, got {describe(value)}", fix)
+                self.problem(key, f"expected a table, got {kind_of(value)}", fix)
         return found
 
     def array_of_tables(self, key: str, fix: str) -> list[Table]:
         value = self.data.get(key, [])
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            self.problem(key, f"expected [[{key}]] tables, got {describe(value)}", fix)
+            self.problem(key, f"expected [[{key}]] tables, got {kind_of(value)}", fix)
             return []
         return [Table(item, (*self.path, key, i), self.problems) for i, item in enumerate(value)]
 
@@ -452,7 +452,7 @@ def permission_mode(
     else:
         table.problem(
             "mode",
-            f'expected an octal permission mode such as "{example}", got {describe(raw)}',
+            f'expected an octal permission mode such as "{example}", got {kind_of(raw)}',
             f'write mode = "{example}" (octal digits in quotes) or mode = 0o{example[1:]}',
         )
         return default

@@ -18,9 +18,9 @@ from types import MappingProxyType
 from typing import cast
 from urllib.parse import urlsplit
 
-from broker.config.access import account_id, api_keys
-from broker.config.compat import compat
+from broker.config.client_access import account_id, api_keys
 from broker.config.identity import identities
+from broker.config.managed_identity import compat
 from broker.config.model import (
     CLOUDS,
     DEFAULT_SOCKET_PATH,
@@ -37,7 +37,7 @@ from broker.config.model import (
     TcpListener,
     UnixListener,
 )
-from broker.config.proxy import proxy
+from broker.config.proxy_settings import proxy
 from broker.config.reader import (
     LineIndex,
     Problems,

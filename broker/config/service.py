@@ -1,7 +1,7 @@
 """The `[[service]]` tables: what local clients ask for, and who may ask.
 
 A service names its identity and, optionally, who may use it: peer users and groups on
-the Unix socket (`broker.config.access` resolves their names) and `[api_key.NAME]` keys.
+the Unix socket (`broker.config.client_access` resolves their names) and `[api_key.NAME]` keys.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import TypedDict, cast
 
-from broker.config.access import account_ids, service_api_keys
+from broker.config.client_access import account_ids, service_api_keys
 from broker.config.model import (
     ApiKey,
     AuthMode,

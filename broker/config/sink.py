@@ -25,9 +25,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import cast
 
-from broker.config.access import account_id
+from broker.config.client_access import account_id
 from broker.config.model import CacheConfig, ListenConfig, ServiceConfig, SinkConfig, SinkFormat
-from broker.config.reader import Problems, Table, describe, dotted, permission_mode, quote
+from broker.config.reader import Problems, Table, dotted, kind_of, permission_mode, quote
 
 SINK_KEYS = tuple(f.name for f in fields(SinkConfig))
 FORMATS = ("token", "header", "json")
@@ -111,7 +111,7 @@ def _command(table: Table, environ: Mapping[str, str]) -> tuple[str, ...]:
         if not isinstance(arg, str) or "\0" in arg:
             table.problem(
                 ("command", index),
-                f"expected a string, got {describe(arg)}",
+                f"expected a string, got {kind_of(arg)}",
                 f"write every argument in quotes: command = {example} (no shell is used)",
             )
             return ()

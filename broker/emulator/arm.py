@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.emulator.access import Caller, TokenRejected, arm_caller
+from broker.emulator.callers import Caller, TokenRejected, arm_caller
 from broker.emulator.context import site_of, state_of
 from broker.emulator.records import PROVIDER, Workspace
 from broker.emulator.replies import arm_error

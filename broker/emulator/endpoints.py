@@ -14,7 +14,6 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from broker.emulator.access import Caller, issue_token
 from broker.emulator.arm import (
     WORKSPACE_PATH,
     arm_request_caller,
@@ -22,7 +21,9 @@ from broker.emulator.arm import (
     require_api_version,
     workspace_of,
 )
+from broker.emulator.callers import Caller, issue_token
 from broker.emulator.context import site_of, state_of
+from broker.emulator.key_requests import rotation_request
 from broker.emulator.records import (
     ENDPOINT_LIST_KEYS_ACTION,
     ENDPOINT_READ_ACTION,
@@ -33,7 +34,6 @@ from broker.emulator.records import (
     Operation,
 )
 from broker.emulator.replies import arm_error
-from broker.emulator.rotation import rotation_request
 
 ENDPOINT_PATH = WORKSPACE_PATH + "/onlineEndpoints/{name}"
 OPERATION_PATH = (

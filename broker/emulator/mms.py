@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.emulator.access import Caller, TokenRejected, arm_caller, issue_token
 from broker.emulator.arm import WORKSPACE_PATH
+from broker.emulator.callers import Caller, TokenRejected, arm_caller, issue_token
 from broker.emulator.context import site_of, state_of
+from broker.emulator.key_requests import rotation_request
 from broker.emulator.records import Operation, WebService, Workspace
 from broker.emulator.replies import mms_error
-from broker.emulator.rotation import rotation_request
 
 PREFIX = "/regions/{region}/modelmanagement/v1.0" + WORKSPACE_PATH
 SERVICE = PREFIX + "/services/{name}"

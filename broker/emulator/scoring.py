@@ -29,7 +29,7 @@ import hmac
 
 from aiohttp import web
 
-from broker.emulator.access import ML_AUDIENCE, TokenRejected, bearer_token, entra_caller
+from broker.emulator.callers import ML_AUDIENCE, TokenRejected, bearer_token, entra_caller
 from broker.emulator.context import state_of
 from broker.emulator.records import OnlineEndpoint, WebService
 from broker.emulator.replies import score_error

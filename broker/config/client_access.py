@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 from broker.config.model import API_KEY_DIGEST_BYTES, ApiKey
-from broker.config.reader import KeyPath, Table, describe, dotted, quote
+from broker.config.reader import KeyPath, Table, dotted, kind_of, quote
 
 API_KEY_PREFIX = "tbk_"  # makes a leaked key recognisable to secret scanners and to people
 MAX_ID = 2**32 - 2  # uid_t and gid_t are 32 bits, and -1 (2**32 - 1) means "unchanged"
@@ -108,7 +108,7 @@ def _digest(table: Table) -> bytes | None:
     elif not isinstance(value, str):
         table.problem(
             "sha256",
-            f"expected a string of 64 hex digits, got {describe(value, show=False)}",
+            f"expected a string of 64 hex digits, got {kind_of(value, show=False)}",
             _HASH_IT,
         )
     elif _DIGEST.fullmatch(value):
@@ -137,7 +137,7 @@ def account_id(table: Table, key: str | KeyPath, value: object, kind: Account) -
         )
         return None
     if not isinstance(value, str) or not value:
-        got = "an empty string" if value == "" else describe(value)
+        got = "an empty string" if value == "" else kind_of(value)
         table.problem(
             key,
             f"expected a {kind} name or a numeric id, got {got}",
@@ -176,7 +176,7 @@ def service_api_keys(table: Table, defined: Mapping[str, ApiKey]) -> tuple[str, 
         if not isinstance(name, str):
             table.problem(
                 ("api_keys", index),
-                f"expected the name of an [api_key.NAME] table, got {describe(name)}",
+                f"expected the name of an [api_key.NAME] table, got {kind_of(name)}",
                 f"write the names in quotes; defined API keys: {known}",
             )
         elif name.startswith(API_KEY_PREFIX):
