@@ -115,6 +115,8 @@ class Workspaces:
 class WebServiceProvider:
     """Fetches one v1 web service's token or key."""
 
+    has_scoring_host = True
+
     def __init__(
         self,
         config: WebServiceConfig,

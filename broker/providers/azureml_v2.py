@@ -36,6 +36,8 @@ _ACTIONS = {
 class OnlineEndpointProvider:
     """Fetches one v2 online endpoint's credential, whatever its auth mode."""
 
+    has_scoring_host = True
+
     def __init__(
         self,
         config: OnlineEndpointConfig,

@@ -16,6 +16,11 @@ class TokenProvider(Protocol):
     def service(self) -> str: ...
 
     @property
+    def has_scoring_host(self) -> bool:
+        """Whether the service is a deployment that scoring requests can be forwarded to
+        (False for an Entra scope, which is only a token)."""
+
+    @property
     def scoring_uri(self) -> str | None:
         """Where clients send scoring requests, once the service has been described."""
 

@@ -17,6 +17,7 @@ from broker.models import AccessToken
 class EntraProvider:
     """Serves the principal's Entra token for one scope."""
 
+    has_scoring_host = False
     scoring_uri: str | None = None
     clock_skew_s: float | None = None
 

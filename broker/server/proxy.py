@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import TypeAlias
 from urllib.parse import unquote
 
-import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -50,13 +49,10 @@ from broker.errors import (
     LocalRequestError,
     NoScoringUriError,
     PayloadTooLargeError,
-    UpstreamTimeoutError,
-    UpstreamUnreachableError,
 )
-from broker.log import get_logger, scrub
+from broker.log import get_logger
 from broker.models import AccessToken
-from broker.providers import EntraProvider
-from broker.providers.upstream import ssl_context
+from broker.providers.forwarding import Answer, AnswerCutError, Forwarder, Outgoing
 from broker.server.access import API_KEY_HEADER
 from broker.server.guards import METADATA_HEADER, PROXY_PREFIX
 from broker.server.keys import ACCESS, STORE
@@ -98,53 +94,22 @@ _READ_CHUNK = 1 << 16
 
 
 class Proxy:
-    """The proxy's settings and its one pooled session to every scoring host."""
+    """The proxy's settings, its forwarder to every scoring host, and who is told of calls."""
 
     def __init__(
         self, config: ProxyConfig, cloud: CloudProfile, observer: ProxyObserver | None = None
     ) -> None:
         self.config = config
-        self._tls = ssl_context(cloud)  # scoring hosts are verified like Azure's own
+        self.forwarder = Forwarder(config, cloud)  # scoring hosts are verified like Azure's
         self._observer = observer
-        self._session: aiohttp.ClientSession | None = None
 
     async def open(self, app: web.Application | None = None) -> None:
-        """Create the session (on the application's start-up)."""
-        if self._session is not None:
-            return
-        config = self.config
-        connector = aiohttp.TCPConnector(ssl=self._tls, limit=config.max_connections)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=config.timeout_s, sock_connect=config.connect_timeout_s
-            ),
-            trust_env=False,  # proxy variables must not redirect credential traffic
-            auto_decompress=False,  # bodies pass through as sent, Content-Encoding and all
-            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies are not another's
-            max_line_size=config.max_header_bytes,
-            max_field_size=config.max_header_bytes,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
+        """Open the forwarder's session (on the application's start-up)."""
+        await self.forwarder.open()
 
     async def close(self, app: web.Application | None = None) -> None:
-        """Close the session (on the application's clean-up, after requests have ended)."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def send(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: _Body, token: AccessToken
-    ) -> aiohttp.ClientResponse:
-        """Send one attempt; the caller releases the response."""
-        assert self._session is not None, "the proxy's session is opened at start-up"
-        sending = headers.copy()
-        sending[hdrs.AUTHORIZATION] = f"{token.token_type} {token.value}"
-        if body.length is not None and not body.replayable:
-            sending[hdrs.CONTENT_LENGTH] = str(body.length)
-        return await self._session.request(
-            method, url, headers=sending, data=body.data(), allow_redirects=False
-        )
+        """Close it (on the application's clean-up, after requests have ended)."""
+        await self.forwarder.close()
 
     def observe(
         self,
@@ -185,8 +150,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
     service = request.match_info["service"]
     request.app[ACCESS].authorize(request, service)
-    provider = store.entry(service).provider
-    if isinstance(provider, EntraProvider):
+    if not store.entry(service).provider.has_scoring_host:
         raise NoScoringUriError(
             f'service {service!r} is an Entra scope (kind = "entra"): it has no scoring URI '
             f"to forward to; fetch its token from /v1/token/{service} and call the API yourself"
@@ -199,64 +163,37 @@ async def forward(request: web.Request) -> web.StreamResponse:
     url = upstream_url(service, entry.provider.scoring_uri, tail, query)
     assert entry.token is not None  # a usable entry has one
     body = await _Body.read(request, proxy.config)
-    return await _exchange(request, proxy, store, url, body, entry.token)
+    outgoing = Outgoing(service, request.method, url, forwarded_headers(request.headers), body)
+    return await _exchange(request, proxy, store, outgoing, entry.token)
 
 
 async def _exchange(
-    request: web.Request, proxy: Proxy, store: Store, url: URL, body: _Body, token: AccessToken
+    request: web.Request, proxy: Proxy, store: Store, outgoing: Outgoing, token: AccessToken
 ) -> web.StreamResponse:
-    service = request.match_info["service"]
-    headers = forwarded_headers(request.headers)
     started = time.perf_counter()
-    upstream = await _attempt(proxy, request.method, url, headers, body, token, service, started)
+    answer = await _attempt(proxy, outgoing, token, started)
     try:
         prefix, retried = b"", False
-        if upstream.status == 401 and body.replayable:
-            prefix, complete = await _hold(upstream, proxy.config.retry_buffer_bytes)
-            newer = await _newer_credential(store, service, token) if complete else None
+        if answer.status == 401 and outgoing.body.replayable:
+            prefix, complete = await _hold(answer, proxy.config.retry_buffer_bytes)
+            newer = await _newer_credential(store, outgoing.service, token) if complete else None
             if newer is not None:
-                upstream.release()
-                upstream = await _attempt(
-                    proxy, request.method, url, headers, body, newer, service, started
-                )
+                answer.release()
+                answer = await _attempt(proxy, outgoing, newer, started)
                 prefix, retried = b"", True
-        proxy.observe(service, request.method, upstream.status, started, retried=retried)
-        return await _relay(request, upstream, prefix, service)
+        proxy.observe(outgoing.service, outgoing.method, answer.status, started, retried=retried)
+        return await _relay(request, answer, prefix, outgoing.service)
     finally:
-        upstream.release()
+        answer.release()
 
 
-async def _attempt(
-    proxy: Proxy,
-    method: str,
-    url: URL,
-    headers: CIMultiDict[str],
-    body: _Body,
-    token: AccessToken,
-    service: str,
-    started: float,
-) -> aiohttp.ClientResponse:
-    """One call to the scoring host, its failures translated into local errors."""
-    host = str(url.origin())
+async def _attempt(proxy: Proxy, outgoing: Outgoing, token: AccessToken, started: float) -> Answer:
+    """One call to the scoring host; a failure is counted, then raised as it came."""
     try:
-        return await proxy.send(method, url, headers, body, token)
-    except TimeoutError:
-        failure: LocalRequestError = UpstreamTimeoutError(
-            f"{host} did not answer within {proxy.config.timeout_s:g} s "
-            "([proxy] timeout_s); nothing was returned"
-        )
-    except aiohttp.ClientResponseError as exc:
-        failure = UpstreamUnreachableError(
-            f"the answer from {host} is not valid HTTP or its headers are longer than "
-            f"{proxy.config.max_header_bytes} bytes ([proxy] max_header_bytes): "
-            f"{scrub(str(exc.message))[:120]}"
-        )
-    except aiohttp.ClientError as exc:
-        failure = UpstreamUnreachableError(f"cannot reach {host}: {_reason(exc)}")
-    if body.too_large:
-        failure = _too_large(proxy.config)
-    proxy.observe(service, method, None, started)
-    raise failure
+        return await proxy.forwarder.send(outgoing, token)
+    except LocalRequestError:
+        proxy.observe(outgoing.service, outgoing.method, None, started)
+        raise
 
 
 async def _newer_credential(store: Store, service: str, sent: AccessToken) -> AccessToken | None:
@@ -269,13 +206,13 @@ async def _newer_credential(store: Store, service: str, sent: AccessToken) -> Ac
     return token if token is not None and token.value != sent.value else None
 
 
-async def _hold(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+async def _hold(answer: Answer, limit: int) -> tuple[bytes, bool]:
     """Up to `limit` bytes of the answer's body, and whether that is all of it."""
     held = bytearray()
     while len(held) <= limit:
         try:
-            chunk = await upstream.content.read(limit + 1 - len(held))
-        except (TimeoutError, aiohttp.ClientError):
+            chunk = await answer.read(limit + 1 - len(held))
+        except AnswerCutError:
             break  # relaying what came, the failure recurs and cuts the answer
         if not chunk:
             return bytes(held), True
@@ -284,10 +221,10 @@ async def _hold(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bo
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, prefix: bytes, service: str
+    request: web.Request, answer: Answer, prefix: bytes, service: str
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for name, value in returned_headers(upstream.headers):
+    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    for name, value in returned_headers(answer.headers):
         response.headers.add(name, value)
     await response.prepare(request)
     chunk = prefix
@@ -298,9 +235,9 @@ async def _relay(
             except ConnectionError:
                 return response  # the client left; the upstream connection is dropped
         try:
-            chunk = await upstream.content.read(_READ_CHUNK)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return _cut(request, response, service, exc)
+            chunk = await answer.read(_READ_CHUNK)
+        except AnswerCutError as exc:
+            return _cut(request, response, service, str(exc))
         if not chunk:
             break
     await response.write_eof()
@@ -308,10 +245,10 @@ async def _relay(
 
 
 def _cut(
-    request: web.Request, response: web.StreamResponse, service: str, exc: Exception
+    request: web.Request, response: web.StreamResponse, service: str, reason: str
 ) -> web.StreamResponse:
     """End a begun answer by closing the connection: what was sent must not look whole."""
-    log.debug("proxy.cut", service=service, reason=type(exc).__name__)
+    log.debug("proxy.cut", service=service, reason=reason)
     response.force_close()
     if request.transport is not None:
         request.transport.close()
@@ -323,27 +260,30 @@ class _Body:
     """A request body: kept whole when short enough to send twice, else streamed."""
 
     request: web.Request
-    limit: int
+    config: ProxyConfig
     kept: bytes
     replayable: bool
     length: int | None  # the client's Content-Length, if it sent one
-    too_large: bool = False
 
     @classmethod
     async def read(cls, request: web.Request, config: ProxyConfig) -> _Body:
         length = request.content_length
         if not request.body_exists and length is None:
-            return cls(request, config.max_body_bytes, b"", True, None)
+            return cls(request, config, b"", True, None)
         keep = config.retry_buffer_bytes
         if length is not None and length > keep:
-            return cls(request, config.max_body_bytes, b"", False, length)
+            return cls(request, config, b"", False, length)
         kept = bytearray()
         while len(kept) <= keep:
             chunk = await request.content.read(keep + 1 - len(kept))
             if not chunk:
-                return cls(request, config.max_body_bytes, bytes(kept), True, length)
+                return cls(request, config, bytes(kept), True, length)
             kept += chunk
-        return cls(request, config.max_body_bytes, bytes(kept), False, length)
+        return cls(request, config, bytes(kept), False, length)
+
+    @property
+    def streamed_length(self) -> int | None:
+        return None if self.replayable else self.length
 
     def data(self) -> bytes | AsyncIterator[bytes] | None:
         if not self.replayable:
@@ -356,9 +296,8 @@ class _Body:
             yield self.kept
         while chunk := await self.request.content.read(_READ_CHUNK):
             size += len(chunk)
-            if size > self.limit:
-                self.too_large = True
-                raise PayloadTooLargeError("request body over the limit")
+            if size > self.config.max_body_bytes:
+                raise _too_large(self.config)  # the forwarder raises it as it is
             yield chunk
 
 
@@ -367,15 +306,6 @@ def _too_large(config: ProxyConfig) -> PayloadTooLargeError:
         f"the request body is longer than {config.max_body_bytes} bytes, the limit of "
         "[proxy] max_body_bytes"
     )
-
-
-def _reason(exc: aiohttp.ClientError) -> str:
-    """Why a connection failed, without the URL aiohttp puts in its messages."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return exc.strerror or "connection refused"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the connection was closed before an answer came"
-    return type(exc).__name__
 
 
 def split_target(raw_path: str) -> tuple[str, str]:

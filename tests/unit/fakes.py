@@ -27,6 +27,7 @@ class FakeProvider:
 
     def __init__(self, service: str = "svc", *, gated: bool = False) -> None:
         self.service = service
+        self.has_scoring_host = True
         self.scoring_uri = None
         self.clock_skew_s: float | None = None
         self.calls = 0

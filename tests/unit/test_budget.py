@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 class InstantFailure:
     """A provider that fails at once with an error wrongly marked as one a retry heals."""
 
+    has_scoring_host = True
     scoring_uri = None
     clock_skew_s = None
 

@@ -123,6 +123,7 @@ class DrawnUpstream:
     calls: list[float] = field(default_factory=list)
     last_usable: str | None = None  # the last credential returned that could be served
     failed_last: bool = False
+    has_scoring_host: bool = True
     scoring_uri: str | None = None
     clock_skew_s: float | None = None
     rotation: int = 0
