@@ -157,6 +157,14 @@ def account_id(table: Table, key: str | KeyPath, value: object, kind: Account) -
         return None
 
 
+def owner_or_group(table: Table, key: str) -> int | None:
+    """The uid (`owner`) or gid (`group`) a file or socket is given; None keeps the
+    broker's own."""
+    if not table.has(key):
+        return None
+    return account_id(table, key, table.data[key], "user" if key == "owner" else "group")
+
+
 def account_ids(table: Table, key: str, kind: Account) -> tuple[int, ...]:
     """Every uid or gid of the array `key`, in order and without repeats."""
     example = "[{}, {}]".format(*_EXAMPLES[kind])

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from broker.config.model import IdentityConfig, Secret
-from broker.config.reader import Sources, Table, kind_of, quote
+from broker.config.reader import Sources, Table, kind_of, quote, systemd_credential
 
 SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
 CREDENTIAL_KEYS = (*SECRET_KEYS, "certificate_file", "federated_token_file", "client_secret")
@@ -130,23 +130,11 @@ def _secret(table: Table, key: str, sources: Sources) -> tuple[Secret | None, st
         path = table.file_path(key, sources.base)
         return (_secret_from_file(table, key, what, path) if path else None), f"file {path}"
     name = table.required_text(key, "the name given to LoadCredential= in the systemd unit")
-    directory = sources.environ.get("CREDENTIALS_DIRECTORY")
-    if name in (".", "..") or "/" in name:
-        table.problem(
-            key,
-            f"{key} must be a credential name, not a path",
-            "use the NAME of LoadCredential=NAME:/path, or client_secret_file for a path",
-        )
-    elif name and not directory:
-        table.problem(
-            key,
-            f"{key} needs $CREDENTIALS_DIRECTORY, which is not set",
-            f"run the broker as a systemd service with LoadCredential={name}:/path/to/secret, "
-            "or use client_secret_file",
-        )
-    elif name and directory:
-        secret = _secret_from_file(table, key, what, Path(directory) / name)
-        return secret, f"systemd credential {name}"
+    path = systemd_credential(
+        table, key, name, sources.environ, holds="secret", file_key="client_secret_file"
+    )
+    if path is not None:
+        return _secret_from_file(table, key, what, path), f"systemd credential {name}"
     return None, f"systemd credential {name}"
 
 

@@ -215,6 +215,32 @@ def read_text(path: Path) -> str:
         raise Unreadable(path, "not UTF-8 text") from exc
 
 
+def systemd_credential(
+    table: Table, key: str, name: str, environ: Mapping[str, str], *, holds: str, file_key: str
+) -> Path | None:
+    """Where systemd put the credential `name` (LoadCredential=), read for `key`; None,
+    with a problem, when it is not a bare name or systemd gave no credentials directory.
+    `holds` names what the file is (in the fix's example path), `file_key` the key to use
+    instead when the broker does not run under systemd."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if name in (".", "..") or "/" in name:
+        table.problem(
+            key,
+            f"{key} must be a credential name, not a path",
+            f"use the NAME of LoadCredential=NAME:/path, or {file_key} for a path",
+        )
+    elif name and not directory:
+        table.problem(
+            key,
+            f"{key} needs $CREDENTIALS_DIRECTORY, which is not set",
+            f"run the broker as a systemd service with LoadCredential={name}:/path/to/{holds}, "
+            f"or use {file_key}",
+        )
+    elif name and directory:
+        return Path(directory) / name
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Sources:
     """Where relative paths and environment variables named by the file are resolved."""

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import cast
 from urllib.parse import urlsplit
 
-from broker.config.client_access import account_id, api_keys
+from broker.config.client_access import api_keys, owner_or_group
 from broker.config.identity import identities
 from broker.config.managed_identity import compat
 from broker.config.model import (
@@ -48,6 +48,7 @@ from broker.config.reader import (
     permission_mode,
     quote,
     read_text,
+    systemd_credential,
 )
 from broker.config.service import services
 from broker.config.sink import sink_conflicts
@@ -170,8 +171,8 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
             execute="which mean nothing on a socket",
             fix='use read and write bits for owner and group only: "0660"',
         ),
-        _socket_account(unix_table, "owner"),
-        _socket_account(unix_table, "group"),
+        owner_or_group(unix_table, "owner"),
+        owner_or_group(unix_table, "group"),
     )
     tcp = TcpListener(
         tcp_table.flag("enabled", True),
@@ -193,13 +194,6 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
         table.integer("max_header_bytes", defaults.max_header_bytes, 1024, 65536),
         _at_least(table, "max_body_bytes", defaults.max_body_bytes, 0),
     )
-
-
-def _socket_account(table: Table, key: str) -> int | None:
-    """The uid (owner) or gid (group) the socket is given; None keeps the broker's own."""
-    if not table.has(key):
-        return None
-    return account_id(table, key, table.data[key], "user" if key == "owner" else "group")
 
 
 def _loopback_host(table: Table) -> str:
@@ -363,31 +357,12 @@ def _cache(table: Table, sources: Sources) -> CacheConfig:
         source = f"file {key_path}"
     else:
         name = table.required_text("key_credential", "the name given to LoadCredential=")
-        key_path = _credential_path(table, "key_credential", name, sources)
+        key_path = systemd_credential(
+            table, "key_credential", name, sources.environ, holds="key", file_key="key_file"
+        )
         source = f"systemd credential {name}"
     key = _cache_key(table, given[0], key_path) if key_path else None
     return CacheConfig(True, path, key, source)
-
-
-def _credential_path(table: Table, key: str, name: str, sources: Sources) -> Path | None:
-    """Where systemd put the credential `name`; the same rules as identities' credentials."""
-    directory = sources.environ.get("CREDENTIALS_DIRECTORY")
-    if name in (".", "..") or "/" in name:
-        table.problem(
-            key,
-            f"{key} must be a credential name, not a path",
-            "use the NAME of LoadCredential=NAME:/path, or key_file for a path",
-        )
-    elif name and not directory:
-        table.problem(
-            key,
-            f"{key} needs $CREDENTIALS_DIRECTORY, which is not set",
-            f"run the broker as a systemd service with LoadCredential={name}:/path/to/key, "
-            "or use key_file",
-        )
-    elif name and directory:
-        return Path(directory) / name
-    return None
 
 
 def _cache_directory(table: Table, path: Path) -> None:

@@ -25,7 +25,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import cast
 
-from broker.config.client_access import account_id
+from broker.config.client_access import owner_or_group
 from broker.config.model import CacheConfig, ListenConfig, ServiceConfig, SinkConfig, SinkFormat
 from broker.config.reader import Problems, Table, dotted, kind_of, permission_mode, quote
 
@@ -56,8 +56,8 @@ def service_sink(table: Table, environ: Mapping[str, str]) -> SinkConfig | None:
         execute="which mean nothing on a credential file",
         fix='use read and write bits for the owner and, if needed, the group: "0600" or "0640"',
     )
-    owner = _account(sink, "owner")
-    group = _account(sink, "group")
+    owner = owner_or_group(sink, "owner")
+    group = owner_or_group(sink, "group")
     command = _command(sink, environ)
     timeout = _timeout(sink)
     if path is None or len(sink.problems.items) > before:
@@ -85,12 +85,6 @@ def _path(table: Table) -> Path | None:
         )
         return None
     return path
-
-
-def _account(table: Table, key: str) -> int | None:
-    if not table.has(key):
-        return None
-    return account_id(table, key, table.data[key], "user" if key == "owner" else "group")
 
 
 def _command(table: Table, environ: Mapping[str, str]) -> tuple[str, ...]:
