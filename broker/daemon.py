@@ -20,12 +20,10 @@ from broker.cache import (
     Allowance,
     CallBudget,
     PersistedCache,
+    PersistedSync,
     Policy,
     Reconciled,
     Refresher,
-    Rotations,
-    Saver,
-    Sinks,
     Store,
     Wanted,
     fingerprint,
@@ -40,6 +38,8 @@ from broker.config import (
     WebServiceConfig,
 )
 from broker.credentials import ServicePrincipalCredential
+from broker.delivery import FileSinks
+from broker.key_rotation import KeyRotations
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.models import Clock, system_clock
@@ -91,13 +91,13 @@ class Daemon:
         self.upstream = self._upstream()
         self.store.reconcile([self._wanted(service) for service in config.services])
         self.refresher = Refresher(self.store)
-        self.saver: Saver | None = None
+        self.persisted: PersistedSync | None = None
         if config.cache.enabled and config.cache.key is not None:
             cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
-            self.saver = Saver(self.store, cache, self._fingerprint)
-        self.sinks = Sinks(self.store, config.services)
+            self.persisted = PersistedSync(self.store, cache, self._fingerprint)
+        self.sinks = FileSinks(self.store, config.services)
         self.access = AccessRules(config)
-        self.rotations = Rotations(self.store)
+        self.rotations = KeyRotations(self.store)
         self.compat = Compat(*self._compat(), clock=clock, clock_skew_s=config.refresh.clock_skew_s)
         app = make_app(
             self.store,
@@ -186,8 +186,8 @@ class Daemon:
         return self.listeners.tcp_address
 
     async def start(self) -> None:
-        if self.saver is not None:
-            self.saver.restore()
+        if self.persisted is not None:
+            self.persisted.restore()
         self.sinks.start()  # writes restored credentials at once, the rest as they come
         await self.listeners.start()
         self.refresher.start()
@@ -207,8 +207,8 @@ class Daemon:
         # A fetch that ended during the stop may have started a write: give it what is
         # left of the grace period (and a moment, however little is left).
         await self.sinks.close(max(_SINK_LAST_WORD_S, deadline - loop.time()))
-        if self.saver is not None:
-            await self.saver.close()
+        if self.persisted is not None:
+            await self.persisted.close()
         await self.upstream.close()
         for credential in self.credentials.values():
             credential.close()

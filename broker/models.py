@@ -1,4 +1,5 @@
-"""Values that flow between the layers: credentials served, their states, the clock."""
+"""Values that flow between the layers: credentials served, their states, the clock and
+backoff on it."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def wall_clock() -> float:
     """The real wall clock, for times that others put on it (MSAL's `refresh_on`):
     never for the broker's own deadlines, which follow the injected `Clock`."""
     return time.time()
+
+
+def doubling(step: int, low: float, high: float) -> float:
+    """`low` doubled `step` times, kept between `low` and `high`: the ceiling of an
+    exponential backoff after `step + 1` failures in a row."""
+    return max(min(high, low * float(2 ** min(max(step, 0), 64))), low)
 
 
 class Sleep(Protocol):

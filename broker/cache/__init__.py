@@ -1,15 +1,15 @@
-"""Where credentials are kept: refresh policy (pure maths), the store, the refresher, and
-the copies made of them: the persisted cache and file sinks."""
+"""Where credentials are kept: refresh policy (pure maths), the call budget, the store, the
+refresher, the persisted cache kept in step with the store, and how a credential is
+rendered for handing out."""
 
 from __future__ import annotations
 
 from broker.cache.budget import Allowance, CallBudget
 from broker.cache.persist import PersistedCache, fingerprint
+from broker.cache.persisted_sync import PersistedSync
 from broker.cache.policy import Policy
 from broker.cache.refresher import Refresher
-from broker.cache.rotation import Rotations
-from broker.cache.saver import Saver
-from broker.cache.sinks import Sinks
+from broker.cache.rendering import Rendered
 from broker.cache.store import Entry, Reconciled, Store, Wanted
 
 __all__ = [
@@ -17,12 +17,11 @@ __all__ = [
     "CallBudget",
     "Entry",
     "PersistedCache",
+    "PersistedSync",
     "Policy",
     "Reconciled",
     "Refresher",
-    "Rotations",
-    "Saver",
-    "Sinks",
+    "Rendered",
     "Store",
     "Wanted",
     "fingerprint",

@@ -20,19 +20,18 @@ the disk.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.files import write_atomically
 from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind, Clock, system_clock
 
@@ -226,27 +225,7 @@ class PersistedCache:
         return {name: _saved(name, entry, entry_keys) for name, entry in services}
 
     def _write(self, blob: bytes) -> None:
-        directory = self.path.parent
-        temporary = directory / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
-        # 0600 from creation: the file is never wider, not even before a chmod
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC  # EXCL: no symlinks
-        fd = os.open(temporary, flags, 0o600)
-        try:
-            try:
-                _write_all(fd, blob)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            temporary.replace(self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory_fd)  # makes the rename itself survive a power cut
-        finally:
-            os.close(directory_fd)
+        write_atomically(self.path, blob, mode=0o600)  # never wider, not even for an instant
 
 
 def _read_all(fd: int) -> bytes:
@@ -254,12 +233,6 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _entry(digest: str, saved: Saved) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 from broker.config import RefreshConfig
-from broker.models import AccessToken
+from broker.models import AccessToken, doubling
 
 _MAX_MARGIN_SHARE = 0.2  # a refresh margin never eats more than this share of the lead time
 _NON_RETRYABLE_BACKOFF_FLOOR = 60.0  # faults only an operator can fix are not hammered
@@ -75,9 +75,7 @@ class Policy:
         return max(self.config.retry_min_s, self._ceiling(failures) / 2)
 
     def _ceiling(self, failures: int) -> float:
-        config = self.config
-        doubled = config.retry_min_s * float(2 ** min(max(failures - 1, 0), 64))
-        return max(min(config.retry_max_s, doubled), config.retry_min_s)
+        return doubling(failures - 1, self.config.retry_min_s, self.config.retry_max_s)
 
     def max_attempts(self, window_s: float, shortest_lead_s: float) -> int:
         """The most upstream attempts this policy lets one service make in `window_s`.

@@ -26,7 +26,7 @@ from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.base import KeyName
-from broker.providers.operations import wait_for_regeneration
+from broker.providers.long_running import wait_for_regeneration
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
 

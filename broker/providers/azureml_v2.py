@@ -16,7 +16,7 @@ from broker.models import AccessToken
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.azureml_v1 import API_VERSION, parse_keys, parse_token
 from broker.providers.base import KeyName
-from broker.providers.operations import wait_for_regeneration
+from broker.providers.long_running import wait_for_regeneration
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
 

@@ -8,9 +8,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from broker.cache import Rotations, Store
+from broker.cache import Store
 from broker.config import CompatConfig
 from broker.errors import LocalRequestError
+from broker.key_rotation import KeyRotations
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.server import guards, metrics_route, routes
@@ -73,7 +74,7 @@ def make_app(
     access: AccessRules,
     max_body_bytes: int = 65536,
     *,
-    rotations: Rotations | None = None,
+    rotations: KeyRotations | None = None,
     compat: Compat | None = None,
     metrics: Metrics | None = None,
     proxy: Proxy | None = None,
@@ -83,7 +84,7 @@ def make_app(
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[STORE] = store
     app[ACCESS] = access
-    app[ROTATIONS] = rotations or Rotations(store)
+    app[ROTATIONS] = rotations or KeyRotations(store)
     app[routes.STREAMS] = set()
     app.on_shutdown.append(routes.end_streams)
     app[COMPAT] = compat or Compat(CompatConfig(), None, "")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.cache import Rotations, Store
+from broker.cache import Store
+from broker.key_rotation import KeyRotations
 from broker.server.access import AccessRules
 
 STORE = web.AppKey("store", Store)
 ACCESS = web.AppKey("access", AccessRules)
-ROTATIONS = web.AppKey("rotations", Rotations)
+ROTATIONS = web.AppKey("rotations", KeyRotations)

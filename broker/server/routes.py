@@ -7,7 +7,6 @@ hot path is a dictionary lookup and a write.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from broker import __version__
-from broker.cache import Entry, Store
+from broker.cache import Entry, Rendered, Store
 from broker.errors import BadRequestError, ForbiddenError
 from broker.log import get_logger
 from broker.server.access import peer_of
@@ -47,39 +46,17 @@ async def end_streams(app: web.Application) -> None:
         task.cancel()
 
 
-class _Rendered:
-    """The JSON body and the header line of one credential, built once."""
-
-    __slots__ = ("generation", "header", "json")
-
-    def __init__(self, store: Store, entry: Entry) -> None:
-        token = entry.token
-        assert token is not None
-        self.generation = entry.generation
-        self.json = json.dumps(
-            {
-                "service": entry.service,
-                "token_type": token.token_type,
-                "access_token": token.value,
-                "expires_on": _int(token.expires_on),
-                "refresh_by": _int(store.refresh_by(entry)),
-                "auth": token.auth.value,
-            }
-        ).encode()
-        self.header = f"{token.token_type} {token.value}\n".encode()
+RENDERED = web.AppKey("rendered", dict[str, Rendered])
 
 
-RENDERED = web.AppKey("rendered", dict[str, _Rendered])
-
-
-def _render(request: web.Request, store: Store, entry: Entry) -> _Rendered:
+def _render(request: web.Request, store: Store, entry: Entry) -> Rendered:
     return _rendered(request.app[RENDERED], store, entry)
 
 
-def _rendered(cache: dict[str, _Rendered], store: Store, entry: Entry) -> _Rendered:
+def _rendered(cache: dict[str, Rendered], store: Store, entry: Entry) -> Rendered:
     cached = cache.get(entry.service)
     if cached is None or cached.generation != entry.generation:
-        cached = cache[entry.service] = _Rendered(store, entry)
+        cached = cache[entry.service] = Rendered(store, entry)
     return cached
 
 
@@ -243,7 +220,3 @@ def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
-
-
-def _int(epoch: float | None) -> int | None:
-    return None if epoch is None else int(epoch)

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from broker.cache import Policy, Sinks, Store
-from broker.cache import sinks as sinks_module
-from broker.cache.sinks import (
+from broker.cache import Policy, Store
+from broker.config import SinkConfig, WebServiceConfig
+from broker.delivery import FileSinks, WriteRetry
+from broker.delivery.file_sinks import (
     OUTPUT_KEPT_BYTES,
     OUTPUT_LOGGED_CHARS,
     CommandResult,
     loggable,
     render,
     run_command,
-    write_atomically,
 )
-from broker.config import SinkConfig, WebServiceConfig
+from broker.delivery.file_sinks import write_file as write_atomically
 from broker.log import MASK, register_secret
 from broker.models import AccessToken, AuthKind
 from tests.unit.fakes import FakeClock, FakeProvider
@@ -217,7 +217,7 @@ async def test_written_once_per_change_never_on_unchanged_or_failed_fetches(
 ) -> None:
     """The same credential again, or a failed fetch, writes nothing and runs no command."""
     path = tmp_path / "t"
-    sinks = Sinks(store, [service(SinkConfig(path, command=("true",)))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(path, command=("true",)))], runner)
     sinks.start()
     await fetched(store, provider, token("tok-1"))
     await sinks.idle()
@@ -239,7 +239,7 @@ async def test_a_restored_credential_is_written_at_start(
 ) -> None:
     """A credential in place before start (restored from the cache) is written at start."""
     store.restore("svc", token("restored-1"), NOW)
-    sinks = Sinks(store, [service(SinkConfig(tmp_path / "t"))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(tmp_path / "t"))], runner)
     sinks.start()
     await sinks.idle()
     assert (tmp_path / "t").read_text() == "restored-1"
@@ -249,7 +249,7 @@ async def test_nothing_is_written_before_a_credential_is_usable(
     store: Store, provider: FakeProvider, tmp_path: Path, runner: FakeRunner
 ) -> None:
     """No file appears while the first fetch fails, nor for an expired credential."""
-    sinks = Sinks(store, [service(SinkConfig(tmp_path / "t"))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(tmp_path / "t"))], runner)
     sinks.start()
     await fetched(store, provider, RuntimeError("down"))
     expired = AccessToken("expired-1", AuthKind.TOKEN, NOW - 10, NOW - 100)
@@ -265,7 +265,7 @@ async def test_a_failed_write_is_logged_and_retried_at_the_next_fetch(
     """A missing directory logs service, path and the OS error, never the credential;
     the next fetch writes it once the directory exists; no command ran for the failure."""
     path = tmp_path / "later" / "t"
-    sinks = Sinks(store, [service(SinkConfig(path, command=("true",)))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(path, command=("true",)))], runner)
     sinks.start()
     await fetched(store, provider, token("tok-secret-1"))
     await sinks.idle()
@@ -289,14 +289,12 @@ async def test_a_failed_write_is_retried_without_waiting_for_a_fetch(
     tmp_path: Path,
     runner: FakeRunner,
     logs: io.StringIO,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A key may not change for days: a failed write is retried on a timer, with backoff,
     until it succeeds; then the retries stop."""
-    monkeypatch.setattr(sinks_module, "RETRY_MIN_S", 0.01)
     loop = asyncio.get_running_loop()
     attempts: asyncio.Queue[bool] = asyncio.Queue()
-    real = sinks_module.write_atomically
+    real = write_atomically
 
     def recorded(sink: SinkConfig, data: bytes) -> None:  # runs in a worker thread
         try:
@@ -306,9 +304,14 @@ async def test_a_failed_write_is_retried_without_waiting_for_a_fetch(
             raise
         loop.call_soon_threadsafe(attempts.put_nowait, True)
 
-    monkeypatch.setattr(sinks_module, "write_atomically", recorded)
     path = tmp_path / "later" / "t"
-    sinks = Sinks(store, [service(SinkConfig(path, command=("true",)))], runner)
+    sinks = FileSinks(
+        store,
+        [service(SinkConfig(path, command=("true",)))],
+        runner,
+        writer=recorded,
+        retry=WriteRetry(first_s=0.01),
+    )
     sinks.start()
     await fetched(store, provider, token("tok-1"))
     assert [await asyncio.wait_for(attempts.get(), 5) for _ in range(3)] == [False] * 3
@@ -337,7 +340,7 @@ async def test_changes_during_a_command_run_it_once_more_after(
     """Never two at once: three changes while a command runs make exactly one more run,
     which sees the latest file."""
     path = tmp_path / "t"
-    sinks = Sinks(store, [service(SinkConfig(path, command=("true",)))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(path, command=("true",)))], runner)
     sinks.start()
     runner.release.clear()
     await fetched(store, provider, token("tok-1"))
@@ -356,7 +359,7 @@ async def test_command_output_is_logged_with_every_recent_credential_masked(
     store: Store, provider: FakeProvider, runner: FakeRunner, tmp_path: Path, logs: io.StringIO
 ) -> None:
     """A command echoing the current and the previous credential logs neither."""
-    sinks = Sinks(store, [service(SinkConfig(tmp_path / "t", command=("true",)))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(tmp_path / "t", command=("true",)))], runner)
     sinks.start()
     await fetched(store, provider, token("first-credential-1"))
     await sinks.idle()
@@ -378,7 +381,7 @@ async def test_reload_moves_restarts_and_stops_sinks(
     """A new path is written at once; a command-only change writes nothing; a sink
     removed stops, its file left in place."""
     first, second = tmp_path / "a", tmp_path / "b"
-    sinks = Sinks(store, [service(SinkConfig(first))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(first))], runner)
     sinks.start()
     await fetched(store, provider, token("tok-1"))
     await sinks.idle()
@@ -401,7 +404,7 @@ async def test_close_cancels_a_command_past_the_grace_period(
     store: Store, provider: FakeProvider, runner: FakeRunner, tmp_path: Path
 ) -> None:
     """Stopping waits for a command at most the grace period, then cancels it."""
-    sinks = Sinks(store, [service(SinkConfig(tmp_path / "t", command=("true",)))], runner)
+    sinks = FileSinks(store, [service(SinkConfig(tmp_path / "t", command=("true",)))], runner)
     sinks.start()
     runner.release.clear()
     await fetched(store, provider, token("tok-1"))

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import secrets
 import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from broker.cache.store import Entry, Store
+from broker.cache import Entry, Rendered, Store
 from broker.config import ServiceConfig, SinkConfig
+from broker.files import write_atomically
+from broker.latest_only import LatestOnly
 from broker.log import MASK, get_logger, scrub
+from broker.models import doubling
 
-log = get_logger("broker.cache.sinks")
+log = get_logger("broker.delivery.file_sinks")
 
 OUTPUT_KEPT_BYTES = 65536  # of a command's output; the rest is read and dropped
 OUTPUT_LOGGED_CHARS = 2000
@@ -39,59 +40,36 @@ RETRY_MIN_S = 1.0  # after a failed write, the first retry; doubling up to RETRY
 RETRY_MAX_S = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class WriteRetry:
+    """When a failed write is tried again: `first_s` after the first failure, doubling up
+    to `most_s`."""
+
+    first_s: float = RETRY_MIN_S
+    most_s: float = RETRY_MAX_S
+
+    def delay(self, failures: int) -> float:
+        return doubling(failures, self.first_s, self.most_s)
+
+
 def render(sink: SinkConfig, store: Store, entry: Entry) -> bytes:
-    """What the sink's file holds for the entry's credential, by the sink's format."""
-    token = entry.token
-    assert token is not None
-    if sink.format == "header":  # the same bytes as GET /v1/token/{service}?format=header
-        return f"{token.token_type} {token.value}\n".encode()
-    if sink.format == "json":  # the same body as GET /v1/token/{service}
-        refresh_by = store.refresh_by(entry)
-        body = {
-            "service": entry.service,
-            "token_type": token.token_type,
-            "access_token": token.value,
-            "expires_on": None if token.expires_on is None else int(token.expires_on),
-            "refresh_by": None if refresh_by is None else int(refresh_by),
-            "auth": token.auth.value,
-        }
-        return json.dumps(body).encode()
-    return token.value.encode()
+    """What the sink's file holds for the entry's credential, by the sink's format: the
+    bytes `GET /v1/token/{service}` answers (`json`, `header`), or the bare value."""
+    rendered = Rendered(store, entry)
+    if sink.format == "header":
+        return rendered.header
+    if sink.format == "json":
+        return rendered.json
+    return rendered.value
 
 
-def write_atomically(sink: SinkConfig, data: bytes) -> None:
-    """Replace the sink's file with `data`; blocking, for a worker thread.
+def write_file(sink: SinkConfig, data: bytes) -> None:
+    """Replace the sink's file with `data`, with the sink's mode, owner and group from the
+    first byte; blocking, for a worker thread."""
+    write_atomically(sink.path, data, mode=sink.mode, owner=sink.owner, group=sink.group)
 
-    The temporary file is created with the final mode (never wider, whatever the umask
-    did) and owner before a byte is written, so the credential is never readable by
-    anyone the target would not let read it, even for an instant.
-    """
-    path = sink.path
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temporary, flags, sink.mode)
-    try:
-        try:
-            os.fchmod(fd, sink.mode)
-            if sink.owner is not None or sink.group is not None:
-                uid = -1 if sink.owner is None else sink.owner
-                os.fchown(fd, uid, -1 if sink.group is None else sink.group)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        temporary.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
+
+FileWriter = Callable[[SinkConfig, bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +168,7 @@ Runner = Callable[[str, SinkConfig], Awaitable[CommandResult]]
 class _Sink:
     """One service's sink: its writes and its command, each one at a time."""
 
-    def __init__(self, sinks: Sinks, service: str, config: SinkConfig) -> None:
+    def __init__(self, sinks: FileSinks, service: str, config: SinkConfig) -> None:
         self._sinks = sinks
         self.service = service
         self.config = config
@@ -201,29 +179,22 @@ class _Sink:
         # the credentials this file held lately: a command's output may show any of them,
         # and the store forgets (unregisters) a credential once it is replaced
         self._recent: deque[str] = deque(maxlen=_RECENT)
-        self._dirty = False
-        self._writer: asyncio.Task[None] | None = None
-        self._command_wanted = False
-        self._runner: asyncio.Task[None] | None = None
+        self._writes = LatestOnly(self._write_current, f"sink:{service}", sinks.spawn)
+        self._commands = LatestOnly(self._run_command, f"sink-command:{service}", sinks.spawn)
         self._failures = 0  # consecutive failed writes
         self._retry: asyncio.TimerHandle | None = None
 
     def stop(self) -> None:
         """Start nothing new: no write, no command, no retry."""
         self.closed = True
+        self._writes.stop()
+        self._commands.stop()
         if self._retry is not None:
             self._retry.cancel()
 
-    def kick(self) -> None:
+    def write_latest(self) -> None:
         """Write the current credential, if it is new to this file, after any write under way."""
-        self._dirty = True
-        if not self.closed and (self._writer is None or self._writer.done()):
-            self._writer = self._sinks.spawn(self._write_while_dirty(), f"sink:{self.service}")
-
-    async def _write_while_dirty(self) -> None:
-        while self._dirty and not self.closed:
-            self._dirty = False
-            await self._write_current()
+        self._writes.ask()
 
     async def _write_current(self) -> None:
         store = self._sinks.store
@@ -239,7 +210,7 @@ class _Sink:
         value = entry.token.value
         started = store.clock()
         try:
-            await asyncio.to_thread(write_atomically, config, render(config, store, entry))
+            await asyncio.to_thread(self._sinks.writer, config, render(config, store, entry))
         except OSError as exc:
             self._write_failed(config, exc)
             return
@@ -256,14 +227,10 @@ class _Sink:
             duration_ms=round((store.clock() - started) * 1000, 1),
         )
         if config.command:
-            self._command_wanted = True
-            if self._runner is None or self._runner.done():
-                self._runner = self._sinks.spawn(
-                    self._run_while_wanted(), f"sink-command:{self.service}"
-                )
+            self._commands.ask()
 
     def _write_failed(self, config: SinkConfig, exc: OSError) -> None:
-        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2**self._failures)
+        delay = self._sinks.retry.delay(self._failures)
         self._failures += 1
         log.warning(
             "sink.write_failed",
@@ -279,14 +246,12 @@ class _Sink:
         if self._retry is not None:
             self._retry.cancel()
         if not self.closed:
-            self._retry = asyncio.get_running_loop().call_later(delay, self.kick)
+            self._retry = asyncio.get_running_loop().call_later(delay, self.write_latest)
 
-    async def _run_while_wanted(self) -> None:
-        while self._command_wanted and not self.closed:
-            self._command_wanted = False
-            config = self.config
-            result = await self._sinks.runner(self.service, config)
-            self._log_result(config, result)
+    async def _run_command(self) -> None:
+        config = self.config
+        result = await self._sinks.runner(self.service, config)
+        self._log_result(config, result)
 
     def _log_result(self, config: SinkConfig, result: CommandResult) -> None:
         output = loggable(result.output, result.cut, self._recent)
@@ -316,7 +281,7 @@ def _file_facts(config: SinkConfig) -> tuple[object, ...]:
     return (config.path, config.format, config.mode, config.owner, config.group)
 
 
-class Sinks:
+class FileSinks:
     """Every service's file sink, kept in step with the store and the configuration."""
 
     def __init__(
@@ -324,9 +289,14 @@ class Sinks:
         store: Store,
         services: Iterable[ServiceConfig],
         runner: Runner = run_command,
+        *,
+        writer: FileWriter = write_file,
+        retry: WriteRetry = WriteRetry(),
     ) -> None:
         self.store = store
         self.runner = runner
+        self.writer = writer
+        self.retry = retry
         self._sinks: dict[str, _Sink] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -337,7 +307,7 @@ class Sinks:
         """Write every usable credential (restored ones included); then follow changes."""
         self._started = True
         for sink in self._sinks.values():
-            sink.kick()
+            sink.write_latest()
 
     def update(self, services: Iterable[ServiceConfig]) -> None:
         """Apply a reloaded configuration: new sinks start, removed ones stop (their files
@@ -345,7 +315,7 @@ class Sinks:
         self._configure(services)
         if self._started:
             for sink in self._sinks.values():
-                sink.kick()
+                sink.write_latest()
 
     def _configure(self, services: Iterable[ServiceConfig]) -> None:
         wanted = {s.name: s.sink for s in services if s.sink is not None}
@@ -362,7 +332,7 @@ class Sinks:
     def _on_result(self, entry: Entry) -> None:
         sink = self._sinks.get(entry.service)
         if sink is not None and self._started:
-            sink.kick()
+            sink.write_latest()
 
     def spawn(self, work: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)

@@ -1,4 +1,4 @@
-"""The saver: the persisted cache follows the store, scoring URIs included."""
+"""The persisted cache follows the store, scoring URIs included."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker import log
-from broker.cache import PersistedCache, Saver, Store
+from broker.cache import PersistedCache, PersistedSync, Store
 from broker.models import AccessToken, AuthKind
 from tests.unit.fakes import FakeClock, FakeProvider
 
@@ -42,7 +42,7 @@ class Broker:
         self.provider = provider
         self.store = Store([provider], clock=clock)
         cache = PersistedCache(path, KEY, clock=clock)
-        self.saver = Saver(self.store, cache, lambda _: "same-definition")
+        self.saver = PersistedSync(self.store, cache, lambda _: "same-definition")
 
     async def fetch(self, scoring_uri: str | None) -> None:
         """One successful fetch of the same key, the provider described at `scoring_uri`."""

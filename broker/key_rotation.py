@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.cache.store import Entry, Store
+from broker.cache import Entry, Store
 from broker.errors import BadRequestError, UpstreamError, UpstreamFailedError
 from broker.log import get_logger
 from broker.models import AuthKind
 from broker.providers import KeyName, KeyRotator
 
-log = get_logger("broker.rotation")
+log = get_logger("broker.key_rotation")
 
 
-class Rotations:
+class KeyRotations:
     """Runs key rotations, one at a time per service."""
 
     def __init__(self, store: Store, poll_s: float = 2.0) -> None:

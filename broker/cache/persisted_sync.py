@@ -1,8 +1,8 @@
 """Keeps the persisted cache in step with the store: restored at start, rewritten on change.
 
 Writes happen in a worker thread (they fsync), one at a time, and always write the
-latest state: a change arriving while a write is under way marks the cache dirty
-and is written next, so an older snapshot can never land last.
+latest state (`LatestOnly`): a change arriving while a write is under way is written
+next, so an older snapshot can never land last.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from collections.abc import Callable
 
 from broker.cache.persist import PersistedCache, Saved
 from broker.cache.store import Entry, Store
+from broker.latest_only import LatestOnly
 from broker.log import get_logger
 from broker.providers import RestoresScoringUri
 
-log = get_logger("broker.cache.saver")
+log = get_logger("broker.cache.persisted_sync")
 
 Fingerprint = Callable[[str], str | None]  # service name -> what its credential is for
 
 
-class Saver:
+class PersistedSync:
     """Restores the store from the persisted cache and saves every change to it."""
 
     def __init__(self, store: Store, cache: PersistedCache, fingerprint: Fingerprint) -> None:
@@ -29,8 +30,7 @@ class Saver:
         self._fingerprint = fingerprint
         # what was last saved of each service: its credential's generation, its scoring URI
         self._saved: dict[str, tuple[int, str | None]] = {}
-        self._dirty = False
-        self._writer: asyncio.Task[None] | None = None
+        self._writer = LatestOnly(self._write, "persisted-cache")
         store.on_result(self._on_result)
 
     def restore(self) -> int:
@@ -55,14 +55,10 @@ class Saver:
         if self._saved.get(entry.service) == current:
             return  # a failed refresh, or the same credential at the same URI: nothing new
         self._saved[entry.service] = current
-        self._dirty = True
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_while_dirty())
+        self._writer.ask()
 
-    async def _write_while_dirty(self) -> None:
-        while self._dirty:
-            self._dirty = False
-            await asyncio.to_thread(self._cache.save, self._snapshot())
+    async def _write(self) -> None:
+        await asyncio.to_thread(self._cache.save, self._snapshot())
 
     def _snapshot(self) -> dict[str, tuple[str, Saved]]:
         snapshot: dict[str, tuple[str, Saved]] = {}
@@ -76,5 +72,4 @@ class Saver:
 
     async def close(self) -> None:
         """Let the last write finish."""
-        if self._writer is not None:
-            await self._writer
+        await self._writer.idle()
