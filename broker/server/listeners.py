@@ -254,15 +254,13 @@ class _Guarded(asyncio.Protocol):
             return
         self._connection = admitted
         self._inner = inner = self._make_inner()
-        self.data_received = self._received  # type: ignore[method-assign]
         inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        """Bytes of a refused connection: nothing reads them."""
-
-    def _received(self, data: bytes) -> None:
+        # No method swapped in at admission: uvloop binds data_received before connection_made.
         connection, inner = self._connection, self._inner
-        assert connection is not None and inner is not None and self._transport is not None
+        if connection is None or inner is None or self._transport is None:
+            return  # a refused connection's bytes: nothing reads them
         connection.last_active = self._loop.time()
         lines = self._lines
         refusal = lines.refusal(data)
