@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from tests.conftest import config_text
 from tests.e2e.conftest import LISTENERS, Broker, StartBroker
+from tests.e2e.test_log_safety import Process, exchange
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -223,3 +225,48 @@ async def test_a_normal_client_is_served_while_an_attacker_holds_all_it_may(
     finally:
         attacker.kill()
         await attacker.wait()
+
+
+async def test_a_broker_process_cuts_stalled_bodies_and_caps_streams(
+    emulator: Emulator, short_dir: Path
+) -> None:
+    """The same limits hold in `token-broker run` (on uvloop when it is installed): a
+    stalled body is cut after idle_timeout_s, a watch past the TCP share of max_streams gets
+    503, and plain requests are served meanwhile."""
+    listen = "max_connections = 8\nmax_streams = 4\nidle_timeout_s = 1"
+    path = short_dir / "broker.toml"
+    path.write_text(limited(emulator, short_dir, listen))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "broker", "run", "-c", str(path)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    running = Process(proc)
+    try:
+        address = await running.started()
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(STALLED)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        streams = []
+        for _ in range(2):  # TCP's half of 4
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(WATCH)
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+            streams.append(writer)
+        status, body = await exchange(
+            address, WATCH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        )
+        assert status == 503 and body["error"] == "too_many_streams"
+        plain = WATCH.replace(b"?watch=true", b"").replace(
+            b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"
+        )
+        status, body = await exchange(address, plain)
+        assert status == 200 and body["service"] == "fraud"
+        for writer in streams:
+            writer.close()
+    finally:
+        log = await running.stop()
+    assert "request.crashed" not in log and "Traceback" not in log
