@@ -418,11 +418,11 @@ class Listeners:
     def reconfigure(self, config: ListenConfig) -> bool:
         """Apply a reloaded `[listen]`: its limits at once (open streams are judged again
         for their age); whether that was all of it, or the rest needs a restart."""
-        self._connections.configure(config)
-        self._streams.rejudge()
-        live = {name: getattr(self._config, name) for name in _LIVE}
-        applied = dataclasses.replace(config, **live) == self._config
+        kept = {name: getattr(self._config, name) for name in _LIVE}
+        applied = dataclasses.replace(config, **kept) == self._config
         self._config = dataclasses.replace(self._config, **{n: getattr(config, n) for n in _LIVE})
+        self._connections.configure(self._config)  # idle_timeout_s stays aiohttp's, as started
+        self._streams.rejudge()
         return applied
 
     async def stop(self) -> None:

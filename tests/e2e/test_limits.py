@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.config import load_config
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from tests.conftest import config_text
@@ -270,3 +271,29 @@ async def test_a_broker_process_cuts_stalled_bodies_and_caps_streams(
     finally:
         log = await running.stop()
     assert "request.crashed" not in log and "Traceback" not in log
+
+
+async def test_a_reload_applies_the_limits_at_once(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, logs: io.StringIO
+) -> None:
+    """A reload that lowers stream_max_age_s ends the streams already older (max_age) and
+    one that changes max_streams applies it, with no `config.listen_needs_restart`."""
+    path = short_dir / "broker.toml"
+    broker = await start_broker(limited(emulator, short_dir, "max_streams = 100"))
+    reader, writer = await connect(broker, "unix")
+    writer.write(WATCH)
+    await asyncio.wait_for(reader.readuntil(b"event: token\n"), 10)
+    broker.clock.advance(120)
+    path.write_text(limited(emulator, short_dir, "max_streams = 2\nstream_max_age_s = 60"))
+    await broker.daemon.reload(load_config(path))
+    ended = await asyncio.wait_for(reader.readuntil(b"event: end\ndata: "), 10)
+    assert b"event: end" in ended
+    assert json.loads(await asyncio.wait_for(reader.readline(), 10))["reason"] == "max_age"
+    writer.close()
+    reader, writer = await connect(broker, "unix")
+    writer.write(WATCH)
+    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+    refused = await broker.client().get("/v1/token/fraud?watch=true")  # the socket's 1 of 2
+    assert refused.status == 503 and refused.json()["error"] == "too_many_streams"
+    writer.close()
+    assert "config.listen_needs_restart" not in logs.getvalue()
