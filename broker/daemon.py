@@ -231,7 +231,7 @@ class Daemon:
         """
         old = self.config
         _register_secrets(config)
-        if config.listen != old.listen:
+        if not self.listeners.reconfigure(config.listen):  # its limits apply at once
             log.warning("config.listen_needs_restart", config=str(config.path))
         if config.proxy != old.proxy or config.cloud.ca_bundle != old.cloud.ca_bundle:
             log.warning("config.proxy_needs_restart", config=str(config.path))

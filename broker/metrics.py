@@ -11,6 +11,13 @@
     token_broker_requests_total{route, status}             counter, from the server's middleware
     token_broker_proxy_requests_total{service, status}     counter, from the proxy: the scoring
                                                            host's status, or error (no answer)
+    token_broker_connections_refused_total{listener, reason}
+                                                           counter, from the listeners and the
+                                                           watch route: the limit that was full
+    token_broker_connections_cut_total{listener, reason}   counter, from the listeners: a body
+                                                           stalled, or a newer one took the place
+    token_broker_streams_open{listener}                    gauge, from the watch route
+    token_broker_streams_closed_total{listener, reason}    counter, from the watch route
     token_broker_build_info{version, python}               gauge, always 1
 
 Every label value comes from the configuration (service names), our own names (routes,
@@ -42,6 +49,13 @@ from broker.errors import (
     UpstreamError,
 )
 from broker.models import State
+
+LISTENERS = ("unix", "tcp")
+# Our own names, repeated here as metrics sits below the server: `connections.REFUSALS`,
+# `connections.CUTS`, `streams.END_REASONS` (a test holds them equal).
+CONNECTION_REFUSALS = ("max_connections", "max_streams", "listener_share", "uid_share")
+CONNECTION_CUTS = ("stalled_body", "evicted")
+STREAM_ENDINGS = ("access_revoked", "max_age", "service_removed", "client_gone", "shutdown")
 
 # Azure ML calls take milliseconds on a good day and up to the 30 s timeout on a bad one.
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -206,6 +220,41 @@ class Metrics:
             ["service", "status"],
             registry=self.registry,
         )
+        self._refused = Counter(
+            "token_broker_connections_refused",
+            "Connections and watch streams refused by listener and the limit that was full "
+            "([listen] max_connections, max_streams, tcp_share as listener_share, uid_share).",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
+        self._cut = Counter(
+            "token_broker_connections_cut",
+            "Connections the broker closed by listener and reason: stalled_body (no body "
+            "bytes for idle_timeout_s), evicted (a quiet one, for a new connection).",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
+        self._streams_open = Gauge(
+            "token_broker_streams_open",
+            "Watch streams open now, by listener.",
+            ["listener"],
+            registry=self.registry,
+        )
+        self._streams_closed = Counter(
+            "token_broker_streams_closed",
+            "Watch streams ended by listener and reason: access_revoked, max_age, "
+            "service_removed, client_gone, shutdown.",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
+        for listener in LISTENERS:  # every series from the start: rates need a zero
+            self._streams_open.labels(listener)
+            for reason in CONNECTION_REFUSALS:
+                self._refused.labels(listener, reason)
+            for reason in CONNECTION_CUTS:
+                self._cut.labels(listener, reason)
+            for reason in STREAM_ENDINGS:
+                self._streams_closed.labels(listener, reason)
         Gauge(
             "token_broker_build_info",
             "Always 1; the labels say which broker and Python are running.",
@@ -239,6 +288,19 @@ class Metrics:
     def observe_proxy(self, service: str, status: int | None) -> None:
         """Count one proxied call; `status` None when the scoring host gave no answer."""
         self._proxied.labels(service, TRANSPORT_ERROR if status is None else str(status)).inc()
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        self._refused.labels(listener, reason).inc()
+
+    def connection_cut(self, listener: str, reason: str) -> None:
+        self._cut.labels(listener, reason).inc()
+
+    def stream_opened(self, listener: str) -> None:
+        self._streams_open.labels(listener).inc()
+
+    def stream_closed(self, listener: str, reason: str) -> None:
+        self._streams_open.labels(listener).dec()
+        self._streams_closed.labels(listener, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

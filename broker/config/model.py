@@ -90,6 +90,18 @@ class ListenConfig:
     idle_timeout_s: float = 10.0  # silent or trickling connections are closed after this
     max_header_bytes: int = 8190  # longest request line, and longest header field
     max_body_bytes: int = 65536
+    # Watch streams live for hours: they have a cap of their own below max_connections,
+    # so that plain requests always keep max_connections - max_streams places.
+    max_streams: int = 128
+    stream_max_age_s: float = 3600.0  # a stream then ends, and its client reconnects
+    # Shares of max_connections and of max_streams: the TCP listener's clients together
+    # (they have no identity), the socket's the rest; one peer uid on the socket.
+    tcp_share: float = 0.5
+    uid_share: float = 0.25
+
+    def cap(self, share: float, of: int) -> int:
+        """`share` of `of` places, rounded down but never below one."""
+        return max(1, int(share * of))
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,16 @@ TOP_KEYS = (
     "compat",
     "proxy",
 )
-LISTEN_LIMITS = ("max_connections", "idle_timeout_s", "max_header_bytes", "max_body_bytes")
+LISTEN_LIMITS = (
+    "max_connections",
+    "idle_timeout_s",
+    "max_header_bytes",
+    "max_body_bytes",
+    "max_streams",
+    "stream_max_age_s",
+    "tcp_share",
+    "uid_share",
+)
 CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -186,14 +195,48 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
             "set enabled = true under [listen.unix] or [listen.tcp]",
         )
     defaults = ListenConfig()
+    connections = _at_least(table, "max_connections", defaults.max_connections, 1)
     return ListenConfig(
         unix,
         tcp,
-        _at_least(table, "max_connections", defaults.max_connections, 1),
+        connections,
         _seconds(table, "idle_timeout_s", defaults.idle_timeout_s),
         table.integer("max_header_bytes", defaults.max_header_bytes, 1024, 65536),
         _at_least(table, "max_body_bytes", defaults.max_body_bytes, 0),
+        _max_streams(table, connections, defaults.max_streams),
+        _seconds(table, "stream_max_age_s", defaults.stream_max_age_s),
+        _share(table, "tcp_share", defaults.tcp_share, "the TCP listener's clients together"),
+        _share(table, "uid_share", defaults.uid_share, "one user on the Unix socket"),
     )
+
+
+def _max_streams(table: Table, connections: int, default: int) -> int:
+    """Fewer streams than connections: the places left over are the plain requests'."""
+    if not table.has("max_streams"):
+        return min(default, max(1, connections // 2))
+    value = _at_least(table, "max_streams", default, 1)
+    if value >= connections and connections > 1:
+        table.problem(
+            "max_streams",
+            f"max_streams ({value}) must be less than max_connections ({connections}): "
+            "watch streams would leave no place for plain requests",
+            f"use a number from 1 to {connections - 1}, e.g. max_streams = {connections // 2}",
+        )
+        return max(1, connections // 2)
+    return value
+
+
+def _share(table: Table, key: str, default: float, whose: str) -> float:
+    value = table.number(key, default)
+    if not 0 < value < 1:
+        table.problem(
+            key,
+            f"{key} must be more than 0 and less than 1, got {value:g}",
+            f"give the fraction of max_connections and max_streams {whose} may hold, "
+            f"e.g. {key} = {default:g}, or remove it for the default",
+        )
+        return default
+    return value
 
 
 def _loopback_host(table: Table) -> str:

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -56,14 +56,38 @@ class Policy:
 
 
 class AccessRules:
-    """Every service's policy; replaced whole on reload."""
+    """Every service's policy; replaced whole on reload, and then whoever asked is told
+    (open watch streams are judged again)."""
 
     def __init__(self, config: Config) -> None:
         self._policies: dict[str, Policy] = {}
         self._open: frozenset[str] = frozenset()
+        self._told: list[Callable[[], None]] = []
         self.update(config)
 
+    def on_update(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every update of the rules."""
+        self._told.append(listener)
+
     def update(self, config: Config) -> None:
+        self._replace(config)
+        for listener in self._told:
+            listener()
+
+    def permits(self, service: str, peer: Peer | None, unix: bool, digest: bytes | None) -> bool:
+        """Whether a caller known by its peer credentials (on the socket) or the digest of
+        the API key it presented (on TCP) may fetch `service`, by the rules of now: what
+        `authorize` decides, without a request and without a log line."""
+        if service in self._open:
+            return True
+        policy = self._policies.get(service)
+        if policy is None or not (policy.restricts_peers or policy.keys):
+            return True
+        if unix:
+            return not policy.restricts_peers or _peer_allowed(policy, peer)
+        return digest is not None and bool(_matching(policy, digest))
+
+    def _replace(self, config: Config) -> None:
         self._policies = {
             s.name: Policy(
                 frozenset(s.allow_users),
@@ -93,9 +117,7 @@ class AccessRules:
         if not policy.restricts_peers:
             return  # API keys guard TCP; on the socket, its file mode does
         peer = peer_of(request)
-        if peer is not None and (
-            peer.uid in policy.uids or ({peer.gid} | peer.groups) & policy.gids
-        ):
+        if _peer_allowed(policy, peer):
             return
         caller: dict[str, object] = (
             {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid} if peer else {"peer": "unknown"}
@@ -103,22 +125,43 @@ class AccessRules:
         _deny(request, service, "unix", caller)
 
     def _authorize_key(self, request: web.Request, service: str, policy: Policy) -> None:
-        presented = request.headers.get(API_KEY_HEADER)
-        if presented is not None and policy.keys:
-            # aiohttp keeps undecodable bytes as surrogates: hashed as sent, never an error.
-            digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-            # Compare against every key, always, so timing says nothing about which matched.
-            matches = [name for name, d in policy.keys.items() if hmac.compare_digest(d, digest)]
-            if matches:
+        digest = presented_digest(request)
+        if digest is not None and policy.keys:
+            if _matching(policy, digest):
                 return
             _deny(request, service, "tcp", {"key": "not recognised"})
-        reason = "no API key presented" if presented is None else "no API key is configured"
+        reason = "no API key presented" if digest is None else "no API key is configured"
         _deny(request, service, "tcp", {"key": reason}, socket_only=not policy.keys)
+
+
+def presented_digest(request: web.Request) -> bytes | None:
+    """The SHA-256 of the API key the request presents, if any: all the broker keeps of it."""
+    presented = request.headers.get(API_KEY_HEADER)
+    if presented is None:
+        return None
+    # aiohttp keeps undecodable bytes as surrogates: hashed as sent, never an error.
+    return hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+
+
+def _matching(policy: Policy, digest: bytes) -> list[str]:
+    # Compare against every key, always, so timing says nothing about which matched.
+    return [name for name, d in policy.keys.items() if hmac.compare_digest(d, digest)]
+
+
+def _peer_allowed(policy: Policy, peer: Peer | None) -> bool:
+    return peer is not None and bool(
+        peer.uid in policy.uids or ({peer.gid} | peer.groups) & policy.gids
+    )
 
 
 def peer_of(request: web.Request) -> Peer | None:
     """The connecting process's identity, from the kernel; None off a Unix socket."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
+    return peer_of_socket(sock)
+
+
+def peer_of_socket(sock: socket.socket | None) -> Peer | None:
+    """The identity of the process at the other end of `sock`; None for other sockets."""
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     try:

@@ -17,8 +17,10 @@ from broker.metrics import Metrics
 from broker.server import guards, metrics_route, routes
 from broker.server.access import AccessRules
 from broker.server.compat import APP_SERVICE_PATH, COMPAT, IMDS_PATH, Compat, app_service, imds
-from broker.server.keys import ACCESS, ROTATIONS, STORE
+from broker.server.connections import Connections
+from broker.server.keys import ACCESS, CONNECTIONS, ROTATIONS, STORE
 from broker.server.proxy import Proxy, install
+from broker.server.streams import Streams
 
 log = get_logger("broker.server")
 
@@ -39,32 +41,45 @@ def guarded(count: Count | None = None) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A connection being answered is not quiet: no newer connection takes its place.
+        connection = request.app[CONNECTIONS].of(request.transport)
+        if connection is not None:
+            connection.busy += 1
         try:
-            guards.check(request)
-            response = await handler(request)
-        except LocalRequestError as exc:
-            response = error_body(exc.status, exc.code, exc.message)
-            if exc.retry_after is not None:
-                response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        except web.HTTPException as exc:
-            if exc.status < 400:
+            try:
+                guards.check(request)
+                response = await handler(request)
+            except LocalRequestError as exc:
+                response = error_body(exc.status, exc.code, exc.message)
+                if exc.retry_after is not None:
+                    response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    if count is not None:
+                        count(request, exc.status)
+                    raise
+                code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
+                response = error_body(exc.status, code, exc.reason)
+                if "Allow" in exc.headers:
+                    response.headers["Allow"] = exc.headers["Allow"]
+            except routes.ClientLeft as left:
                 if count is not None:
-                    count(request, exc.status)
-                raise
-            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "bad_request")
-            response = error_body(exc.status, code, exc.reason)
-            if "Allow" in exc.headers:
-                response.headers["Allow"] = exc.headers["Allow"]
-        except routes.ClientLeft as left:
+                    count(request, routes.CLIENT_LEFT)
+                return left.response
+            except ConnectionError:
+                # The client left, or the listener cut it (a stalled body): nobody to answer.
+                if count is not None:
+                    count(request, routes.CLIENT_LEFT)
+                return web.Response(status=routes.CLIENT_LEFT)
+            except Exception as exc:
+                log.exception("request.crashed", route=request.path, reason=type(exc).__name__)
+                response = error_body(500, "internal", "internal error; see the broker's log")
             if count is not None:
-                count(request, routes.CLIENT_LEFT)
-            return left.response
-        except Exception as exc:
-            log.exception("request.crashed", route=request.path, reason=type(exc).__name__)
-            response = error_body(500, "internal", "internal error; see the broker's log")
-        if count is not None:
-            count(request, response.status)
-        return response
+                count(request, response.status)
+            return response
+        finally:
+            if connection is not None:
+                connection.busy -= 1
 
     return middleware
 
@@ -85,7 +100,8 @@ def make_app(
     app[STORE] = store
     app[ACCESS] = access
     app[ROTATIONS] = rotations or KeyRotations(store)
-    app[routes.STREAMS] = set()
+    connections = app[CONNECTIONS] = Connections(observer=metrics)
+    app[routes.STREAMS] = Streams(store, access, connections, observer=metrics)
     app.on_shutdown.append(routes.end_streams)
     app[COMPAT] = compat or Compat(CompatConfig(), None, "")
     app.router.add_get(IMDS_PATH, imds)

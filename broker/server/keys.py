@@ -7,7 +7,9 @@ from aiohttp import web
 from broker.cache import Store
 from broker.key_rotation import KeyRotations
 from broker.server.access import AccessRules
+from broker.server.connections import Connections
 
 STORE = web.AppKey("store", Store)
 ACCESS = web.AppKey("access", AccessRules)
 ROTATIONS = web.AppKey("rotations", KeyRotations)
+CONNECTIONS = web.AppKey("connections", Connections)

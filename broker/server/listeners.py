@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -24,10 +25,17 @@ from aiohttp import web
 from broker.config import ListenConfig
 from broker.errors import BrokerError
 from broker.log import get_logger
+from broker.server.access import peer_of_socket
+from broker.server.connections import Connection, Connections, ListenerName
+from broker.server.keys import CONNECTIONS
+from broker.server.routes import STREAMS
 
 log = get_logger("broker.listeners")
 
 _BACKLOG = 512
+# The [listen] keys a reload applies; the others (addresses, timeouts aiohttp holds, header
+# and body bounds) need a restart.
+_LIVE = ("max_connections", "max_streams", "stream_max_age_s", "tcp_share", "uid_share")
 
 
 class AlreadyRunningError(BrokerError):
@@ -117,25 +125,6 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-_TOO_MANY = json.dumps(
-    {"error": "too_many_connections", "message": "the broker has too many open connections"}
-).encode()
-
-
-class _Refuse(asyncio.Protocol):
-    """Answers a connection beyond the cap with a 503 and closes it."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Retry-After: 1\r\nConnection: close\r\n"
-            + f"Content-Length: {len(_TOO_MANY)}\r\n\r\n".encode()
-            + _TOO_MANY
-        )
-        transport.close()
-
-
 def _json_refusal(status: str, code: str, message: str) -> bytes:
     body = json.dumps({"error": code, "message": message}).encode()
     return (
@@ -144,6 +133,18 @@ def _json_refusal(status: str, code: str, message: str) -> bytes:
     ).encode() + body
 
 
+_FULL = {
+    "max_connections": "the broker has too many open connections ([listen] max_connections)",
+    "listener_share": "this listener's clients hold their share of the broker's connections "
+    "([listen] tcp_share)",
+    "uid_share": "this user holds its share of the broker's connections ([listen] uid_share)",
+}
+_TOO_MANY = {
+    reason: _json_refusal("503 Service Unavailable", "too_many_connections", message).replace(
+        b"Connection: close\r\n", b"Connection: close\r\nRetry-After: 1\r\n"
+    )
+    for reason, message in _FULL.items()
+}
 _BAD_METHOD = _json_refusal(
     "405 Method Not Allowed", "method_not_allowed", "CONNECT is not served here"
 )
@@ -163,13 +164,19 @@ class _RequestLines:
     parser (llhttp too, as strict) refuses the same bytes and closes the connection.
     """
 
-    __slots__ = ("_parser", "_refusal")
+    __slots__ = ("_parser", "_refusal", "awaiting_body")
 
     def __init__(self) -> None:
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._refusal: bytes | None = None
+        # Between a request's headers and the end of its message: its body is still to come.
+        self.awaiting_body = False
+
+    def on_headers_complete(self) -> None:
+        self.awaiting_body = True
 
     def on_message_complete(self) -> None:
+        self.awaiting_body = False
         assert self._parser is not None
         if self._parser.get_http_version() == "0.9":
             self._refusal = _NO_VERSION
@@ -190,6 +197,7 @@ class _RequestLines:
                     continue
             except httptools.HttpParserError:
                 self._parser = None
+                self.awaiting_body = False  # aiohttp refuses the same bytes and closes
             break
         # The method of the request being read (an earlier one's until a method is read,
         # and never CONNECT then: a CONNECT ends the connection).
@@ -198,66 +206,135 @@ class _RequestLines:
         return self._refusal
 
 
-class _NoConnect(asyncio.Protocol):
-    """Answers CONNECT and version-less requests before aiohttp parses them, then passes
-    everything else through.
+class _Guarded(asyncio.Protocol):
+    """One connection, admitted or refused before aiohttp sees it; its request lines
+    checked before aiohttp parses them; a body that stalls cut.
+
+    Admission (connections.py): a connection beyond its uid's share, its listener's share
+    or `max_connections` takes the place of the quietest one there, or is answered 503.
 
     aiohttp's server fails on a CONNECT request line with no target: the connection's
     task dies without answering or closing, and the connection holds one of the
     `max_connections` places until the client leaves — a way for any local process to
     shut everyone else out. The broker serves no CONNECT, so it is refused up front; and
     a request line with no version would be served as HTTP/0.9, which no client needs.
+
+    aiohttp's keep-alive timer closes a connection that trickles its headers, but once the
+    headers are in, a handler waits for the body as long as the client likes. Here a body
+    whose bytes stop for `idle_timeout_s` while the broker is reading is cut: the handler
+    sees the connection reset, the place is free.
     """
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self._inner = inner
-        self._forward = inner.data_received  # every chunk passes here: one lookup less
+    def __init__(
+        self,
+        make_inner: Callable[[], asyncio.Protocol],
+        connections: Connections,
+        listener: ListenerName,
+    ) -> None:
+        self._make_inner = make_inner
+        self._inner: asyncio.Protocol | None = None
+        self._connections = connections
+        self._listener: ListenerName = listener
         self._lines = _RequestLines()
         self._transport: asyncio.Transport | None = None
+        self._connection: Connection | None = None
+        self._loop = asyncio.get_running_loop()
+        self._stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self._inner.connection_made(transport)
+        uid = None
+        if self._listener == "unix":
+            peer = peer_of_socket(transport.get_extra_info("socket"))
+            uid = None if peer is None else peer.uid
+        admitted = self._connections.admit(self._listener, transport, uid, self._loop.time())
+        if isinstance(admitted, str):
+            self._transport.write(_TOO_MANY[admitted])
+            self._transport.close()
+            return
+        self._connection = admitted
+        self._inner = inner = self._make_inner()
+        inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        refusal = self._lines.refusal(data)
+        # No method swapped in at admission: uvloop binds data_received before connection_made.
+        connection, inner = self._connection, self._inner
+        if connection is None or inner is None or self._transport is None:
+            return  # a refused connection's bytes: nothing reads them
+        connection.last_active = self._loop.time()
+        lines = self._lines
+        refusal = lines.refusal(data)
         if refusal is not None:
-            assert self._transport is not None
             self._transport.write(refusal)
             self._transport.close()
             return
-        self._forward(data)
+        inner.data_received(data)
+        connection.awaiting_body = lines.awaiting_body
+        if lines.awaiting_body and self._stall is None:
+            self._watch_body(connection.last_active)
+
+    def _watch_body(self, since: float) -> None:
+        deadline = since + self._connections.config.idle_timeout_s
+        self._stall = self._loop.call_at(deadline, self._body_check)
+
+    def _body_check(self) -> None:
+        self._stall = None
+        connection, transport = self._connection, self._transport
+        if connection is None or transport is None or not connection.awaiting_body:
+            return
+        now = self._loop.time()
+        if not transport.is_reading():
+            # aiohttp paused reading (its buffer is full): the wait is ours, not the client's.
+            connection.last_active = now
+        if now < connection.last_active + self._connections.config.idle_timeout_s:
+            self._watch_body(connection.last_active)
+            return
+        log.debug("listeners.body_stalled", listener=self._listener)
+        self._connections.cut(connection, "stalled_body")
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+        return None if self._inner is None else self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._inner.connection_lost(exc)
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if self._transport is not None:
+            self._connections.lost(self._transport)
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        if self._inner is not None:
+            self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        if self._inner is not None:
+            self._inner.resume_writing()
 
 
 class _CappedSite(web.SockSite):
-    """A site that refuses connections beyond `cap` open ones across the runner."""
+    """A site whose connections are admitted, checked and cut by `_Guarded`."""
 
-    def __init__(self, runner: web.AppRunner, sock: socket.socket, cap: int) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        sock: socket.socket,
+        connections: Connections,
+        listener: ListenerName,
+    ) -> None:
         super().__init__(runner, sock, backlog=_BACKLOG)
-        self._cap = cap
+        self._connections = connections
+        self._listener: ListenerName = listener
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        cap = self._cap
+        connections, listener = self._connections, self._listener
 
         def protocol() -> asyncio.Protocol:
-            if len(server.connections) >= cap:
-                return _Refuse()
-            return _NoConnect(server())
+            return _Guarded(server, connections, listener)
 
         factory: Callable[[], asyncio.Protocol] = protocol
         self._server = await asyncio.get_running_loop().create_server(
@@ -290,6 +367,9 @@ class Listeners:
             auto_decompress=False,
         )
         self._config = config
+        self._connections = app[CONNECTIONS]
+        self._connections.configure(config)
+        self._streams = app[STREAMS]
         self._inherited = list(inherited)
         self._owns_unix_path = False
         self.unix_path: Path | None = None
@@ -311,28 +391,39 @@ class Listeners:
         )
         if passed_unix is not None:
             self.unix_path = Path(passed_unix.getsockname())  # the service manager's to remove
-            await self._serve(passed_unix)
+            await self._serve(passed_unix, "unix")
         elif unix.enabled:
             sock = bind_unix(unix.path, unix.mode, unix.owner, unix.group)
             self.unix_path, self._owns_unix_path = unix.path, True
-            await self._serve(sock)
+            await self._serve(sock, "unix")
         if passed_tcp is not None:
             _require_loopback(passed_tcp)
             self.tcp_address = passed_tcp.getsockname()[:2]
-            await self._serve(passed_tcp)
+            await self._serve(passed_tcp, "tcp")
         elif tcp.enabled:
             sock = bind_tcp(tcp.host, tcp.port)
             self.tcp_address = sock.getsockname()[:2]
-            await self._serve(sock)
+            await self._serve(sock, "tcp")
         log.info(
             "listeners.started",
             unix=str(self.unix_path) if self.unix_path else None,
             tcp=f"{self.tcp_address[0]}:{self.tcp_address[1]}" if self.tcp_address else None,
         )
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, sock: socket.socket, listener: ListenerName) -> None:
         sock.setblocking(False)
-        await _CappedSite(self._runner, sock, self._config.max_connections).start()
+        self._connections.served.add(listener)
+        await _CappedSite(self._runner, sock, self._connections, listener).start()
+
+    def reconfigure(self, config: ListenConfig) -> bool:
+        """Apply a reloaded `[listen]`: its limits at once (open streams are judged again
+        for their age); whether that was all of it, or the rest needs a restart."""
+        kept = {name: getattr(self._config, name) for name in _LIVE}
+        applied = dataclasses.replace(config, **kept) == self._config
+        self._config = dataclasses.replace(self._config, **{n: getattr(config, n) for n in _LIVE})
+        self._connections.configure(self._config)  # idle_timeout_s stays aiohttp's, as started
+        self._streams.rejudge()
+        return applied
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -7,6 +7,7 @@ hot path is a dictionary lookup and a write.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from broker.errors import BadRequestError, ForbiddenError
 from broker.log import get_logger
 from broker.server.access import peer_of
 from broker.server.keys import ACCESS, ROTATIONS, STORE
+from broker.server.streams import Stream, Streams
 
 log = get_logger("broker.server")
 
@@ -36,14 +38,12 @@ class ClientLeft(Exception):
 
 
 SSE_HEARTBEAT_S = 15.0
-STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
+STREAMS: web.AppKey[Streams] = web.AppKey("streams", Streams)
 
 
 async def end_streams(app: web.Application) -> None:
     """On shutdown, end every watch stream so stopping does not wait out the grace period."""
-    streams = app[STREAMS]
-    for task in tuple(streams):
-        task.cancel()
+    app[STREAMS].cancel_all()
 
 
 RENDERED = web.AppKey("rendered", dict[str, Rendered])
@@ -93,43 +93,62 @@ async def _token_with_options(
 
 async def _watch(request: web.Request, store: Store, service: str) -> web.StreamResponse:
     """Server-Sent Events: the current credential at once, each new one as it comes, and
-    heartbeats between; until the client leaves or the service is removed."""
+    heartbeats between; until the client leaves, or an `end` event says why it ended."""
     store.entry(service)  # 404 before the stream starts
+    streams = request.app[STREAMS]
+    stream = streams.open(request, service)  # 503 when no place is left for it
+    reason = "client_gone"
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
     )
-    await response.prepare(request)
-    streams = request.app[STREAMS]
-    task = asyncio.current_task()
-    assert task is not None
-    streams.add(task)  # cancelled on shutdown: a stream never ends by itself
     try:
-        await _stream(request, response, store, service)
+        await response.prepare(request)
+        reason = await _stream(request, response, store, streams, stream)
+        if reason == "client_gone":
+            raise ConnectionResetError
     except asyncio.CancelledError:
-        pass
+        reason = "shutdown"
     except ConnectionError:
-        # How most streams end: the watcher left and a write found the connection closed.
+        # How most streams end: the watcher left (the listener says so at once).
+        reason = "client_gone"
         log.debug("watch.client_left", service=service)
         raise ClientLeft(response) from None
     finally:
-        streams.discard(task)
+        streams.close(stream, reason)
     return response
 
 
 async def _stream(
-    request: web.Request, response: web.StreamResponse, store: Store, service: str
-) -> None:
+    request: web.Request,
+    response: web.StreamResponse,
+    store: Store,
+    streams: Streams,
+    stream: Stream,
+) -> str:
+    """Send until the stream must end; the reason it ended."""
     sent = None
-    while store.has(service):
-        entry = store.entry(service)
+    while True:
+        stream.wake.clear()
+        # Judged before every event: an event is only ever sent to who may fetch it now.
+        reason = streams.verdict(stream)
+        if reason is not None:
+            break
+        entry = store.entry(stream.service)
         if store.usable(entry) and entry.generation != sent:
             sent = entry.generation
             data = _render(request, store, entry).json
             await response.write(b"event: token\ndata: " + data + b"\n\n")
+        wait = max(0.0, min(SSE_HEARTBEAT_S, streams.remaining(stream)))
         try:
-            await asyncio.wait_for(store.changed(), SSE_HEARTBEAT_S)
+            await asyncio.wait_for(stream.wake.wait(), wait)
         except TimeoutError:
-            await response.write(b": heartbeat\n\n")
+            if streams.remaining(stream) > 0:
+                await response.write(b": heartbeat\n\n")
+    if reason != "client_gone":
+        end = json.dumps({"reason": reason, "message": streams.ending(reason)}).encode()
+        await response.write(b"event: end\ndata: " + end + b"\n\n")
+        await response.write_eof()
+    return reason
 
 
 async def refresh(request: web.Request) -> web.Response:

@@ -35,6 +35,10 @@ SCHEMA: dict[str, tuple[str, frozenset[str]]] = {
     ),
     "token_broker_requests": ("counter", frozenset({"route", "status"})),
     "token_broker_proxy_requests": ("counter", frozenset({"service", "status"})),
+    "token_broker_connections_refused": ("counter", frozenset({"listener", "reason"})),
+    "token_broker_connections_cut": ("counter", frozenset({"listener", "reason"})),
+    "token_broker_streams_open": ("gauge", frozenset({"listener"})),
+    "token_broker_streams_closed": ("counter", frozenset({"listener", "reason"})),
     "token_broker_build_info": ("gauge", frozenset({"version", "python"})),
 }
 SAMPLE_SUFFIXES = {"counter": {"_total"}, "gauge": {""}, "histogram": {"_bucket", "_count", "_sum"}}

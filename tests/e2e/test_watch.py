@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from broker.config import load_config
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from broker.server import routes
+from tests.conftest import config_text
 from tests.e2e.conftest import Broker, StartBroker
 
 pytestmark = pytest.mark.timeout(30)
@@ -131,3 +135,119 @@ async def test_a_watcher_leaving_ends_the_stream_quietly(
     middle = len(token) // 2
     for piece in (token[:20], token[middle : middle + 20], token[-20:]):
         assert piece not in text
+
+
+async def read_until_end(stream: aiohttp.StreamReader) -> dict[str, str]:
+    """Skip token events and heartbeats up to the stream's `end` event; its data."""
+    while not (event := await next_event(stream)).startswith("event: end\n"):
+        assert event.startswith(("event: token\n", ": heartbeat")), event
+    ended: dict[str, str] = json.loads(event.split("data: ", 1)[1])
+    return ended
+
+
+def guarded_text(emulator: Emulator, short_dir: Path, keys: str, listen: str = "") -> str:
+    text = config_text(
+        emulator, short_dir, services={"fraud": demo.TOKEN_SERVICE}, extra_service_keys=keys
+    )
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    text += f'\n[api_key.scorer]\nsha256 = "{digest}"\n'
+    return text.replace("[listen.unix]\n", f"[listen]\n{listen}\n[listen.unix]\n", 1)
+
+
+async def reload_with(broker: Broker, path: Path, text: str) -> None:
+    path.write_text(text)
+    await broker.daemon.reload(load_config(path))
+
+
+API_KEY = "watch-key-for-tests-0123456789"
+
+
+async def test_a_user_removed_from_allow_users_loses_the_open_stream(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """Issue 12, finding 1: a reload that removes the watcher's uid from allow_users ends its
+    open stream at once with `event: end` naming access_revoked; no token follows."""
+    broker = await start_broker(guarded_text(emulator, short_dir, "allow_users = [0]"))
+    connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        resp = await open_watch(broker, session)
+        assert (await asyncio.wait_for(next_event(resp.content), 10)).startswith("event: token")
+        text = guarded_text(emulator, short_dir, "allow_users = [4242]")
+        await reload_with(broker, short_dir / "broker.toml", text)
+        await broker.daemon.store.fetch("fraud")  # a new token the stream must not carry
+        ended = await asyncio.wait_for(read_until_end(resp.content), 10)
+        assert ended["reason"] == "access_revoked"
+        assert await asyncio.wait_for(resp.content.read(), 10) == b""
+    assert (await broker.client().get("/v1/token/fraud")).status == 403
+
+
+async def test_an_api_key_removed_from_the_service_ends_its_tcp_stream(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """Issue 12, finding 1, on TCP: removing the API key a watcher presented from the
+    service's api_keys ends its stream with access_revoked at the reload."""
+    keys = 'api_keys = ["scorer"]'
+    broker = await start_broker(guarded_text(emulator, short_dir, keys))
+    assert broker.daemon.tcp_address is not None
+    host, port = broker.daemon.tcp_address
+    headers = {"Metadata": "true", "X-Token-Broker-Key": API_KEY}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{host}:{port}/v1/token/fraud?watch=true", headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        assert (await asyncio.wait_for(next_event(resp.content), 10)).startswith("event: token")
+        text = guarded_text(emulator, short_dir, "allow_users = [0]")  # no key any more
+        await reload_with(broker, short_dir / "broker.toml", text)
+        ended = await asyncio.wait_for(read_until_end(resp.content), 10)
+        assert ended["reason"] == "access_revoked"
+    reply = await broker.client("tcp").get(
+        "/v1/token/fraud", headers={"X-Token-Broker-Key": API_KEY}
+    )
+    assert reply.status == 403
+
+
+async def test_a_stream_ends_at_its_maximum_age(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    short_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream lives at most stream_max_age_s on the broker's clock, then ends with
+    max_age, so that its client comes back through the guards."""
+    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
+    text = guarded_text(emulator, short_dir, "", listen="stream_max_age_s = 600")
+    broker = await start_broker(text)
+    connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        resp = await open_watch(broker, session)
+        events = [await asyncio.wait_for(next_event(resp.content), 10) for _ in range(3)]
+        assert not any(e.startswith("event: end") for e in events)
+        broker.clock.advance(601)
+        ended = await asyncio.wait_for(read_until_end(resp.content), 10)
+        assert ended["reason"] == "max_age"
+
+
+async def test_a_watcher_leaving_frees_its_place_at_once(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """With the 15 s heartbeat, a watcher that disconnects is counted gone (499) and its
+    stream's place is free within a second or two, not at the next heartbeat."""
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    reader, writer = await asyncio.open_unix_connection(str(broker.daemon.unix_path))
+    writer.write(
+        b"GET /v1/token/fraud?watch=true HTTP/1.1\r\nHost: localhost\r\nMetadata: true\r\n\r\n"
+    )
+    await asyncio.wait_for(reader.readuntil(b"event: token\n"), 10)
+    writer.close()
+    await writer.wait_closed()
+    counted = 'token_broker_requests_total{route="/v1/token/{service}",status="499"} 1.0'
+
+    async def counted_as_left() -> None:
+        while counted not in (await broker.client().get("/metrics")).text:
+            pass  # each look is a request to the broker; the deadline below bounds them
+
+    await asyncio.wait_for(counted_as_left(), 5)
+    text = (await broker.client().get("/metrics")).text
+    assert 'token_broker_streams_open{listener="unix"} 0.0' in text
+    assert 'token_broker_streams_closed_total{listener="unix",reason="client_gone"} 1.0' in text

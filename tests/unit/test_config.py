@@ -327,6 +327,10 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
         "idle_timeout_s": 2.5,
         "max_header_bytes": 1024,
         "max_body_bytes": 0,
+        "max_streams": 16,  # by default half of max_connections, up to 128
+        "stream_max_age_s": 3600.0,
+        "tcp_share": 0.5,
+        "uid_share": 0.25,
     }
     assert parsed["api_key"] == {
         "scorer": {"sha256": "********"},

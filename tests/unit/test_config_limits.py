@@ -1,0 +1,62 @@
+"""`[listen]`'s limits of streams and shares: read, defaulted, and explained when wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_config import MINIMAL, load, only_problem, workdir
+
+__all__ = ["workdir"]  # the fixture, shared with test_config
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_limits_have_defaults_that_leave_room_for_plain_requests(workdir: Path) -> None:
+    """With nothing set: 128 of 256 places for streams, TCP half, one uid a quarter, an hour."""
+    listen = load(workdir, MINIMAL).listen
+    assert (listen.max_connections, listen.max_streams) == (256, 128)
+    assert (listen.tcp_share, listen.uid_share, listen.stream_max_age_s) == (0.5, 0.25, 3600.0)
+
+
+def test_limits_are_read(workdir: Path) -> None:
+    """Each key is taken as written."""
+    text = (
+        "[listen]\nmax_connections = 100\nmax_streams = 10\nstream_max_age_s = 60\n"
+        "tcp_share = 0.3\nuid_share = 0.1\n" + MINIMAL
+    )
+    listen = load(workdir, text).listen
+    assert (listen.max_streams, listen.stream_max_age_s) == (10, 60.0)
+    assert (listen.tcp_share, listen.uid_share) == (0.3, 0.1)
+    assert (listen.cap(0.3, 100), listen.cap(0.1, 5)) == (30, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "phrase"),
+    [
+        pytest.param(
+            "max_connections = 10\nmax_streams = 10\n",
+            "listen.max_streams",
+            "max_streams (10) must be less than max_connections (10)",
+            id="streams-not-below-connections",
+        ),
+        pytest.param("max_streams = 0\n", "listen.max_streams", "1 or more", id="no-streams"),
+        pytest.param(
+            "stream_max_age_s = 0\n", "listen.stream_max_age_s", "more than zero", id="age-zero"
+        ),
+        pytest.param(
+            "tcp_share = 1\n", "listen.tcp_share", "more than 0 and less than 1", id="tcp-all"
+        ),
+        pytest.param("uid_share = 0\n", "listen.uid_share", "e.g. uid_share = 0.25", id="uid-none"),
+        pytest.param(
+            'uid_share = "half"\n', "listen.uid_share", "expected a number", id="uid-text"
+        ),
+    ],
+)
+def test_wrong_limits_are_explained(workdir: Path, text: str, key: str, phrase: str) -> None:
+    """Each mistake is one problem at its key, in the file, saying what to write instead."""
+    problem = only_problem(workdir, "[listen]\n" + text + MINIMAL)
+    assert problem.key == key
+    assert phrase in f"{problem.message} — {problem.fix}"
+    assert problem.file == str(workdir / "broker.toml") and problem.line is not None
