@@ -27,7 +27,7 @@ from broker.config import (
     render_effective,
 )
 from broker.errors import BrokerError, ConfigError
-from broker.server.access import API_KEY_HEADER
+from broker.server.access_rules import API_KEY_HEADER
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the broker refused, failed, or could not be reached

@@ -53,8 +53,8 @@ from broker.providers import (
     Workspaces,
 )
 from broker.server import AccessRules, Listeners, make_app
-from broker.server.compat import Compat
-from broker.server.proxy import Proxy
+from broker.server.managed_identity_routes import Compat
+from broker.server.proxy_routes import Proxy
 
 log = get_logger("broker.daemon")
 
@@ -242,7 +242,7 @@ class Daemon:
             if cloud_changed or config.identities.get(name) != identity
         }
         self.config = config
-        self._swap_shared_parts(cloud_changed, changed_identities)
+        self._drop_changed_clients(cloud_changed, changed_identities)
         self._apply_refresh(config.refresh)
         result = self.refresher.reconcile([self._wanted(s) for s in config.services])
         self.sinks.update(config.services)
@@ -264,7 +264,9 @@ class Daemon:
             credential.configure(refresh.timeout_s, refresh.clock_skew_s)
         self.compat.clock_skew_s = refresh.clock_skew_s
 
-    def _swap_shared_parts(self, cloud_changed: bool, identities: set[str]) -> None:
+    def _drop_changed_clients(self, cloud_changed: bool, identities: set[str]) -> None:
+        """Close the sign-ins of changed identities (they are built anew when next used)
+        and, when the cloud changed, the Azure client, closed once its calls have ended."""
         for name in identities:
             credential = self.credentials.pop(name, None)
             if credential is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.server.access import AccessRules
+from broker.server.access_rules import AccessRules
 from broker.server.app import make_app
 from broker.server.listeners import AlreadyRunningError, ListenError, Listeners
 

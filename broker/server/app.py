@@ -15,11 +15,18 @@ from broker.key_rotation import KeyRotations
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.server import guards, metrics_route, routes
-from broker.server.access import AccessRules
-from broker.server.compat import APP_SERVICE_PATH, COMPAT, IMDS_PATH, Compat, app_service, imds
+from broker.server.access_rules import AccessRules
 from broker.server.connections import Connections
 from broker.server.keys import ACCESS, CONNECTIONS, ROTATIONS, STORE
-from broker.server.proxy import Proxy, install
+from broker.server.managed_identity_routes import (
+    APP_SERVICE_PATH,
+    COMPAT,
+    IMDS_PATH,
+    Compat,
+    app_service,
+    imds,
+)
+from broker.server.proxy_routes import Proxy, install
 from broker.server.streams import Streams
 
 log = get_logger("broker.server")
@@ -33,7 +40,7 @@ def error_body(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-def guarded(count: Count | None = None) -> Middleware:
+def guard_answer_and_count(count: Count | None = None) -> Middleware:
     """The middleware every request passes: the guards before any route sees it, every
     refusal and failure rendered as `{"error", "message"}` with the right status, and
     each answer counted by `count` (the metrics). One middleware, not two: each layer
@@ -95,7 +102,7 @@ def make_app(
     proxy: Proxy | None = None,
 ) -> web.Application:
     count = None if metrics is None else metrics_route.request_counter(metrics)
-    middlewares: list[Middleware] = [guarded(count)]
+    middlewares: list[Middleware] = [guard_answer_and_count(count)]
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[STORE] = store
     app[ACCESS] = access

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from broker.cache import Store
 from broker.key_rotation import KeyRotations
-from broker.server.access import AccessRules
+from broker.server.access_rules import AccessRules
 from broker.server.connections import Connections
 
 STORE = web.AppKey("store", Store)

@@ -25,7 +25,7 @@ from aiohttp import web
 from broker.config import ListenConfig
 from broker.errors import BrokerError
 from broker.log import get_logger
-from broker.server.access import peer_of_socket
+from broker.server.access_rules import peer_of_socket
 from broker.server.connections import Connection, Connections, ListenerName
 from broker.server.keys import CONNECTIONS
 from broker.server.routes import STREAMS

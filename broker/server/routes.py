@@ -18,7 +18,7 @@ from broker import __version__
 from broker.cache import Entry, Rendered, Store
 from broker.errors import BadRequestError, ForbiddenError
 from broker.log import get_logger
-from broker.server.access import peer_of
+from broker.server.access_rules import peer_of
 from broker.server.keys import ACCESS, ROTATIONS, STORE
 from broker.server.streams import Stream, Streams
 
@@ -177,17 +177,17 @@ async def rotate_key(request: web.Request) -> web.Response:
     entry = await request.app[ROTATIONS].rotate(
         service, "primary" if which == "primary" else "secondary"
     )
-    return web.json_response({"rotated": which, **describe(store, entry)})
+    return web.json_response({"rotated": which, **service_status(store, entry)})
 
 
 async def services(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    return web.json_response({"services": [describe(store, e) for e in store.entries]})
+    return web.json_response({"services": [service_status(store, e) for e in store.entries]})
 
 
 async def service(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    return web.json_response(describe(store, store.entry(request.match_info["service"])))
+    return web.json_response(service_status(store, store.entry(request.match_info["service"])))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -203,7 +203,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-def describe(store: Store, entry: Entry) -> dict[str, Any]:
+def service_status(store: Store, entry: Entry) -> dict[str, Any]:
     """A service's state for `/v1/services`: times and errors, never a secret."""
     token = entry.token
     error = entry.last_error

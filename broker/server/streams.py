@@ -21,7 +21,7 @@ from aiohttp import web
 from broker.cache import Entry, Store
 from broker.errors import LocalRequestError
 from broker.log import get_logger
-from broker.server.access import AccessRules, Peer, peer_of, presented_digest
+from broker.server.access_rules import AccessRules, Peer, peer_of, presented_digest
 from broker.server.connections import Connection, Connections, ListenerName
 from broker.server.guards import is_unix
 

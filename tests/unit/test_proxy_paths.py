@@ -6,7 +6,12 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.errors import BadRequestError, NoScoringUriError
-from broker.server.proxy import forwarded_headers, returned_headers, split_target, upstream_url
+from broker.server.proxy_routes import (
+    forwarded_headers,
+    returned_headers,
+    split_target,
+    upstream_url,
+)
 
 pytestmark = pytest.mark.timeout(10)
 

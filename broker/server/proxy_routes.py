@@ -53,7 +53,7 @@ from broker.errors import (
 from broker.log import get_logger
 from broker.models import AccessToken
 from broker.providers.forwarding import Answer, AnswerCutError, Forwarder, Outgoing
-from broker.server.access import API_KEY_HEADER
+from broker.server.access_rules import API_KEY_HEADER
 from broker.server.guards import METADATA_HEADER, PROXY_PREFIX
 from broker.server.keys import ACCESS, STORE
 

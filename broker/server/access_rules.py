@@ -43,7 +43,7 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class ServiceAccess:
     """One service's access rules, from its configuration."""
 
     uids: frozenset[int]
@@ -60,7 +60,7 @@ class AccessRules:
     (open watch streams are judged again)."""
 
     def __init__(self, config: Config) -> None:
-        self._policies: dict[str, Policy] = {}
+        self._policies: dict[str, ServiceAccess] = {}
         self._open: frozenset[str] = frozenset()
         self._told: list[Callable[[], None]] = []
         self.update(config)
@@ -89,7 +89,7 @@ class AccessRules:
 
     def _replace(self, config: Config) -> None:
         self._policies = {
-            s.name: Policy(
+            s.name: ServiceAccess(
                 frozenset(s.allow_users),
                 frozenset(s.allow_groups),
                 {name: config.api_keys[name].sha256 for name in s.api_keys},
@@ -113,7 +113,7 @@ class AccessRules:
         else:
             self._authorize_key(request, service, policy)
 
-    def _authorize_peer(self, request: web.Request, service: str, policy: Policy) -> None:
+    def _authorize_peer(self, request: web.Request, service: str, policy: ServiceAccess) -> None:
         if not policy.restricts_peers:
             return  # API keys guard TCP; on the socket, its file mode does
         peer = peer_of(request)
@@ -124,7 +124,7 @@ class AccessRules:
         )
         _deny(request, service, "unix", caller)
 
-    def _authorize_key(self, request: web.Request, service: str, policy: Policy) -> None:
+    def _authorize_key(self, request: web.Request, service: str, policy: ServiceAccess) -> None:
         digest = presented_digest(request)
         if digest is not None and policy.keys:
             if _matching(policy, digest):
@@ -143,12 +143,12 @@ def presented_digest(request: web.Request) -> bytes | None:
     return hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
 
 
-def _matching(policy: Policy, digest: bytes) -> list[str]:
+def _matching(policy: ServiceAccess, digest: bytes) -> list[str]:
     # Compare against every key, always, so timing says nothing about which matched.
     return [name for name, d in policy.keys.items() if hmac.compare_digest(d, digest)]
 
 
-def _peer_allowed(policy: Policy, peer: Peer | None) -> bool:
+def _peer_allowed(policy: ServiceAccess, peer: Peer | None) -> bool:
     return peer is not None and bool(
         peer.uid in policy.uids or ({peer.gid} | peer.groups) & policy.gids
     )
