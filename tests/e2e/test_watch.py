@@ -85,6 +85,7 @@ async def test_watch_sends_heartbeats(
     """Between tokens, comment lines keep the connection visibly alive."""
     monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
     broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    await broker.settled()  # else a slow first fetch lets a heartbeat come first
     connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
     async with aiohttp.ClientSession(connector=connector) as session:
         resp = await open_watch(broker, session)
