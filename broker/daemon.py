@@ -26,7 +26,6 @@ from broker.cache import (
     Refresher,
     Store,
     Wanted,
-    fingerprint,
 )
 from broker.config import (
     CompatConfig,
@@ -94,7 +93,7 @@ class Daemon:
         self.persisted: PersistedSync | None = None
         if config.cache.enabled and config.cache.key is not None:
             cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
-            self.persisted = PersistedSync(self.store, cache, self._fingerprint)
+            self.persisted = PersistedSync(self.store, cache, self._service_identity)
         self.sinks = FileSinks(self.store, config.services)
         self.access = AccessRules(config)
         self.rotations = KeyRotations(self.store)
@@ -110,14 +109,8 @@ class Daemon:
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
 
-    def _fingerprint(self, name: str) -> str | None:
-        """What a service's credential is for: a saved one is restored only for the same."""
-        service = self.config.service(name)
-        if service is None:
-            return None
-        identity = self.config.identities[service.identity]
-        cloud = self.config.cloud.resource_manager
-        return fingerprint(cloud, identity.tenant_id, identity.client_id, *service.coordinates)
+    def _service_identity(self, name: str) -> str | None:
+        return self.config.service_identity(name)  # the configuration of now, after a reload
 
     def _compat(self) -> tuple[CompatConfig, ServicePrincipalCredential | None, str]:
         """What the managed-identity compatible routes serve, and as whom."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
+import json
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -122,3 +124,9 @@ class AccessToken:
         if self.not_before is not None and self.not_before - now > allowance:
             return f"it is not valid for another {self.not_before - now:.0f} s (its nbf)"
         return None
+
+
+def fingerprint(*parts: str) -> str:
+    """A SHA-256 hex digest of `parts` that tells ("ab", "c") from ("a", "bc")."""
+    encoded = json.dumps(list(parts), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()

@@ -5,7 +5,7 @@ rendered for handing out."""
 from __future__ import annotations
 
 from broker.cache.budget import Allowance, CallBudget
-from broker.cache.persist import PersistedCache, fingerprint
+from broker.cache.persist import PersistedCache
 from broker.cache.persisted_sync import PersistedSync
 from broker.cache.policy import Policy
 from broker.cache.refresher import Refresher
@@ -24,5 +24,4 @@ __all__ = [
     "Rendered",
     "Store",
     "Wanted",
-    "fingerprint",
 ]

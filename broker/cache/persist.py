@@ -21,7 +21,6 @@ the disk.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -63,12 +62,6 @@ class Saved:
     token: AccessToken
     obtained_at: float
     scoring_uri: str | None = None
-
-
-def fingerprint(*parts: str) -> str:
-    """A SHA-256 hex digest of `parts` that tells ("ab", "c") from ("a", "bc")."""
-    encoded = json.dumps(list(parts), ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
 
 class _Ignored(Exception):

@@ -8,6 +8,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Generic, Literal, TypeVar
 
+from broker.models import fingerprint
+
 DEFAULT_CONFIG_PATH = Path("/etc/token-broker/broker.toml")
 DEFAULT_SOCKET_PATH = Path("/run/token-broker/broker.sock")
 DEFAULT_TCP_HOST = "127.0.0.1"
@@ -353,3 +355,18 @@ class Config:
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
+
+    def service_identity(self, name: str) -> str | None:
+        """What the credential of service `name` is: the cloud, the principal (tenant and
+        client id) and the Azure coordinates, as one digest. A saved credential is restored,
+        and a shared one adopted, only for the same; None for a service not configured."""
+        service = self.service(name)
+        if service is None:
+            return None
+        identity = self.identities[service.identity]
+        return fingerprint(
+            self.cloud.resource_manager,
+            identity.tenant_id,
+            identity.client_id,
+            *service.coordinates,
+        )

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker import log
-from broker.cache.persist import MAGIC, MAGIC_V1, PersistedCache, Saved, fingerprint
-from broker.models import AccessToken, AuthKind
+from broker.cache.persist import MAGIC, MAGIC_V1, PersistedCache, Saved
+from broker.models import AccessToken, AuthKind, fingerprint
 from tests.unit.fakes import FakeClock
 
 pytestmark = pytest.mark.timeout(5)

@@ -3,10 +3,13 @@ persisted caches were saved with."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from broker.cache import fingerprint
 from broker.config import EntraScopeConfig, OnlineEndpointConfig, WebServiceConfig
+from broker.config.model import CLOUDS, Config, IdentityConfig, Secret
+from broker.models import fingerprint
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -62,6 +65,20 @@ def test_a_fingerprint_from_an_earlier_version_still_matches() -> None:
     assert fingerprint(*parts) == (
         "d2a111f2cbdb22684ae8afb02639cfa8953d93b0de82bc9703b87987bd4fa0c7"
     )
+
+
+def test_a_services_identity_is_its_cloud_principal_and_coordinates() -> None:
+    """`Config.service_identity` digests the cloud's Resource Manager, the tenant, the
+    client id and the coordinates, in the order saved caches were made with; another
+    principal is another identity, and a service not configured has none."""
+    identity = IdentityConfig("main", "tenant", "client", "secret", Secret("s"))
+    config = Config(Path("/b.toml"), CLOUDS["AzureCloud"], {"main": identity}, (WEB,))
+    parts = ("https://management.azure.com", "tenant", "client", *WEB.coordinates)
+    assert config.service_identity("fraud") == fingerprint(*parts)
+    other = IdentityConfig("main", "tenant", "other-client", "secret", Secret("s"))
+    moved = Config(Path("/b.toml"), CLOUDS["AzureCloud"], {"main": other}, (WEB,))
+    assert moved.service_identity("fraud") != config.service_identity("fraud")
+    assert config.service_identity("absent") is None
 
 
 def test_a_discovered_region_is_empty_in_the_coordinates() -> None:
