@@ -29,19 +29,22 @@ unit: $(STAMP) tools
 
 test: lint typecheck unit
 
-# promtool and prometheus, for the tests of deploy/prometheus/ and deploy/grafana/: Debian's
-# package, installed as root when either is missing. A policy-rc.d (unless one exists already)
-# refuses the service the package would start, and it is left disabled: the tests start their own.
+# promtool and prometheus, for the tests of deploy/prometheus/ and deploy/grafana/, and
+# redis-server, for the tests of fleet mode: Debian's packages, installed as root when one is
+# missing. A policy-rc.d (unless one exists already) refuses the services the packages would
+# start, and they are left disabled: the tests start their own.
 .PHONY: tools
 tools:
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null \
+	    || ! command -v redis-server >/dev/null; then \
 	  set -e; policy=/usr/sbin/policy-rc.d; \
 	  if [ ! -e $$policy ]; then \
 	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
 	  fi; \
 	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
-	  if [ -d /run/systemd/system ]; then systemctl disable -q prometheus; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus redis-server; \
+	  if [ -d /run/systemd/system ]; then systemctl disable -q prometheus redis-server; fi; \
 	fi
 
 # The property-based tests of hostile input with a large budget (make test runs a small one).
