@@ -30,6 +30,14 @@ class Saved:
     obtained_at: float
     scoring_uri: str | None = None
 
+    @property
+    def stamp(self) -> int:
+        """How new the credential is, comparable across hosts: its expiry (Azure's time, as
+        the broker corrected it), or for keys, which do not expire, when it was obtained;
+        in milliseconds."""
+        moment = self.token.expires_on if self.token.expires_on is not None else self.obtained_at
+        return max(int(moment * 1000), 0)
+
 
 class UntrustedRecord(Exception):
     """A record cannot be trusted; `reason` says why, and never quotes its content."""

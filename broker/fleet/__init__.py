@@ -2,6 +2,8 @@
 
     naming.py      the Redis keys of a service: its entry, its lease, its notices
     sealing.py     entries sealed with AES-256-GCM, bound to their key and version
+    connection.py  redis-py's asyncio client: bounded commands, the lease and write scripts
+    shared.py      `Fleet`: read, lease, write and wait for one broker; health, notices
 
 This is the only package that imports `redis`; redis-py's exceptions are translated
 into `FleetUnavailableError` where they enter, and nothing above sees them.
@@ -10,6 +12,7 @@ into `FleetUnavailableError` where they enter, and nothing above sees them.
 from __future__ import annotations
 
 from broker.fleet.naming import ServiceKeys
-from broker.fleet.sealing import Sealer, UnreadableEntry, stamp_of
+from broker.fleet.sealing import Sealer, UnreadableEntry
+from broker.fleet.shared import Fleet, FleetLease, FleetObserver
 
-__all__ = ["Sealer", "ServiceKeys", "UnreadableEntry", "stamp_of"]
+__all__ = ["Fleet", "FleetLease", "FleetObserver", "Sealer", "ServiceKeys", "UnreadableEntry"]

@@ -46,14 +46,6 @@ class UnreadableEntry(Exception):
         self.reason = reason
 
 
-def stamp_of(saved: Saved) -> int:
-    """How new a credential is, comparable across hosts: its expiry (Azure's time, as the
-    broker corrected it), or for keys, which do not expire, when it was obtained; in ms."""
-    token = saved.token
-    moment = token.expires_on if token.expires_on is not None else saved.obtained_at
-    return max(int(moment * 1000), 0)
-
-
 class Sealer:
     """Seals entries with the fleet's key; opens them with it or with older keys given
     (a key being rolled: read with old and new, write with new)."""
@@ -69,7 +61,7 @@ class Sealer:
     def seal(self, key_name: str, identity: str, saved: Saved) -> bytes:
         """The Redis value of `saved`, the credential of the service `identity` names,
         to be written under `key_name`."""
-        header = MAGIC + b"%d:" % stamp_of(saved)
+        header = MAGIC + b"%d:" % saved.stamp
         plaintext = json.dumps(to_record(identity, saved), separators=(",", ":")).encode()
         nonce = os.urandom(_NONCE_BYTES)
         return header + nonce + self._aeads[0].encrypt(nonce, plaintext, _bound(header, key_name))
@@ -91,7 +83,7 @@ class Sealer:
             raise UnreadableEntry(exc.reason) from None
         if digest != identity:
             raise UnreadableEntry("it holds the credential of another service or principal")
-        if stamp_of(saved) != stamp:
+        if saved.stamp != stamp:
             raise UnreadableEntry("its stamp does not match the credential inside")
         return saved
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.fleet import Sealer, ServiceKeys, UnreadableEntry, stamp_of
+from broker.fleet import Sealer, ServiceKeys, UnreadableEntry
 from broker.fleet.sealing import MAGIC, stamp_in
 from broker.models import AccessToken, AuthKind, fingerprint
 from broker.saved_credentials import Saved
@@ -61,7 +61,7 @@ def test_round_trip(saved: Saved) -> None:
     """Whatever credential is sealed opens to the same credential, under the same key."""
     sealed = Sealer(KEY).seal(KEYS.credential, IDENTITY, saved)
     assert Sealer(KEY).open(KEYS.credential, IDENTITY, sealed) == saved
-    assert stamp_in(sealed) == stamp_of(saved)
+    assert stamp_in(sealed) == saved.stamp
     if len(saved.token.value) >= 12:  # shorter ones may occur in ciphertext by chance
         assert saved.token.value.encode() not in sealed
 
@@ -156,9 +156,9 @@ def test_foreign_or_future_values_are_refused(value: bytes, reason: str) -> None
 def test_a_restamped_entry_is_refused() -> None:
     """Changing the plaintext stamp (to win or block compare-and-set) breaks the entry."""
     sealed = Sealer(KEY).seal(KEYS.credential, IDENTITY, SAVED)
-    stamp = str(stamp_of(SAVED)).encode()
+    stamp = str(SAVED.stamp).encode()
     restamped = sealed.replace(b":" + stamp + b":", b":" + b"9" * len(stamp) + b":", 1)
-    assert stamp_in(restamped) != stamp_of(SAVED)
+    assert stamp_in(restamped) != SAVED.stamp
     with pytest.raises(UnreadableEntry):
         Sealer(KEY).open(KEYS.credential, IDENTITY, restamped)
 
