@@ -450,9 +450,10 @@ class Store:
         changed = old is None or old.value != saved.token.value
         entry.token, entry.obtained_at = saved.token, saved.obtained_at
         entry.origin = origin
-        if saved.scoring_uri and isinstance(entry.provider, RestoresScoringUri):
-            if entry.provider.scoring_uri is None:
-                entry.provider.restore_scoring_uri(saved.scoring_uri)
+        provider = entry.provider
+        uri = None if provider.scoring_uri is not None else saved.scoring_uri
+        if uri and isinstance(provider, RestoresScoringUri):  # its own describe replaces it
+            provider.restore_scoring_uri(uri)
         if changed:
             entry.generation = next(_generations)
             if old is not None:
