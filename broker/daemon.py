@@ -31,6 +31,7 @@ from broker.config import (
     CompatConfig,
     Config,
     EntraScopeConfig,
+    FleetConfig,
     OnlineEndpointConfig,
     RefreshConfig,
     ServiceConfig,
@@ -38,6 +39,7 @@ from broker.config import (
 )
 from broker.credentials import ServicePrincipalCredential
 from broker.delivery import FileSinks
+from broker.fleet import Fleet
 from broker.key_rotation import KeyRotations
 from broker.log import get_logger
 from broker.metrics import Metrics
@@ -90,6 +92,8 @@ class Daemon:
         self.upstream = self._upstream()
         self.store.reconcile([self._wanted(service) for service in config.services])
         self.refresher = Refresher(self.store)
+        self.fleet: Fleet | None = None
+        self._join_fleet(config.fleet)
         self.persisted: PersistedSync | None = None
         if config.cache.enabled and config.cache.key is not None:
             cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
@@ -108,6 +112,14 @@ class Daemon:
             proxy=Proxy(config.proxy, config.cloud, observer=self.metrics.observe_proxy),
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
+
+    def _join_fleet(self, config: FleetConfig) -> None:
+        """Refresh through the fleet `config` describes, or alone when it is off."""
+        self.fleet = None
+        if config.enabled and config.encryption_key is not None:
+            self.metrics.enable_fleet()
+            self.fleet = Fleet(config, self._service_identity, observer=self.metrics)
+        self.store.share(self.fleet)
 
     def _service_identity(self, name: str) -> str | None:
         return self.config.service_identity(name)  # the configuration of now, after a reload
@@ -183,7 +195,9 @@ class Daemon:
             self.persisted.restore()
         self.sinks.start()  # writes restored credentials at once, the rest as they come
         await self.listeners.start()
-        self.refresher.start()
+        if self.fleet is not None:
+            self.fleet.watch(s.name for s in self.config.services)
+        self.refresher.start()  # a service the fleet holds is adopted, not fetched
         log.info(
             "broker.started",
             config=str(self.config.path),
@@ -202,6 +216,8 @@ class Daemon:
         await self.sinks.close(max(_SINK_LAST_WORD_S, deadline - loop.time()))
         if self.persisted is not None:
             await self.persisted.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.upstream.close()
         for credential in self.credentials.values():
             credential.close()
@@ -237,7 +253,13 @@ class Daemon:
         self.config = config
         self._drop_changed_clients(cloud_changed, changed_identities)
         self._apply_refresh(config.refresh)
+        if config.fleet != old.fleet:
+            self._leave_fleet()
+            self._join_fleet(config.fleet)
+            log.info("fleet.reconfigured", enabled=self.fleet is not None)
         result = self.refresher.reconcile([self._wanted(s) for s in config.services])
+        if self.fleet is not None:
+            self.fleet.watch(s.name for s in config.services)
         self.sinks.update(config.services)
         self.access.update(config)
         self.compat.update(*self._compat())  # after the swap: its identity may be new
@@ -256,6 +278,14 @@ class Daemon:
         for credential in self.credentials.values():
             credential.configure(refresh.timeout_s, refresh.clock_skew_s)
         self.compat.clock_skew_s = refresh.clock_skew_s
+
+    def _leave_fleet(self) -> None:
+        """Close the fleet's connections once what is under way has ended."""
+        if self.fleet is None:
+            return
+        closing = asyncio.get_running_loop().create_task(self.fleet.close())
+        self._background.add(closing)
+        closing.add_done_callback(self._background.discard)
 
     def _drop_changed_clients(self, cloud_changed: bool, identities: set[str]) -> None:
         """Close the sign-ins of changed identities (they are built anew when next used)
