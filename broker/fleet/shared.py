@@ -83,6 +83,7 @@ class Fleet:
         self._listeners: list[NoticeListener] = []
         self._channels: dict[str, list[str]] = {}
         self._subscriber: asyncio.Task[None] | None = None
+        log.info("fleet.joined", holder=self._holder, prefix=self._prefix, lease_s=self.lease_s)
 
     def __repr__(self) -> str:
         return f"Fleet(prefix={self._prefix!r}, {self._connection!r})"
