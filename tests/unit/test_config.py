@@ -329,6 +329,7 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
         "max_body_bytes": 0,
         "max_streams": 16,  # by default half of max_connections, up to 128
         "stream_max_age_s": 3600.0,
+        "watch_heartbeat_s": 15.0,
         "tcp_share": 0.5,
         "uid_share": 0.25,
     }
