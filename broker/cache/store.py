@@ -361,7 +361,10 @@ class Store:
         while True:
             lease = await shared.lease(entry.service)
             if lease is not None:
-                return lease
+                # Read again under the lease: a holder may have shared and released it
+                # between this broker's last read and its taking the lease.
+                found = await self._adoptable_or_release(entry, shared, lease)
+                return lease if found is None else found
             if loop.time() >= give_up_at:
                 log.warning(
                     "fleet.lease_wait_over",
@@ -375,6 +378,19 @@ class Store:
             found = await self._adoptable(entry, shared)
             if found is not None and not self._due(found):
                 return found
+
+    async def _adoptable_or_release(
+        self, entry: Entry, shared: SharedCredentials, lease: Lease
+    ) -> Saved | None:
+        """A credential to adopt after all (the lease released), or None to fetch."""
+        try:
+            found = await self._adoptable(entry, shared)
+        except FleetUnavailableError:
+            found = None
+        if found is None or self._due(found):
+            return None
+        await lease.release()
+        return found
 
     async def _adoptable(self, entry: Entry, shared: SharedCredentials) -> Saved | None:
         """The fleet's credential if it is newer than the entry's and may be served now,

@@ -18,6 +18,7 @@ from broker.config import FleetConfig, RefreshConfig, SecretBytes
 from broker.errors import UnavailableError
 from broker.fleet import Fleet
 from broker.models import AccessToken, AuthKind, fingerprint
+from broker.saved_credentials import Saved
 from tests.conftest import RedisServer
 from tests.unit.fakes import FakeClock, FakeProvider
 
@@ -242,3 +243,23 @@ async def test_a_holder_slower_than_the_wait_leaves_the_others_to_refresh_alone(
     await fetching
     shared = await waiter.fleet.read("svc")
     assert shared is not None and shared.token.value == "tok-2"  # the newer stays
+
+
+async def test_a_lease_taken_just_after_another_shared_adopts_instead(
+    make_broker: MakeBroker, clock: FakeClock
+) -> None:
+    """A broker that read the old entry and takes the lease just after another shared a
+    new one and released it reads again under the lease, adopts, and does not fetch."""
+    one, late = make_broker(), make_broker()
+    one.provider.outcomes.append(token(clock, "tok-1"))
+    await one.store.fetch("svc")
+    entry = await late.store.credential("svc")
+    held = (entry.token, entry.obtained_at)
+    clock.now += 50
+    one.provider.outcomes.append(token(clock, "tok-2"))
+    await one.store.fetch("svc")  # shared and released while `late` was between its steps
+    entry.token, entry.obtained_at = held  # what `late` held when it last read
+    got = await late.store._lease_or_adoption(entry, late.fleet)
+    assert isinstance(got, Saved) and got.token.value == "tok-2"
+    assert await one.fleet.lease("svc") is not None  # the lease was given back
+    assert late.provider.calls == 0
