@@ -27,6 +27,7 @@ fi
 
 command -v debootstrap >/dev/null || { echo "base.sh: no debootstrap: run 'make image-tools'" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "base.sh: debootstrap needs root" >&2; exit 1; }
+# shellcheck disable=SC2016 # $(REPO_URI) is apt's field, not the shell's
 mirror=${DEBIAN_MIRROR:-$(apt-get indextargets --format '$(REPO_URI)' \
     "Release: $suite" 'Component: main' 'Identifier: Packages' 2>/dev/null | head -n 1)}
 [ -n "$mirror" ] || {

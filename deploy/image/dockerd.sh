@@ -63,6 +63,7 @@ start() {
     echo "dockerd.sh: dockerd answers (pid $started)" >&2
 }
 
+# shellcheck disable=SC2317,SC2329 # called by the EXIT trap
 stop() {
     [ -n "$started" ] || return 0
     echo "dockerd.sh: stopping the dockerd started here (pid $started)" >&2

