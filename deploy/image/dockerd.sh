@@ -10,8 +10,9 @@
 # (the image is built with --network none and run with --network host). Its data stay in
 # /var/lib/docker, so the base image and the build cache outlive it.
 #
-#   DOCKERD_LOG      where its log goes (default: build/dockerd.log in the work tree)
+#   DOCKERD_LOG      where its log goes (default: build/dockerd.log under the current directory)
 #   DOCKERD_TIMEOUT  seconds to wait for it to answer (default: 60)
+#   DOCKERD_LOCK     the lock that keeps runs apart (default: /run/lock/token-broker-dockerd.lock)
 set -eu
 
 [ "$#" -gt 0 ] || { echo "usage: $0 COMMAND [ARG...]" >&2; exit 2; }
@@ -20,7 +21,7 @@ log=${DOCKERD_LOG:-build/dockerd.log}
 timeout=${DOCKERD_TIMEOUT:-60}
 # One run at a time on a machine: a second run would otherwise find the daemon the first one
 # started, and lose it when the first one stops it.
-lock=/run/lock/token-broker-dockerd.lock
+lock=${DOCKERD_LOCK:-/run/lock/token-broker-dockerd.lock}
 
 fail() {
     echo "dockerd.sh: $*" >&2
