@@ -24,7 +24,7 @@ from broker.config import (
     WebServiceConfig,
 )
 from broker.credentials import ServicePrincipalCredential
-from broker.models import Clock
+from broker.models import Clock, Sleep, system_sleep
 from broker.providers import (
     EntraProvider,
     OnlineEndpointProvider,
@@ -37,7 +37,7 @@ from broker.providers import (
 from broker.providers.upstream import UpstreamObserver
 
 
-def new_store(refresh: RefreshConfig, clock: Clock) -> Store:
+def new_store(refresh: RefreshConfig, clock: Clock, *, sleep: Sleep = system_sleep) -> Store:
     """An empty store under `[refresh]`'s policy, concurrency bound and call budget."""
     return Store(
         [],
@@ -45,7 +45,8 @@ def new_store(refresh: RefreshConfig, clock: Clock) -> Store:
         clock,
         max_concurrency=refresh.max_concurrency,
         client_refresh_window_s=refresh.client_refresh_window_s,
-        budget=CallBudget(*allowances(refresh), clock=clock),
+        sleep=sleep,
+        budget=CallBudget(*allowances(refresh), clock=clock, sleep=sleep),
     )
 
 
@@ -67,15 +68,20 @@ def register_secrets(config: Config) -> None:
 
 
 def persisted_sync(
-    config: Config, store: Store, clock: Clock, identity: Callable[[str], str | None]
+    config: Config,
+    store: Store,
+    clock: Clock,
+    identity: Callable[[str], str | None],
+    *,
+    saving: bool = True,
 ) -> PersistedSync | None:
     """The persisted cache kept in step with `store`, when `[cache]` turns it on;
     `identity` says what a service's credential is for (a saved one is restored only
-    for the same)."""
+    for the same). With `saving` False it is only read."""
     if not config.cache.enabled or config.cache.key is None:
         return None
     cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
-    return PersistedSync(store, cache, identity)
+    return PersistedSync(store, cache, identity, saving=saving)
 
 
 class Sources:
