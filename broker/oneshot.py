@@ -229,7 +229,7 @@ class FirstFetches:
         delay = store.policy.retry_in(store.entry(service).failures, exc.retry_after, True)
         if store.clock() + delay >= deadline:
             self.gave_up[service] = (
-                f"not retried: the next try, in {delay:.0f} s, would come after the deadline"
+                f"not retried: the next try, in {delay:.1f} s, would come after the deadline"
             )
             return None
         return delay
@@ -250,7 +250,7 @@ def _outcome(
     facts: dict[str, Any] = {
         "auth": token.auth.value if token else None,
         "expires_on": token.expires_on if token else None,
-        "source": None if token is None else "cache" if name in restored else "azure",
+        "source": _source(name, token, error, restored, fetches),
         "sink": None if sink is None else str(sink.path),
         "attempts": fetches.attempts.get(name, 0),
         "status": error.status if error else None,
@@ -273,6 +273,17 @@ def _outcome(
     if problem is not None:
         return _failed(name, FRESH, problem, facts)
     return Outcome(name, True, FRESH, **facts)
+
+
+def _source(
+    name: str, token: object, error: object, restored: set[str], fetches: FirstFetches
+) -> str | None:
+    """Where the credential delivered came from: Azure when this run fetched it, else the
+    persisted cache."""
+    if token is None:
+        return None
+    fetched = name in fetches.attempts and name not in fetches.cut and error is None
+    return "cache" if name in restored and not fetched else "azure"
 
 
 def _failed(name: str, state: str, reason: str, facts: dict[str, Any]) -> Outcome:
