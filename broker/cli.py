@@ -258,10 +258,11 @@ def _cmd_once(args: argparse.Namespace) -> int:
 
     from broker import log
     from broker.config import load_config
-    from broker.oneshot import run_once
+    from broker.oneshot import run_once, select
     from broker.process import disable_core_dumps
 
     config = load_config(_config_path(args))
+    select(config, args.service)  # an unknown name is a configuration error, before anything
     log.configure(config.log.format, config.log.level)
     disable_core_dumps()
     with asyncio.Runner() as runner:

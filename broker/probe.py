@@ -139,7 +139,9 @@ def _tcp_connection(url: str, timeout_s: float) -> http.client.HTTPConnection:
     try:
         port = parts.port or 80
     except ValueError:
-        raise ValueError(f"--url {url!r} has a port that is not a number") from None
+        raise ValueError(
+            f"--url {url!r} has a port that is not a number, e.g. http://127.0.0.1:8765"
+        ) from None
     return http.client.HTTPConnection(parts.hostname, port, timeout=timeout_s)
 
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
-from broker.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from broker.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, main
 from broker.config import load_config
 from broker.daemon import Daemon
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
+from broker.errors import ConfigError
+from broker.oneshot import as_json, as_text, run_once
 from tests.conftest import CLIENT_SECRET, config_text
 
 pytestmark = pytest.mark.timeout(60)
@@ -413,3 +415,49 @@ async def test_the_persisted_cache_serves_a_second_run_and_the_daemon_after_it(
         entry = daemon.store.entry("fraud")
         assert entry.token is not None and entry.token.value == written
         assert emulator.state.count("mms.token") == tokens
+
+
+async def test_the_report_in_process_says_how_each_service_ended(
+    emulator: Emulator, short_dir: Path
+) -> None:
+    """run_once itself (the command's core, in this process): one service delivered, one
+    refused, one cut at the deadline; the table and the JSON say so, with no credential."""
+    emulator.state.fail("mms.token", status=403, service=demo.TOKEN_SERVICE)
+    emulator.state.fail("arm.endpoint_token", kind="hang")
+    text = config_text(emulator, short_dir, services=BOTH) + (
+        f'\n[[service]]\nname = "online"\nkind = "azureml-online-endpoint"\n'
+        f'subscription_id = "{demo.SUBSCRIPTION_ID}"\n'
+        f'resource_group = "{demo.RESOURCE_GROUP}"\n'
+        f'workspace = "{demo.WORKSPACE}"\nendpoint = "{demo.ENDPOINT_TOKEN}"\n'
+    )
+    path = write(short_dir, with_sinks(text, sink_files(short_dir, ["churn"])))
+    report = await run_once(load_config(path), timeout_s=2.0)
+    assert not report.ok and report.timed_out
+    states = {o.service: (o.ok, o.state, o.source) for o in report.outcomes}
+    assert states == {
+        "fraud": (False, "failed", None),
+        "churn": (True, "fresh", "azure"),
+        "online": (False, "timed_out", None),
+    }
+    assert [o.service for o in report.failed] == ["fraud", "online"]
+    table = as_text(report).splitlines()
+    assert table[0].split() == ["SERVICE", "STATE", "EXPIRES", "SOURCE", "REASON"]
+    assert table[2].split()[:5] == ["churn", "fresh", "never", "(key)", "azure"]
+    assert table[3].endswith("timed out after 2 s")
+    shown = json.loads(json.dumps(as_json(report)))
+    assert [row["state"] for row in shown["services"]] == ["failed", "fresh", "timed_out"]
+    assert (short_dir / "churn.cred").read_text() not in as_text(report) + json.dumps(shown)
+
+
+async def test_an_unknown_service_is_refused_before_anything_runs(
+    emulator: Emulator, short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command refuses --service ghost with exit 2 before it signs in or configures
+    anything (in this process: it must not harden or log as a run would)."""
+    path = write(short_dir, config_text(emulator, short_dir, services=BOTH))
+    assert main(["once", "-c", str(path), "--service", "ghost"]) == EXIT_CONFIG
+    assert "no service named 'ghost'" in capsys.readouterr().err
+    with pytest.raises(ConfigError) as refused:
+        await run_once(load_config(path), ["ghost", "fraud", "ghost"])
+    assert len(refused.value.problems) == 1
+    assert emulator.state.count("entra.token") == 0

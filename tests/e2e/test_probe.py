@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.cli import main
 from broker.config import DEFAULT_SOCKET_PATH
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
@@ -51,6 +52,25 @@ async def probe(*args: str, env: dict[str, str] | None = None) -> Probed:
     return Probed(proc.returncode, out.decode(), err.decode())
 
 
+async def probe_here(
+    capsys: pytest.CaptureFixture[str], *args: str, env: dict[str, str] | None = None
+) -> Probed:
+    """Run `token-broker probe args…` in this process (the CLI's own `main`, in a thread so
+    that this event loop keeps serving), with only the TOKEN_BROKER_ variables of `env`."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("TOKEN_BROKER_")}
+    for name in saved:
+        del os.environ[name]
+    os.environ.update(env or {})
+    try:
+        code = await asyncio.to_thread(main, ["probe", *args])
+    finally:
+        for name in env or {}:
+            del os.environ[name]
+        os.environ.update(saved)
+    out, err = capsys.readouterr()
+    return Probed(code, out, err)
+
+
 def _without_broker_variables() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_BROKER_")}
 
@@ -80,17 +100,25 @@ async def test_a_ready_broker_passes_both_probes(
 
 @pytest.mark.parametrize("listener", LISTENERS)
 async def test_a_broker_whose_only_service_fails_is_alive_but_not_ready(
-    start_broker: StartBroker, emulator: Emulator, listener: str
+    start_broker: StartBroker,
+    emulator: Emulator,
+    listener: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A broker with no usable credential: `probe live` exits 0, `probe ready` exits 1 and
-    names the service waiting on stderr."""
+    names the service waiting on stderr (the real process, then the command in this one)."""
     emulator.state.fail("mms.token", status=403)
     broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
     await broker.settled()
     assert (await probe("live", *where(broker, listener))).code == 0
-    probed = await probe("ready", *where(broker, listener))
-    assert probed.code == 1 and probed.out == ""
-    assert probed.err == "ready: GET /readyz answered 503: no usable credential yet for fraud\n"
+    refused = "ready: GET /readyz answered 503: no usable credential yet for fraud\n"
+    for run in (
+        probe("ready", *where(broker, listener)),
+        probe_here(capsys, "ready", *where(broker, listener)),
+    ):
+        probed = await run
+        assert (probed.code, probed.out, probed.err) == (1, "", refused)
+    assert (await probe_here(capsys, "live", *where(broker, listener))).code == 0
 
 
 @pytest.mark.parametrize("what", PROBES)
@@ -130,35 +158,37 @@ def silent_socket(short_dir: Path) -> Iterator[Path]:
 
 
 async def test_a_broker_that_does_not_answer_fails_at_the_probe_timeout(
-    silent_socket: Path,
+    silent_socket: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A listener that never answers: exit 1 after --timeout, saying so."""
-    probed = await probe("live", "--socket", str(silent_socket), "--timeout", "0.5")
+    probed = await probe_here(capsys, "live", "--socket", str(silent_socket), "--timeout", "0.5")
     assert probed.code == 1
     assert probed.err == f"live: no answer from the broker at {silent_socket} within 0.5 s\n"
 
 
 async def test_the_environment_points_the_probe_like_the_other_client_commands(
-    start_broker: StartBroker,
+    start_broker: StartBroker, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without options, $TOKEN_BROKER_URL is used, else $TOKEN_BROKER_SOCKET."""
     broker = await start_broker()
     await broker.settled()
     host, port = broker.daemon.tcp_address or ("", 0)
-    base = _without_broker_variables()
-    assert (
-        await probe("live", env={**base, "TOKEN_BROKER_URL": f"http://{host}:{port}"})
-    ).code == 0
-    socket_env = {**base, "TOKEN_BROKER_SOCKET": str(broker.daemon.unix_path)}
-    assert (await probe("live", env=socket_env)).code == 0
-    absent = {**base, "TOKEN_BROKER_SOCKET": str(broker.daemon.unix_path) + ".absent"}
-    assert (await probe("live", env=absent)).code == 1
+    url = {"TOKEN_BROKER_URL": f"http://{host}:{port}"}
+    assert (await probe_here(capsys, "live", env=url)).code == 0
+    socket_env = {"TOKEN_BROKER_SOCKET": str(broker.daemon.unix_path)}
+    assert (await probe_here(capsys, "live", env=socket_env)).code == 0
+    absent = {"TOKEN_BROKER_SOCKET": str(broker.daemon.unix_path) + ".absent"}
+    probed = await probe_here(capsys, "live", env=absent)
+    assert probed.code == 1 and ".absent" in probed.err
 
 
-async def test_a_url_that_is_not_http_is_refused_with_the_form_to_use() -> None:
-    """--url https://… exits 1 and shows the form of URL it wants."""
-    probed = await probe("live", "--url", "https://127.0.0.1:8765")
-    assert probed.code == 1 and "http://127.0.0.1:8765" in probed.err
+async def test_a_url_that_is_not_http_is_refused_with_the_form_to_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--url https://… or with a port that is no number exits 1 and shows the form it wants."""
+    for url in ("https://127.0.0.1:8765", "http://127.0.0.1:http"):
+        probed = await probe_here(capsys, "live", "--url", url)
+        assert probed.code == 1 and "http://127.0.0.1:8765" in probed.err, probed.err
 
 
 async def test_a_wrong_command_line_exits_2() -> None:
