@@ -100,6 +100,7 @@ class ListenConfig:
     # (they have no identity), the socket's the rest; one peer uid on the socket.
     tcp_share: float = 0.5
     uid_share: float = 0.25
+    watch_heartbeat_s: float = 15.0  # a comment line on a quiet stream, for idle-cutting proxies
 
     def cap(self, share: float, of: int) -> int:
         """`share` of `of` places, rounded down but never below one."""

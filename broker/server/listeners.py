@@ -35,7 +35,14 @@ log = get_logger("broker.listeners")
 _BACKLOG = 512
 # The [listen] keys a reload applies; the others (addresses, timeouts aiohttp holds, header
 # and body bounds) need a restart.
-_LIVE = ("max_connections", "max_streams", "stream_max_age_s", "tcp_share", "uid_share")
+_LIVE = (
+    "max_connections",
+    "max_streams",
+    "stream_max_age_s",
+    "watch_heartbeat_s",
+    "tcp_share",
+    "uid_share",
+)
 
 
 class AlreadyRunningError(BrokerError):
