@@ -162,8 +162,8 @@ async def run_once(
 
 
 def _current(store: Store, entry: Entry) -> bool:
-    """Whether a restored credential may be delivered without asking Azure: the daemon's
-    rule (`Refresher.track`): usable, not yet due for refresh, and not a key."""
+    """Whether a restored credential may be delivered without asking Azure, as the daemon
+    judges it (`Refresher.track`): usable, not yet due for refresh, and not a key."""
     token = entry.token
     if token is None or entry.obtained_at is None or not store.usable(entry):
         return False

@@ -325,6 +325,8 @@ def aimed_at(command: list[str], stubs: Stubs) -> tuple[list[str], str]:
         argv = [sys.executable, "-m", "broker", *command[1:]]
         if "--socket" in argv:
             argv[argv.index("--socket") + 1] = str(stubs.unix.path)
+        elif "--url" not in argv:  # the default socket
+            argv += ["--socket", str(stubs.unix.path)]
         else:
             url = argv.index("--url") + 1
             assert argv[url] == "http://127.0.0.1:8765", "update this test for the new URL"
