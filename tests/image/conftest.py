@@ -251,6 +251,10 @@ class Container:
     def socket(self) -> Path:
         return self.socket_dir / "broker.sock"
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.tcp_port}"
+
     def unix(self) -> UnixConnection:
         return UnixConnection(self.socket)
 
@@ -293,10 +297,10 @@ def start_container(image: str, emulator: HostEmulator) -> Iterator[StartContain
     started: list[Container] = []
     directories: list[Path] = []
 
-    def start(*options: str, network: str = "host", tcp_port: int | None = None) -> Container:
+    def start(*options: str, network: str = "host") -> Container:
         directory = Path(tempfile.mkdtemp(prefix="tb-image-", dir="/tmp"))
         directories.append(directory)
-        port = tcp_port or free_port()
+        port = free_port()
         config = directory / "broker.toml"
         config.write_text(config_text(emulator, port))
         secret = directory / "client-secret"

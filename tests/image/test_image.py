@@ -12,6 +12,7 @@ import pytest
 from tests.image.conftest import (
     CONFIG,
     SERVICES,
+    SOCKET_DIR,
     UID,
     Container,
     HostEmulator,
@@ -115,24 +116,31 @@ def test_both_listeners_serve_one_credential(broker: Container) -> None:
         assert by_socket == by_tcp, service
 
 
-def probe(container: Container, which: str) -> subprocess.CompletedProcess[str]:
-    """`token-broker probe live|ready` inside the container; where the installed broker has
-    no probe yet, the standard-library check the manifests use instead (and it says so)."""
+def probe(container: Container, which: str, *where: str) -> subprocess.CompletedProcess[str]:
+    """`token-broker probe live|ready [WHERE]` inside the container; where the installed
+    broker has no probe yet, the standard-library check the manifests used instead, over TCP
+    (and it says so)."""
     if " probe " in container.exec("token-broker", "--help").stdout:
-        return container.exec("token-broker", "probe", which)
+        return container.exec("token-broker", "probe", which, *where)
     print("token-broker has no `probe` command here: /healthz and /readyz with urllib instead")
     route = {"live": "/healthz", "ready": "/readyz"}[which]
-    url = f"http://127.0.0.1:{container.tcp_port}{route}"
+    url = f"{container.url}{route}"
     check = f"import urllib.request; urllib.request.urlopen('{url}', timeout=3)"
     return container.exec("python", "-I", "-S", "-c", check)
 
 
+def places(container: Container) -> list[tuple[str, ...]]:
+    """Where a probe may ask: its default, the socket as the manifests name it, the TCP URL."""
+    return [(), ("--socket", f"{SOCKET_DIR}/broker.sock"), ("--url", container.url)]
+
+
 def test_probe_ready_passes_inside_the_container(broker: Container) -> None:
     """`token-broker probe ready` and `probe live` exit 0 inside the container of a broker
-    whose services all have their credential."""
+    whose services all have their credential, on the socket and over TCP."""
     for which in ("live", "ready"):
-        done = probe(broker, which)
-        assert done.returncode == 0, done.stderr
+        for where in places(broker):
+            done = probe(broker, which, *where)
+            assert done.returncode == 0, (where, done.stderr)
 
 
 def test_status_inside_the_container_needs_no_option(broker: Container) -> None:
@@ -162,10 +170,10 @@ def test_container_stops_on_sigterm_and_leaves_no_socket(start_container: StartC
 
 
 def test_image_healthcheck_turns_healthy(start_container: StartContainer) -> None:
-    """The image's own HEALTHCHECK (`python -I -S`, /healthz on 127.0.0.1:8765) passes in a
-    container with its own loopback, where no cloud can be reached: alive, and not ready."""
+    """The image's own HEALTHCHECK turns the container healthy where no cloud can be reached
+    (a network of its own, loopback only): alive, and not ready."""
     container = start_container(
-        "--health-interval", "1s", "--health-start-period", "0s", network="none", tcp_port=8765
+        "--health-interval", "1s", "--health-start-period", "0s", network="none"
     )
     deadline = time.monotonic() + 30
     health: dict[str, object] = {}
@@ -176,8 +184,9 @@ def test_image_healthcheck_turns_healthy(start_container: StartContainer) -> Non
         time.sleep(0.5)
     assert health.get("Status") == "healthy", (health, container.logs())
     assert ask(container.unix(), "/readyz").status == 503
-    assert probe(container, "live").returncode == 0
-    assert probe(container, "ready").returncode != 0, "no credential, yet ready"
+    for where in places(container):
+        assert probe(container, "live", *where).returncode == 0, where
+        assert probe(container, "ready", *where).returncode == 1, (where, "no credential")
 
 
 def test_configuration_is_mounted_not_baked_in(image: str) -> None:
