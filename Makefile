@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit fuzz bench clean
+.PHONY: demo test lint typecheck unit fuzz bench clean image image-test
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,32 @@ tools:
 	  if [ -d /run/systemd/system ]; then systemctl disable -q prometheus redis-server; fi; \
 	fi
 
+# The container image, token-broker:VERSION, built from deploy/Dockerfile with no network: a
+# wheelhouse built here, a bookworm base made with debootstrap (BASE=IMAGE to use another one
+# Docker already has). dockerd.sh starts Docker for the build if it is not running, and stops
+# it after. image-test builds, then runs the image against the emulator (tests/image/).
+image: $(STAMP) image-tools
+	deploy/image/dockerd.sh env PYTHON=$(BIN)/python deploy/image/build.sh
+
+image-test: $(STAMP) image-tools
+	deploy/image/dockerd.sh sh -c 'PYTHON=$(BIN)/python deploy/image/build.sh \
+	  && $(BIN)/python -m pytest -p no:cacheprovider --image tests/image'
+
+# docker.io and debootstrap, for `make image` and `make image-test`: Debian's packages, installed
+# the same way when either is missing (the policy-rc.d keeps dockerd from starting on install;
+# deploy/image/dockerd.sh starts it when it is needed and stops it after).
+.PHONY: image-tools
+image-tools:
+	@if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then \
+	  set -e; policy=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$policy ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
+	  fi; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; \
+	  if [ -d /run/systemd/system ]; then systemctl disable -q docker.service docker.socket; fi; \
+	fi
+
 # The property-based tests of hostile input with a large budget (make test runs a small one).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -m fuzz -p no:cacheprovider --hypothesis-show-statistics
@@ -59,4 +85,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/report.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build/wheelhouse build/dockerd.log

@@ -24,6 +24,23 @@ from broker.emulator import Emulator
 from broker.emulator import seed as demo
 
 CLIENT_SECRET = demo.CLIENT_SECRET
+IMAGE_TESTS = Path(__file__).parent / "image"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--image",
+        action="store_true",
+        help="collect tests/image/ too: run the built container image (needs Docker; "
+        "`make image-test` builds the image and passes this)",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/image/ needs Docker and a built image: `make test` leaves it out."""
+    if collection_path == IMAGE_TESTS and not config.getoption("--image"):
+        return True
+    return None
 
 
 class OffsetClock:
