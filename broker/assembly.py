@@ -24,6 +24,7 @@ from broker.config import (
     WebServiceConfig,
 )
 from broker.credentials import ServicePrincipalCredential
+from broker.fleet import Fleet, HoldBacks
 from broker.models import Clock, Sleep, system_sleep
 from broker.providers import (
     EntraProvider,
@@ -153,9 +154,14 @@ class Sources:
                     service, self.config.cloud, credential, self.upstream, self.throttles
                 )
             case EntraScopeConfig():
-                return EntraProvider(service, credential)
+                return EntraProvider(service, credential, self.throttles)
             case _:
                 assert_never(service)
+
+    def join(self, fleet: Fleet | None) -> None:
+        """Share with `fleet` what the providers keep of Azure beside the credentials: a
+        429's hold-back (None: keep it to this broker again)."""
+        self.throttles.share(None if fleet is None else HoldBacks(fleet))
 
     def configure(self, refresh: RefreshConfig) -> None:
         """Bound the calls made from now on by a reloaded `[refresh]`."""

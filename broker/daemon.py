@@ -82,6 +82,7 @@ class Daemon:
             self.metrics.enable_fleet()
             self.fleet = Fleet(config, self._service_identity, observer=self.metrics)
         self.store.share(self.fleet)
+        self.sources.join(self.fleet)
 
     def _service_identity(self, name: str) -> str | None:
         return self.config.service_identity(name)  # the configuration of now, after a reload

@@ -254,7 +254,7 @@ class WebServiceProvider:
         )
 
     async def _arm_bearer(self) -> str:
-        return (await self._credential.get_token(self._cloud.arm_scope)).value
+        return (await self._calls.sign_in(self._credential, self._cloud.arm_scope)).value
 
     @property
     def clock_skew_s(self) -> float | None:

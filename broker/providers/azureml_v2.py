@@ -91,7 +91,7 @@ class OnlineEndpointProvider:
         if self.auth_mode is None:
             await self._describe(arm_token)
         if self.auth_mode == "AADToken":
-            return await self._credential.get_token(ML_SCOPE)
+            return await self._calls.sign_in(self._credential, ML_SCOPE)
         if self.auth_mode == "AMLToken":
             reply = await self._call("POST", self._url("/token"), "arm.endpoint_token", arm_token)
             return parse_token(
@@ -152,7 +152,7 @@ class OnlineEndpointProvider:
         log.info("endpoint.described", service=self.service, auth_mode=mode)
 
     async def _arm_bearer(self) -> str:
-        return (await self._credential.get_token(self._cloud.arm_scope)).value
+        return (await self._calls.sign_in(self._credential, self._cloud.arm_scope)).value
 
     async def _call(self, method: str, url: str, route: str, bearer: str) -> Reply:
         return await self._calls.call(method, url, route, bearer)

@@ -190,6 +190,33 @@ async def test_a_fleet_makes_one_token_call_per_lifetime(
     assert (service["source"], service["fleet"]) == ("fleet", "up")
 
 
+async def test_a_429_to_one_broker_holds_the_fleet_back(
+    start_broker: StartBroker, emulator: Emulator
+) -> None:
+    """Azure answers one broker's token call 429 with a Retry-After: no broker of the fleet
+    calls that route again until it has passed (the emulator's call times), the others say
+    the fleet held them back, and every broker keeps serving a valid token."""
+    hold_s = 5.0
+    brokers = await start_fleet(start_broker, 3)
+    called: list[float] = []
+    emulator.state.listen(
+        lambda what, route: called.append(time.monotonic()) if route == "mms.token" else None
+    )
+    emulator.state.fail("mms.token", status=429, retry_after=hold_s, times=1)
+    deadline = time.monotonic() + 3 * REFRESH_AFTER_S + hold_s
+    while len(called) < 2:  # the call answered 429, then the next one
+        assert time.monotonic() < deadline, called
+        for broker in brokers:
+            assert (await broker.token())["expires_on"] > time.time()
+        await asyncio.sleep(0.1)
+    assert called[1] - called[0] >= hold_s - 0.2, called
+    throttled = [b for b in brokers if b.named("upstream.throttled")]
+    assert len(throttled) == 1
+    held = [b for b in brokers if b.named("upstream.held_back_by_fleet")]
+    assert held and throttled[0] not in held
+    assert len(await converged(brokers)) == 1
+
+
 async def test_redis_stopped_then_started(
     start_broker: StartBroker, emulator: Emulator, redis: RedisServer
 ) -> None:
