@@ -24,10 +24,11 @@ from broker.config import (
     WebServiceConfig,
 )
 from broker.credentials import ServicePrincipalCredential
-from broker.fleet import Fleet, HoldBacks
+from broker.fleet import Fleet, FleetFacts, HoldBacks
 from broker.models import Clock, Sleep, system_sleep
 from broker.providers import (
     EntraProvider,
+    Facts,
     OnlineEndpointProvider,
     Throttles,
     TokenProvider,
@@ -102,6 +103,7 @@ class Sources:
         self.clock = clock
         self.workspaces = Workspaces()
         self.throttles = Throttles(clock)
+        self.facts = Facts()
         self.credentials: dict[str, ServicePrincipalCredential] = {}
         self._observer = observer
         self._background: set[asyncio.Task[None]] = set()
@@ -148,10 +150,16 @@ class Sources:
                     self.upstream,
                     self.workspaces,
                     self.throttles,
+                    self.facts,
                 )
             case OnlineEndpointConfig():
                 return OnlineEndpointProvider(
-                    service, self.config.cloud, credential, self.upstream, self.throttles
+                    service,
+                    self.config.cloud,
+                    credential,
+                    self.upstream,
+                    self.throttles,
+                    self.facts,
                 )
             case EntraScopeConfig():
                 return EntraProvider(service, credential, self.throttles)
@@ -160,8 +168,10 @@ class Sources:
 
     def join(self, fleet: Fleet | None) -> None:
         """Share with `fleet` what the providers keep of Azure beside the credentials: a
-        429's hold-back (None: keep it to this broker again)."""
+        429's hold-back, workspace discovery and describe results (None: keep them to this
+        broker again)."""
         self.throttles.share(None if fleet is None else HoldBacks(fleet))
+        self.facts.share(None if fleet is None else FleetFacts(fleet))
 
     def configure(self, refresh: RefreshConfig) -> None:
         """Bound the calls made from now on by a reloaded `[refresh]`."""

@@ -14,6 +14,8 @@ The scripts are the only commands that change shared state:
     write     set the entry only when its stamp is newer than the stored one (or the stored
               one is the unreadable value the caller saw), with a TTL, and publish a notice
     hold      set a hold-back with a TTL of its Retry-After, unless a longer one is there
+
+Facts (`facts.py`) are plain GET and SET with a TTL: the last broker to learn one wins.
 """
 
 from __future__ import annotations
@@ -141,6 +143,15 @@ class Connection:
         async with self._command("holdback.write"):
             held = await self._hold(keys=[key], args=[_ms(hold_s), value])
         return bool(held)
+
+    async def get_fact(self, key: str) -> bytes | None:
+        async with self._command("fact.read"):
+            value = await self._client.get(key)
+        return value if isinstance(value, bytes) else None
+
+    async def set_fact(self, key: str, value: bytes, ttl_s: float) -> None:
+        async with self._command("fact.write"):
+            await self._client.set(key, value, px=_ms(ttl_s))
 
     @asynccontextmanager
     async def notices(self, channels: Iterable[str]) -> AsyncIterator[PubSubReader]:

@@ -4,9 +4,11 @@
     {prefix}{…}:lease                                                       the refresh lease
     {prefix}{…}:notices                                                     the pub/sub channel
 
-and where a principal's hold-back on a subscription does (a 429's Retry-After):
+and where a principal's hold-back on a subscription does (a 429's Retry-After), and a
+fact the providers learnt of Azure (a workspace's discovery, a service's description):
 
     {prefix}{<first 32 hex digits of a digest of principal and subscription>}:holdback
+    {prefix}{<first 32 hex digits of a digest of the fact's name>}:fact
 
 The identity (`Config.service_identity`) digests the cloud, the principal and the Azure
 coordinates, so brokers of different principals or services never share an entry, and
@@ -42,3 +44,8 @@ def holdback_key(prefix: str, principal: str, subscription: str) -> str:
     like a service's, so that Redis's key space names no principal or subscription."""
     digest = fingerprint("holdback", principal.lower(), subscription.lower())
     return f"{prefix}{{{digest[:IDENTITY_DIGITS]}}}:holdback"
+
+
+def fact_key(prefix: str, name: tuple[str, ...]) -> str:
+    """The key of a fact: digested, so that Redis's key space names no workspace."""
+    return f"{prefix}{{{fingerprint('fact', *name)[:IDENTITY_DIGITS]}}}:fact"

@@ -98,6 +98,11 @@ class Fleet:
         return self._prefix
 
     @property
+    def sealer(self) -> Sealer:
+        """The fleet's keys, for the other state it seals (`broker.fleet.facts`)."""
+        return self._sealer
+
+    @property
     def connection(self) -> Connection:
         """The fleet's Redis, for the other state it shares (`broker.fleet.holdbacks`)."""
         return self._connection

@@ -84,7 +84,7 @@ class Broker:
         return str(self.named("fleet.joined")[0]["holder"])
 
 
-StartBroker = Callable[[], Coroutine[Any, Any, Broker]]
+StartBroker = Callable[..., Coroutine[Any, Any, Broker]]
 
 
 @pytest.fixture
@@ -106,10 +106,11 @@ async def start_broker(
     key_file.chmod(0o600)
     started: list[Broker] = []
 
-    async def start() -> Broker:
+    async def start(services: str = "") -> Broker:
+        """A broker of `SERVICES` and the `[[service]]` tables in `services`."""
         directory = short_dir / f"b{len(started)}"
         directory.mkdir()
-        text = config_text(emulator, directory, services=SERVICES)
+        text = config_text(emulator, directory, services=SERVICES) + services
         text += (
             f'\n[fleet]\nenabled = true\nredis_url = "{redis.unix_url}"\n'
             f'encryption_key_file = "{key_file}"\nlease_s = {LEASE_S}\n'
@@ -215,6 +216,44 @@ async def test_a_429_to_one_broker_holds_the_fleet_back(
     held = [b for b in brokers if b.named("upstream.held_back_by_fleet")]
     assert held and throttled[0] not in held
     assert len(await converged(brokers)) == 1
+
+
+ENDPOINTS = "".join(
+    f'\n[[service]]\nname = "{name}"\nkind = "azureml-online-endpoint"\n'
+    f'subscription_id = "{demo.SUBSCRIPTION_ID}"\nresource_group = "{demo.RESOURCE_GROUP}"\n'
+    f'workspace = "{demo.WORKSPACE}"\nendpoint = "{endpoint}"\n'
+    for name, endpoint in {"v2-token": demo.ENDPOINT_TOKEN, "v2-key": demo.ENDPOINT_KEY}.items()
+)
+METADATA_ROUTES = ("arm.workspace", "discovery", "mms.describe", "arm.endpoint")
+
+
+async def test_a_broker_that_must_fetch_takes_discovery_and_describes_from_the_fleet(
+    start_broker: StartBroker, emulator: Emulator, redis: RedisServer
+) -> None:
+    """A broker started after the fleet's only broker died and its credentials were evicted
+    fetches each service itself, but makes no workspace discovery and no describe call:
+    the fleet has them."""
+    first = await start_broker(ENDPOINTS)
+    await first.ready()
+    learnt = {route: emulator.state.count(route) for route in METADATA_ROUTES}
+    assert all(learnt.values()), learnt
+    first.proc.kill()
+    await first.proc.wait()
+    for key in redis.command("KEYS", "token-broker:*:credential").split():
+        redis.command("DEL", key)
+    fetched = emulator.state.count("mms.token") + emulator.state.count("arm.endpoint_token")
+    second = await start_broker(ENDPOINTS)
+    await second.ready()
+    assert {route: emulator.state.count(route) for route in METADATA_ROUTES} == learnt
+    refetched = emulator.state.count("mms.token") + emulator.state.count("arm.endpoint_token")
+    assert refetched > fetched  # the credentials were fetched again, by someone
+    described = second.named("service.described") + second.named("endpoint.described")
+    assert len(described) == 4 and {e["source"] for e in described} == {"fleet"}, described
+    assert {e["source"] for e in second.named("workspace.discovered")} <= {"fleet"}
+    for name in ("fraud", "churn", "v2-token", "v2-key"):
+        assert (await second.token(name))["access_token"]
+    status, detail = await second.get("/v1/services/v2-token")
+    assert status == 200 and detail["scoring_uri"], detail
 
 
 async def test_redis_stopped_then_started(
