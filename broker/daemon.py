@@ -16,9 +16,16 @@ from pathlib import Path
 
 from broker import __version__
 from broker import log as logging_setup
-from broker.assembly import Sources, allowances, new_store, persisted_sync, register_secrets
+from broker.assembly import (
+    Sources,
+    allowances,
+    new_fleet,
+    new_store,
+    persisted_sync,
+    register_secrets,
+)
 from broker.cache import PersistedSync, Policy, Reconciled, Refresher
-from broker.config import CompatConfig, Config, FleetConfig, RefreshConfig
+from broker.config import CompatConfig, Config, RefreshConfig
 from broker.credentials import ServicePrincipalCredential
 from broker.delivery import FileSinks
 from broker.fleet import Fleet
@@ -56,7 +63,7 @@ class Daemon:
         self.refresher = Refresher(self.store)
         self._background: set[asyncio.Task[None]] = set()
         self.fleet: Fleet | None = None
-        self._join_fleet(config.fleet)
+        self._join_fleet(config)
         self.persisted: PersistedSync | None = persisted_sync(
             config, self.store, clock, self._service_identity
         )
@@ -75,12 +82,11 @@ class Daemon:
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
 
-    def _join_fleet(self, config: FleetConfig) -> None:
+    def _join_fleet(self, config: Config) -> None:
         """Refresh through the fleet `config` describes, or alone when it is off."""
-        self.fleet = None
-        if config.enabled and config.encryption_key is not None:
+        if config.fleet.enabled:
             self.metrics.enable_fleet()
-            self.fleet = Fleet(config, self._service_identity, observer=self.metrics)
+        self.fleet = new_fleet(config, self._service_identity, observer=self.metrics)
         self.store.share(self.fleet)
 
     def _service_identity(self, name: str) -> str | None:
@@ -164,7 +170,7 @@ class Daemon:
         self._apply_refresh(config.refresh)
         if config.fleet != old.fleet:
             self._leave_fleet()
-            self._join_fleet(config.fleet)
+            self._join_fleet(config)
             log.info("fleet.reconfigured", enabled=self.fleet is not None)
         result = self.refresher.reconcile([self.sources.wanted(s) for s in config.services])
         if self.fleet is not None:

@@ -95,26 +95,49 @@ async def emulator(short_dir: Path) -> AsyncIterator[Emulator]:
         yield emu
 
 
+def fleet_table(redis_url: str, key_file: Path, extra: str = "") -> str:
+    """A `[fleet]` table on `redis_url` with the key in `key_file`."""
+    return (
+        f'\n[fleet]\nenabled = true\nredis_url = "{redis_url}"\n'
+        f'encryption_key_file = "{key_file}"\nlease_s = {LEASE_S}\n'
+        f"connect_timeout_s = 2\ncommand_timeout_s = 1\n{extra}"
+    )
+
+
+def write_key(path: Path, key: bytes = FLEET_KEY) -> Path:
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return path
+
+
+def with_sinks(text: str, directory: Path) -> str:
+    """`text` with a `[service.sink]` file in `directory` after each service, named after it."""
+    head, *blocks = text.split("\n[[service]]\n")
+    for block in blocks:
+        name = block.split('name = "', 1)[1].split('"', 1)[0]
+        head += f'\n[[service]]\n{block}\n[service.sink]\npath = "{directory / name}.cred"\n'
+    return head
+
+
+@pytest.fixture
+def fleet_key(short_dir: Path) -> Path:
+    """The fleet's encryption key, in a file of mode 0600."""
+    return write_key(short_dir / "fleet.key")
+
+
 @pytest.fixture
 async def start_broker(
-    emulator: Emulator, short_dir: Path, redis: RedisServer
+    emulator: Emulator, short_dir: Path, redis: RedisServer, fleet_key: Path
 ) -> AsyncIterator[StartBroker]:
     """Start `token-broker run` processes of one configuration but for their sockets, all
     in one fleet; every one is killed after the test."""
-    key_file = short_dir / "fleet.key"
-    key_file.write_bytes(FLEET_KEY)
-    key_file.chmod(0o600)
     started: list[Broker] = []
 
     async def start() -> Broker:
         directory = short_dir / f"b{len(started)}"
         directory.mkdir()
         text = config_text(emulator, directory, services=SERVICES)
-        text += (
-            f'\n[fleet]\nenabled = true\nredis_url = "{redis.unix_url}"\n'
-            f'encryption_key_file = "{key_file}"\nlease_s = {LEASE_S}\n'
-            "connect_timeout_s = 2\ncommand_timeout_s = 1\n"
-        )
+        text += fleet_table(redis.unix_url, fleet_key)
         (directory / "broker.toml").write_text(text)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -282,3 +305,106 @@ async def test_redis_never_sees_a_credential_or_secret(
     for secret in (*served, CLIENT_SECRET):
         assert secret.encode() not in captured
     assert FLEET_KEY not in captured and FLEET_KEY.hex().encode() not in captured
+
+
+async def run_once(config: Path, *args: str) -> tuple[int, str, list[dict[str, Any]]]:
+    """`token-broker once -c config args…` as its own process: its exit code, its stdout
+    and its JSON log events."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "broker", "once", "-c", str(config), *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    events = [json.loads(line) for line in err.splitlines() if line.startswith(b"{")]
+    return proc.returncode, out.decode(), events
+
+
+def once_config(emulator: Emulator, directory: Path, redis: RedisServer, fleet_key: Path) -> Path:
+    """A configuration for `once` in `directory`: the fleet's, with a sink per service."""
+    directory.mkdir()
+    text = with_sinks(config_text(emulator, directory, services=SERVICES), directory)
+    path = directory / "broker.toml"
+    path.write_text(text + fleet_table(redis.unix_url, fleet_key))
+    return path
+
+
+def upstream_calls(emulator: Emulator) -> int:
+    """Every request the emulator received: sign-ins, ARM, discovery, describe, tokens, keys."""
+    return sum(emulator.state.calls.values())
+
+
+async def test_once_beside_a_fleet_asks_azure_nothing(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    redis: RedisServer,
+    short_dir: Path,
+    fleet_key: Path,
+) -> None:
+    """`token-broker once` beside a broker that shared every service adopts them all: zero
+    upstream calls, the sink files hold what the broker serves, and the report says fleet."""
+    broker = (await start_fleet(start_broker, 1))[0]
+    served = {name: (await broker.token(name))["access_token"] for name in SERVICES}
+    before = upstream_calls(emulator)
+    directory = short_dir / "once"
+    code, out, events = await run_once(once_config(emulator, directory, redis, fleet_key), "--json")
+    assert code == 0, (out, events)
+    assert upstream_calls(emulator) == before
+    report = json.loads(out)
+    assert report["fleet"] == "up"
+    rows = {row["service"]: row for row in report["services"]}
+    assert {name: (row["source"], row["attempts"]) for name, row in rows.items()} == {
+        "fraud": ("fleet", 0),
+        "churn": ("fleet", 0),
+    }
+    for name, value in served.items():
+        assert (directory / f"{name}.cred").read_text() == value
+    assert not [e for e in events if e.get("event") == "fleet.unavailable"]
+
+
+async def test_once_shares_what_it_fetched(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    redis: RedisServer,
+    short_dir: Path,
+    fleet_key: Path,
+) -> None:
+    """A `once` run on an empty fleet fetches from Azure under the lease and shares: a
+    broker started after it is ready with no upstream call."""
+    code, out, _ = await run_once(once_config(emulator, short_dir / "once", redis, fleet_key))
+    assert code == 0, out
+    assert [row.split()[-2] for row in out.splitlines()[1:]] == ["azure", "azure"]
+    before = upstream_calls(emulator)
+    broker = await start_broker()
+    await broker.ready()
+    assert upstream_calls(emulator) == before
+    assert {e["source"] for e in broker.named("token.refreshed")} == {"fleet"}
+
+
+async def test_once_with_redis_down_fetches_alone_and_says_so(
+    emulator: Emulator, redis: RedisServer, short_dir: Path, fleet_key: Path
+) -> None:
+    """With Redis stopped `once` fetches every service from Azure within its bounded wait,
+    writes the sink files, warns fleet.unavailable once and prints fleet: down and why."""
+    config = once_config(emulator, short_dir / "once", redis, fleet_key)
+    redis.stop()
+    started = time.monotonic()
+    code, out, events = await run_once(config)
+    assert code == 0, out
+    assert time.monotonic() - started < 30
+    _, *rows, blank, footer = out.splitlines()
+    assert [row.split()[-2] for row in rows] == ["azure", "azure"] and blank == ""
+    assert footer.startswith("fleet: down, fetched alone: Redis did not answer")
+    assert len([e for e in events if e.get("event") == "fleet.unavailable"]) == 1
+    assert emulator.state.count("mms.token", demo.TOKEN_SERVICE) == 1
+    for name in SERVICES:
+        assert (short_dir / "once" / f"{name}.cred").read_text()
+    assert CLIENT_SECRET not in out + json.dumps(events)
