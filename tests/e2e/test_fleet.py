@@ -16,14 +16,19 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from broker.config import load_config
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
+from broker.fleet import Sealer, ServiceKeys, UnreadableEntry
+from broker.saved_credentials import Saved
 from tests.conftest import CLIENT_SECRET, RedisServer, config_text
 
 pytestmark = pytest.mark.timeout(120)
 
 FLEET_KEY = bytes(range(7, 71))
+OTHER_KEY = bytes(range(100, 164))
 LEASE_S = 3.0
 LIFETIME_S, REFRESH_AFTER_S = 12.0, 4.0
 # The least time between two fetches of one credential: its refreshAfter (whole seconds, so
@@ -83,8 +88,18 @@ class Broker:
     def holder(self) -> str:
         return str(self.named("fleet.joined")[0]["holder"])
 
+    def keys(self, service: str) -> tuple[ServiceKeys, str]:
+        """The Redis keys of `service` in this broker's configuration, and its identity."""
+        config = load_config(self.directory / "broker.toml")
+        identity = config.service_identity(service)
+        assert identity is not None
+        return ServiceKeys.of(config.fleet.key_prefix, identity), identity
 
-StartBroker = Callable[[], Coroutine[Any, Any, Broker]]
+    def ignored(self, service: str) -> list[dict[str, Any]]:
+        return [e for e in self.named("fleet.entry_ignored") if e["service"] == service]
+
+
+StartBroker = Callable[..., Coroutine[Any, Any, Broker]]
 
 
 @pytest.fixture
@@ -133,11 +148,11 @@ async def start_broker(
     in one fleet; every one is killed after the test."""
     started: list[Broker] = []
 
-    async def start() -> Broker:
+    async def start(key_file: Path = fleet_key) -> Broker:
         directory = short_dir / f"b{len(started)}"
         directory.mkdir()
         text = config_text(emulator, directory, services=SERVICES)
-        text += fleet_table(redis.unix_url, fleet_key)
+        text += fleet_table(redis.unix_url, key_file)
         (directory / "broker.toml").write_text(text)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -408,3 +423,126 @@ async def test_once_with_redis_down_fetches_alone_and_says_so(
     for name in SERVICES:
         assert (short_dir / "once" / f"{name}.cred").read_text()
     assert CLIENT_SECRET not in out + json.dumps(events)
+
+
+@pytest.fixture
+async def client(redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test's Redis, for what a hostile writer would do."""
+    connection = aioredis.Redis(unix_socket_path=str(redis.socket))
+    yield connection
+    await connection.aclose()
+
+
+async def stored(client: aioredis.Redis, key: str) -> bytes:
+    """The value under `key`, which must be there."""
+    value = await client.get(key)
+    assert isinstance(value, bytes), key
+    return value
+
+
+async def shared(client: aioredis.Redis, broker: Broker, service: str) -> Saved | None:
+    """The credential under `service`'s key, opened with the fleet's key; None when it
+    does not open or is not there."""
+    keys, identity = broker.keys(service)
+    value = await client.get(keys.credential)
+    assert value is None or isinstance(value, bytes)
+    try:
+        return None if value is None else Sealer(FLEET_KEY).open(keys.credential, identity, value)
+    except UnreadableEntry:
+        return None
+
+
+async def serve_until(
+    brokers: list[Broker], emulator: Emulator, done: Callable[[], Coroutine[Any, Any, bool]]
+) -> set[str]:
+    """Ask every broker for the token service's credential until `done()`, asserting each
+    one served is a token the emulator issued and still accepts; the tokens served."""
+    token_service = emulator.state.web_service(
+        demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE, demo.TOKEN_SERVICE
+    )
+    assert token_service is not None
+    deadline = time.monotonic() + 4 * REFRESH_AFTER_S
+    served: set[str] = set()
+    while not await done():
+        assert time.monotonic() < deadline, "the bad entry was never replaced"
+        for broker in brokers:
+            body = await broker.token("fraud")
+            assert body["token_type"] == "Bearer" and body["expires_on"] > time.time()
+            assert emulator.state.token_is_valid(body["access_token"], token_service)
+            served.add(body["access_token"])
+        await asyncio.sleep(0.1)
+    return served
+
+
+def altered(value: bytes) -> bytes:
+    """The entry with its stamp raised (as a writer would to look newer) and its last
+    byte flipped."""
+    magic, stamp, rest = value.split(b":", 2)
+    return b"%s:%d:%s%c" % (magic, int(stamp) * 10, rest[:-1], rest[-1] ^ 1)
+
+
+@pytest.mark.parametrize("tampering", ["altered", "moved"])
+async def test_a_tampered_entry_is_ignored_and_replaced(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    client: aioredis.Redis,
+    tampering: str,
+) -> None:
+    """An entry altered in Redis (a higher stamp, a flipped byte) or copied from another
+    service's key is never served: each broker warns once, keeps serving its own valid
+    token, and the next refresh writes a good entry over it."""
+    brokers = await start_fleet(start_broker, 2)
+    keys, _ = brokers[0].keys("fraud")
+    if tampering == "altered":
+        bad = altered(await stored(client, keys.credential))
+    else:
+        bad = await stored(client, brokers[0].keys("churn")[0].credential)
+    await client.set(keys.credential, bad, px=600_000)  # outlives the test: not expiry
+    await client.publish(keys.notices, bad.split(b":")[1])  # every broker reads it now
+
+    async def replaced() -> bool:
+        return (
+            all(b.ignored("fraud") for b in brokers)
+            and (await shared(client, brokers[0], "fraud")) is not None
+        )
+
+    served = await serve_until(brokers, emulator, replaced)
+    churn_key = (await brokers[0].token("churn"))["access_token"]
+    assert churn_key not in served
+    for broker in brokers:
+        (warning,) = broker.ignored("fraud")  # once per bad value, however often it is read
+        assert warning["level"] == "warning" and "does not open" in warning["reason"]
+    now_shared = await shared(client, brokers[0], "fraud")
+    assert now_shared is not None
+    assert len(await converged(brokers)) == 1
+    assert (await brokers[0].token("fraud"))["access_token"] == now_shared.token.value
+
+
+async def test_an_entry_written_with_another_key_is_ignored_and_replaced(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    client: aioredis.Redis,
+    short_dir: Path,
+) -> None:
+    """A broker with another encryption key cannot read the fleet's entries and writes its
+    own over them; the fleet's brokers warn, never serve its token, and their next refresh
+    writes an entry the fleet's key opens."""
+    brokers = await start_fleet(start_broker, 2)
+    stranger = await start_broker(write_key(short_dir / "other.key", OTHER_KEY))
+    await stranger.ready()
+    assert {e["source"] for e in stranger.named("token.refreshed")} == {"azure"}
+    assert stranger.ignored("fraud") and stranger.ignored("churn")
+    strangers_token = (await stranger.token("fraud"))["access_token"]
+    assert await shared(client, brokers[0], "fraud") is None  # the stranger's entry is there
+    stranger.proc.kill()
+    await stranger.proc.wait()
+
+    async def replaced() -> bool:
+        found = await shared(client, brokers[0], "fraud")
+        return found is not None and found.token.value != strangers_token
+
+    served = await serve_until(brokers, emulator, replaced)
+    assert strangers_token not in served
+    for broker in brokers:
+        assert "another encryption key" in broker.ignored("fraud")[0]["reason"]
+    assert len(await converged(brokers)) == 1
