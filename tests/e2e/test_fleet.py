@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from broker.fleet import Sealer, ServiceKeys, UnreadableEntry
 from broker.saved_credentials import Saved
-from tests.conftest import CLIENT_SECRET, RedisServer, config_text
+from tests.conftest import CLIENT_SECRET, RedisServer, TlsRedis, config_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,11 +148,11 @@ async def start_broker(
     in one fleet; every one is killed after the test."""
     started: list[Broker] = []
 
-    async def start(key_file: Path = fleet_key) -> Broker:
+    async def start(key_file: Path = fleet_key, *, table: str | None = None) -> Broker:
         directory = short_dir / f"b{len(started)}"
         directory.mkdir()
         text = config_text(emulator, directory, services=SERVICES)
-        text += fleet_table(redis.unix_url, key_file)
+        text += table or fleet_table(redis.unix_url, key_file)
         (directory / "broker.toml").write_text(text)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -546,3 +546,63 @@ async def test_an_entry_written_with_another_key_is_ignored_and_replaced(
     for broker in brokers:
         assert "another encryption key" in broker.ignored("fraud")[0]["reason"]
     assert len(await converged(brokers)) == 1
+
+
+# The README's ACL, less +client|setinfo, which Debian's Redis 7.0 does not know.
+README_ACL = (
+    "on", "resetkeys", "~token-broker:*", "resetchannels", "&token-broker:*", "-@all",
+    "+get", "+set", "+evalsha", "+script|load", "+publish", "+subscribe", "+unsubscribe",
+    "+ping", "+client|setname",
+)  # fmt: skip
+REDIS_PASSWORD = "redis-PASSWORD-tls-0001"
+
+
+@pytest.fixture
+def acl_user(tls_redis: TlsRedis, short_dir: Path) -> Iterator[Path]:
+    """The TLS Redis, emptied, with the README's ACL user "broker"; its password's file."""
+    server = tls_redis.server
+    server.command("FLUSHALL")
+    server.command("ACL", "SETUSER", "broker", *README_ACL, f">{REDIS_PASSWORD}")
+    password_file = short_dir / "redis-password"
+    password_file.write_text(REDIS_PASSWORD + "\n")
+    password_file.chmod(0o600)
+    yield password_file
+    server.command("ACL", "DELUSER", "broker")
+
+
+async def test_brokers_share_over_tls_as_an_acl_user(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    tls_redis: TlsRedis,
+    acl_user: Path,
+    fleet_key: Path,
+) -> None:
+    """Over rediss:// with the CA the test made and the README's ACL user, a second broker
+    is ready with no upstream call; one given another CA cannot connect, refreshes alone
+    and says certificate verify failed, naming ca_file and no secret."""
+
+    def table(ca_file: Path) -> str:
+        return fleet_table(
+            tls_redis.url,
+            fleet_key,
+            f'ca_file = "{ca_file}"\nusername = "broker"\npassword_file = "{acl_user}"\n',
+        )
+
+    first = await start_broker(table=table(tls_redis.ca_file))
+    await first.ready()
+    before = upstream_calls(emulator)
+    second = await start_broker(table=table(tls_redis.ca_file))
+    await second.ready()
+    assert upstream_calls(emulator) == before
+    assert {e["source"] for e in second.named("token.refreshed")} == {"fleet"}
+    assert (await second.get("/v1/services/fraud"))[1]["fleet"] == "up"
+    stranger = await start_broker(table=table(tls_redis.other_ca_file))
+    await stranger.ready()
+    assert {e["source"] for e in stranger.named("token.refreshed")} == {"azure"}
+    (unavailable,) = stranger.named("fleet.unavailable")
+    assert "certificate verify failed" in unavailable["error"], unavailable
+    assert "ca_file" in unavailable["error"]
+    assert (await stranger.get("/v1/services/fraud"))[1]["fleet"] == "down"
+    for broker in (first, second, stranger):
+        printed = json.dumps(broker.events)
+        assert REDIS_PASSWORD not in printed and CLIENT_SECRET not in printed
