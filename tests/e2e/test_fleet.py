@@ -7,8 +7,10 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -71,6 +73,27 @@ class Broker:
         assert status == 200, body
         assert isinstance(body, dict)
         return body
+
+    async def reload(self, fleet: str) -> dict[str, Any]:
+        """Rewrite the configuration's `[fleet]` table as `fleet` ("" for none), send
+        SIGHUP, and return the reload's outcome: `config.reloaded` or `.reload_rejected`."""
+        path = self.directory / "broker.toml"
+        text = path.read_text().split("\n[fleet]\n", 1)[0]
+        path.write_text(text + fleet)
+        outcomes = ("config.reloaded", "config.reload_rejected")
+        seen = len([e for e in self.events if e.get("event") in outcomes])
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while True:
+            done = [e for e in self.events if e.get("event") in outcomes]
+            if len(done) > seen:
+                return done[-1]
+            assert time.monotonic() < deadline, "the reload never finished"
+            await asyncio.sleep(0.05)
+
+    async def fleet(self) -> str:
+        """The fleet's health as `/v1/services/fraud` says it."""
+        return str((await self.get("/v1/services/fraud"))[1]["fleet"])
 
     async def ready(self, within: float = 20.0) -> None:
         deadline = time.monotonic() + within
@@ -152,7 +175,7 @@ async def start_broker(
         directory = short_dir / f"b{len(started)}"
         directory.mkdir()
         text = config_text(emulator, directory, services=SERVICES)
-        text += table or fleet_table(redis.unix_url, key_file)
+        text += fleet_table(redis.unix_url, key_file) if table is None else table
         (directory / "broker.toml").write_text(text)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -606,3 +629,87 @@ async def test_brokers_share_over_tls_as_an_acl_user(
     for broker in (first, second, stranger):
         printed = json.dumps(broker.events)
         assert REDIS_PASSWORD not in printed and CLIENT_SECRET not in printed
+
+
+@pytest.fixture
+def other_redis() -> Iterator[RedisServer]:
+    """A second redis-server, for a fleet moved to another Redis."""
+    directory = Path(tempfile.mkdtemp(prefix="tb-redis-", dir="/tmp"))
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def eventually(check: Callable[[], Coroutine[Any, Any, bool]], what: str) -> None:
+    """Wait, within three refresh cycles, until `check()`."""
+    deadline = time.monotonic() + 3 * REFRESH_AFTER_S
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+def entries(redis: RedisServer) -> list[bytes]:
+    return redis.command("KEYS", "token-broker:*:credential").split()
+
+
+async def test_a_reload_joins_moves_and_leaves_the_fleet(
+    start_broker: StartBroker,
+    redis: RedisServer,
+    other_redis: RedisServer,
+    fleet_key: Path,
+) -> None:
+    """A reload that enables [fleet] joins it (the broker then serves the fleet's token),
+    one that changes redis_url shares through the new Redis, a broken [fleet] is rejected
+    with the key and the fix while the running fleet stays, and one without [fleet] leaves
+    it: the broker refreshes alone and writes nothing to Redis."""
+    member = await start_broker()
+    await member.ready()
+    broker = await start_broker(table="")
+    await broker.ready()
+    assert await broker.fleet() == "off"
+    status, metrics = await broker.get("/metrics")
+    assert "token_broker_fleet_up" not in metrics
+
+    reloaded = await broker.reload(fleet_table(redis.unix_url, fleet_key))
+    assert reloaded["event"] == "config.reloaded"
+    (joined,) = broker.named("fleet.reconfigured")
+    assert joined["enabled"] is True and "redis_url" in joined["changed"]
+    await eventually(lambda: _is(broker.fleet(), "up"), "the broker never reached the fleet")
+    assert len(await converged([member, broker], within=3 * REFRESH_AFTER_S)) == 1
+
+    reloaded = await broker.reload(fleet_table(other_redis.unix_url, fleet_key))
+    assert reloaded["event"] == "config.reloaded"
+    assert broker.named("fleet.reconfigured")[-1]["changed"] == ["redis_url"]
+    await eventually(lambda: _now(bool(entries(other_redis))), "nothing shared in the new Redis")
+
+    rejected = await broker.reload(fleet_table("http://redis.internal", fleet_key))
+    assert rejected["event"] == "config.reload_rejected"
+    (problem,) = rejected["problems"]
+    assert "broker.toml" in problem and "redis_url" in problem and "rediss://" in problem
+    assert len(broker.named("fleet.reconfigured")) == 2  # the running fleet stays
+    assert await broker.fleet() == "up"
+
+    reloaded = await broker.reload("")
+    assert reloaded["event"] == "config.reloaded"
+    assert broker.named("fleet.reconfigured")[-1]["enabled"] is False
+    assert await broker.fleet() == "off"
+    status, metrics = await broker.get("/metrics")
+    assert status == 200 and "token_broker_fleet_up" not in metrics
+    other_redis.command("FLUSHALL")
+    refreshed = len(broker.named("token.refreshed"))
+    await eventually(
+        lambda: _now(len(broker.named("token.refreshed")) > refreshed), "no refresh alone"
+    )
+    assert broker.named("token.refreshed")[-1]["source"] == "azure"
+    assert entries(other_redis) == []
+    assert (await broker.token())["expires_on"] > time.time()
+
+
+async def _is(value: Coroutine[Any, Any, str], expected: str) -> bool:
+    return await value == expected
+
+
+async def _now(value: bool) -> bool:
+    return value
