@@ -9,7 +9,11 @@ are interleaved (A B A B …) and reported as medians of rounds.
 
 Knobs: BENCH_QUICK=1 (short runs, for trying the script), BENCH_ROUNDS, BENCH_DURATION_S,
 BENCH_IDLE_S (idle CPU window, default 60), BENCH_HAMMER_S, BENCH_INSTALL=1 (apt-get
-install nginx when missing, for the static-file reference).
+install nginx and redis-server when missing), BENCH_ONLY=fleet (or any comma-separated
+sections of throughput, storm, scale, hammer, idle, fleet: run only those, keeping the
+other figures of bench/results/latest.json), BENCH_FLEET_PROCESSES (real brokers, default
+"1,5,10"), BENCH_FLEET_SWARMS (light in-process brokers, default "100,1000"),
+BENCH_FLEET_CYCLES (refresh cycles measured at each size, default 3).
 """
 
 from __future__ import annotations
@@ -57,10 +61,37 @@ STORM_LIFETIME_S, STORM_REFRESH_AFTER_S = 3600.0, 1800.0
 HAMMER_SERVICES, HAMMER_CLIENTS = 10, 100
 HAMMER_LIFETIME_S, HAMMER_REFRESH_AFTER_S, HAMMER_MARGIN_S = 12.0, 11.0, 1.0
 METADATA = "Metadata: true"
+SECTIONS = ("throughput", "storm", "scale", "hammer", "idle", "fleet")
+ONLY = tuple(x for x in os.environ.get("BENCH_ONLY", "").split(",") if x) or SECTIONS
+if not set(ONLY) <= set(SECTIONS):
+    raise SystemExit(f"BENCH_ONLY names unknown sections; known: {', '.join(SECTIONS)}")
+
+
+def _sizes(name: str, default: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in os.environ.get(name, default).split(",") if x)
+
+
+# Fleet mode: brokers of one configuration sharing one Redis. Tokens live 12 s and are
+# refreshed about every 10 s (refreshAfter 11 s, a margin of 1 s, a jitter up to 1 s).
+FLEET_SERVICES = 3
+FLEET_LIFETIME_S, FLEET_REFRESH_AFTER_S, FLEET_PERIOD_S = 12.0, 11.0, 10.0
+FLEET_PROCESSES = _sizes("BENCH_FLEET_PROCESSES", "1,3" if QUICK else "1,5,10")
+FLEET_SWARMS = _sizes("BENCH_FLEET_SWARMS", "100" if QUICK else "100,1000")
+FLEET_CYCLES = int(os.environ.get("BENCH_FLEET_CYCLES", "1" if QUICK else "3"))
+FLEET_LEASE_S = 10  # its waiters look again every second (lease_s / 10), as at the default
+FLEET_RAMP_S = 10.0  # light brokers start over this long, as a rolling update brings pods up
+FLEET_REFRESH = (
+    "margin_s = 1\njitter_s = 1\nclock_skew_s = 0.5\n"
+    "service_calls_burst = 100000\nservice_calls_per_minute = 600000\n"
+)
 
 
 def bench_name(i: int) -> str:
     return f"bench-{i:05d}"
+
+
+def fleet_name(i: int) -> str:
+    return f"fleet-{i:02d}"
 
 
 def log(*parts: object) -> None:
@@ -97,6 +128,16 @@ def proc_rss_mib(pid: int) -> float:
 def build_state() -> Any:
     state = demo.demo_state(token_lifetime_s=3600.0, refresh_after_s=1800.0)
     ws = (demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE)
+    for i in range(FLEET_SERVICES):
+        state.add_web_service(
+            *ws,
+            fleet_name(i),
+            token_lifetime_s=FLEET_LIFETIME_S,
+            refresh_after_s=FLEET_REFRESH_AFTER_S,
+        )
+    if set(ONLY) == {"fleet"}:  # the other sections' thousands of services are not needed
+        state.add_web_service(*ws, bench_name(0), token_lifetime_s=3600.0)
+        return state
     for i in range(BIG):
         state.add_web_service(*ws, bench_name(i), token_lifetime_s=3600.0)
     for i in range(STORM):
@@ -170,12 +211,17 @@ class Broker:
     """`python -m broker run -c FILE` on the server CPU, timed from exec."""
 
     def __init__(
-        self, emu: Emulator, services: list[str], refresh: str, env: dict[str, str] | None = None
+        self,
+        emu: Emulator,
+        services: list[str],
+        refresh: str,
+        env: dict[str, str] | None = None,
+        extra: str = "",
     ) -> None:
         self.env = None if env is None else {**os.environ, **env}
         self.dir = Path(tempfile.mkdtemp(prefix="tbb-", dir="/tmp"))
         self.config = self.dir / "broker.toml"
-        self.config.write_text(config_text(emu, self.dir, services, refresh))
+        self.config.write_text(config_text(emu, self.dir, services, refresh) + extra)
         self.sock = str(self.dir / "broker.sock")
         self.port = int(self.config.read_text().split("port = ")[1].split()[0])
         self.proc: asyncio.subprocess.Process | None = None
@@ -234,6 +280,16 @@ class Broker:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The broker's log events called `name` so far (it logs JSON to broker.log)."""
+        found = []
+        for line in (self.dir / "broker.log").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == name:
+                    found.append(event)
+        return found
 
     @property
     def event_loop(self) -> str:
@@ -652,6 +708,350 @@ async def hammer(emu: Emulator, work: Path) -> dict[str, Any]:
     }
 
 
+# -- fleet mode ----------------------------------------------------------------------------
+
+
+class Redis:
+    """A redis-server of the bench's own on a Unix socket, persisting nothing."""
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary, self.directory = binary, directory
+        self.socket = directory / "redis.sock"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Redis:
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            *("--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"),
+            *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+            *("--maxclients", "15000", "--logfile", str(self.directory / "redis.log")),
+            stdout=asyncio.subprocess.DEVNULL,
+            preexec_fn=pin(CLIENT_CPU),
+        )
+        for _ in range(500):
+            with contextlib.suppress(OSError):
+                if self.cli("PING").strip() == "PONG":
+                    return self
+            await asyncio.sleep(0.01)
+        raise RuntimeError("redis-server did not start")
+
+    def cli(self, *args: str) -> str:
+        """One command's answer (a status or a bulk string), over the socket."""
+        command = b"*%d\r\n" % len(args) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args
+        )
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(10)
+            conn.connect(str(self.socket))
+            conn.sendall(command)
+            answer = b""
+            while not answer.endswith(b"\r\n") or (
+                answer.startswith(b"$") and len(answer) < _bulk_length(answer)
+            ):
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    break
+                answer += chunk
+        if answer.startswith(b"-"):
+            raise RuntimeError(f"redis: {answer.decode().strip()}")
+        head, _, body = answer.partition(b"\r\n")
+        return (body if head.startswith(b"$") else head[1:]).decode()
+
+    def clients(self) -> int:
+        for line in self.cli("INFO", "clients").splitlines():
+            if line.startswith("connected_clients:"):
+                return int(line.split(":")[1])
+        return 0
+
+    def commands(self) -> dict[str, int]:
+        """Commands Redis has run, by name (`INFO commandstats`), the bench's own left out."""
+        counts = {}
+        for line in self.cli("INFO", "commandstats").splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, stats = line.removeprefix("cmdstat_").partition(":")
+                if name not in ("info", "flushall", "ping"):
+                    counts[name] = int(stats.split("calls=")[1].split(",")[0])
+        return counts
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+
+
+def _bulk_length(answer: bytes) -> int:
+    """The whole length of a RESP bulk string answer, from its header."""
+    head = answer.split(b"\r\n", 1)[0]
+    return len(head) + 2 + int(head[1:]) + 2
+
+
+def redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found is None and INSTALL:
+        log("installing redis-server (BENCH_INSTALL=1)")
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "redis-server"],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+        found = shutil.which("redis-server")
+    return found
+
+
+def fleet_table(redis: Redis, key_file: Path) -> str:
+    return (
+        f'\n[fleet]\nenabled = true\nredis_url = "unix://{redis.socket}"\n'
+        f'encryption_key_file = "{key_file}"\nlease_s = {FLEET_LEASE_S}\n'
+    )
+
+
+class Swarm:
+    """`bench/swarm.py`: many light in-process brokers in one process on the server CPU."""
+
+    def __init__(self, emu: Emulator, services: list[str], extra: str, count: int) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="tbb-swarm-", dir="/tmp"))
+        self.config = self.dir / "broker.toml"
+        self.config.write_text(config_text(emu, self.dir, services, FLEET_REFRESH) + extra)
+        self.count = count
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready_s = float("nan")
+        self.waiting = 0
+
+    async def start(self) -> Swarm:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(ROOT / "bench" / "swarm.py"),
+            *(str(self.config), str(self.count), "--ramp-s", str(FLEET_RAMP_S)),
+            *("--ready-timeout", str(READY_TIMEOUT_S * 4)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=(self.dir / "swarm.log").open("wb"),
+            preexec_fn=pin(SERVER_CPU),
+        )
+        assert self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the swarm exited: see {self.dir / 'swarm.log'}")
+        report = json.loads(line)
+        self.ready_s, self.waiting = report["ready_s"], report["waiting"]
+        return self
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TokenCalls:
+    """When the emulator was asked for each fleet service's token (its own listener)."""
+
+    def __init__(self, state: Any, services: list[str]) -> None:
+        self.state, self.services = state, services
+        self.times: dict[str, list[float]] = {name: [] for name in services}
+        self._seen = {name: state.count("mms.token", name) for name in services}
+        self.close = state.listen(self._heard)
+
+    def _heard(self, what: str, route: str) -> None:
+        if what != "called" or route != "mms.token":
+            return
+        now = time.monotonic()
+        for name in self.services:
+            count = self.state.count("mms.token", name)
+            self.times[name] += [now] * (count - self._seen[name])
+            self._seen[name] = count
+
+    def in_window(self, since: float, until: float) -> dict[str, int]:
+        """Calls in [since, until), and how many of them came within half a refresh period
+        of the call before them for the same service: a second call for one token."""
+        calls = again = 0
+        for times in self.times.values():
+            previous = None
+            for when in times:
+                if since <= when < until:
+                    calls += 1
+                    again += previous is not None and when - previous <= FLEET_PERIOD_S / 2
+                previous = when
+        return {"calls": calls, "second_calls": again}
+
+
+ROUTES = ("entra.token", "arm.workspace", "discovery", "mms.describe", "mms.token")
+
+
+def route_counts(state: Any) -> dict[str, int]:
+    return {route: state.count(route) for route in ROUTES}
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+
+async def fleet_size(
+    emu: Emulator, redis: Redis, key_file: Path, brokers: int, shared: bool
+) -> dict[str, Any]:
+    """`brokers` brokers of one configuration started at once (a rollout), then
+    FLEET_CYCLES refresh cycles of steady state, then one broker more joining."""
+    redis.cli("FLUSHALL")
+    names = [fleet_name(i) for i in range(FLEET_SERVICES)]
+    extra = fleet_table(redis, key_file) if shared else ""
+    real = brokers <= max(FLEET_PROCESSES)
+    calls = TokenCalls(emu.state, names)
+    before = route_counts(emu.state)
+    started = time.perf_counter()
+    running: list[Broker] | Swarm
+    if real:
+        running = [Broker(emu, names, FLEET_REFRESH, extra=extra) for _ in range(brokers)]
+        await asyncio.gather(*(b.start() for b in running))
+        waiting = sum(b.waiting_at_timeout or 0 for b in running)
+    else:
+        running = await Swarm(emu, names, extra, brokers).start()
+        waiting = running.waiting
+    ready_s = time.perf_counter() - started
+    try:
+        startup = delta(route_counts(emu.state), before)
+        window_s = FLEET_CYCLES * FLEET_PERIOD_S
+        commands0, counts0, t0 = redis.commands(), route_counts(emu.state), time.monotonic()
+        await asyncio.sleep(window_s)
+        commands1, counts1, t1 = redis.commands(), route_counts(emu.state), time.monotonic()
+        clients = redis.clients()
+        joining = await join(emu, names, extra)
+    finally:
+        calls.close()
+        for broker in running if isinstance(running, list) else [running]:
+            await broker.stop()
+    tokens = calls.in_window(t0, t1)
+    cycles = (t1 - t0) / FLEET_PERIOD_S
+    per_cycle = tokens["calls"] / FLEET_SERVICES / cycles
+    steady = delta(counts1, counts0)
+    log(
+        f"{'fleet' if shared else 'alone'} {brokers:5} brokers: ready {ready_s:.1f} s, "
+        f"{per_cycle:.2f} token calls per service per cycle "
+        f"({tokens['second_calls']} of {tokens['calls']} a second for one token), "
+        f"{sum(delta(commands1, commands0).values()) / (t1 - t0):.0f} Redis commands/s"
+    )
+    return {
+        "brokers": brokers,
+        "fleet": shared,
+        "kind": "processes" if real else "in-process",
+        "ready_s": ready_s,
+        "not_ready": waiting,
+        "startup_calls": startup,
+        "window_s": t1 - t0,
+        "steady_calls": steady,
+        "token_calls": tokens["calls"],
+        "second_calls": tokens["second_calls"],
+        "calls_per_token": tokens["calls"] / max(tokens["calls"] - tokens["second_calls"], 1),
+        "token_calls_per_service_per_cycle": per_cycle,
+        "redis_commands_per_s": sum(delta(commands1, commands0).values()) / (t1 - t0),
+        "redis_commands": delta(commands1, commands0),
+        "redis_clients": clients,
+        "joining": joining,
+    }
+
+
+async def join(emu: Emulator, names: list[str], extra: str) -> dict[str, Any]:
+    """One `token-broker run` more, started beside the running ones: time to ready, and
+    what it took from Azure and from the fleet (its own log)."""
+    broker = Broker(emu, names, FLEET_REFRESH, extra=extra)
+    try:
+        await broker.start()
+        refreshed = broker.events("token.refreshed")
+        described = broker.events("service.described")
+    finally:
+        await broker.stop()
+    return {
+        "ready_s": broker.ready_s,
+        "fetched_from_azure": sum(e.get("source") == "azure" for e in refreshed),
+        "adopted_from_fleet": sum(e.get("source") == "fleet" for e in refreshed),
+        "described_by_azure": sum(e.get("source") == "azure" for e in described),
+    }
+
+
+async def route_speed(emu: Emulator, redis: Redis, key_file: Path) -> dict[str, Any]:
+    """The token route of a broker in fleet mode against one without, interleaved rounds."""
+    servers = {
+        "fleet": await Broker(
+            emu, [bench_name(0)], LONG_REFRESH, extra=fleet_table(redis, key_file)
+        ).start(),
+        "alone": await Broker(emu, [bench_name(0)], LONG_REFRESH).start(),
+    }
+    path = f"/v1/token/{bench_name(0)}"
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for transport in ("tcp", "unix"):
+            for rnd in range(ROUNDS):
+                order = list(servers) if rnd % 2 == 0 else list(servers)[::-1]
+                for name in order:
+                    srv = servers[name]
+                    target = (
+                        ("tcp", f"127.0.0.1:{srv.port}")
+                        if transport == "tcp"
+                        else ("unix", srv.sock)
+                    )
+                    r = await load(target, 16, DURATION_S, [path], srv.pid)
+                    runs.setdefault(f"{name}/{transport}/16", []).append(r)
+                    log(f"fleet route {name:5} {transport:4} {r['rps']:9.0f} req/s")
+    finally:
+        for srv in servers.values():
+            await srv.stop()
+    table = {key: summary(v) for key, v in runs.items()}
+    ratios = {
+        f"{t}/16": table[f"fleet/{t}/16"]["rps"] / table[f"alone/{t}/16"]["rps"]
+        for t in ("tcp", "unix")
+    }
+    return {"results": table, "ratios": ratios, "connections": 16}
+
+
+async def fleet(emu: Emulator, work: Path) -> dict[str, Any]:
+    """Brokers sharing one Redis against brokers alone: Azure calls per token at each size,
+    Redis commands per second, a joining broker's time to ready, the token route's speed."""
+    binary = redis_binary()
+    if binary is None:
+        note = "redis-server not installed; run with BENCH_INSTALL=1 (or make tools)"
+        log(note)
+        return {"skipped": note}
+    directory = work / "fleet"
+    directory.mkdir()
+    key_file = directory / "fleet.key"
+    key_file.write_bytes(os.urandom(32))
+    key_file.chmod(0o600)
+    redis = await Redis(binary, directory).start()
+    sizes = []
+    try:
+        for brokers in (*FLEET_PROCESSES, *FLEET_SWARMS):
+            for shared in (True, False):
+                sizes.append(await fleet_size(emu, redis, key_file, brokers, shared))
+        speed = await route_speed(emu, redis, key_file)
+    finally:
+        await redis.stop()
+    largest = max(x["brokers"] for x in sizes)
+    at_largest = {x["fleet"]: x["token_calls"] for x in sizes if x["brokers"] == largest}
+    biggest_shared = next(x for x in sizes if x["brokers"] == largest and x["fleet"])
+    return {
+        "services": FLEET_SERVICES,
+        "token_lifetime_s": FLEET_LIFETIME_S,
+        "refresh_period_s": FLEET_PERIOD_S,
+        "cycles": FLEET_CYCLES,
+        "lease_s": FLEET_LEASE_S,
+        "processes": list(FLEET_PROCESSES),
+        "swarms": list(FLEET_SWARMS),
+        "ramp_s": FLEET_RAMP_S,
+        "sizes": sizes,
+        "fewer_calls_at_largest": at_largest[False] / max(at_largest[True], 1),
+        "joining": {
+            "brokers": largest,
+            "fleet": biggest_shared["joining"],
+            "alone": next(x for x in sizes if x["brokers"] == largest and not x["fleet"])[
+                "joining"
+            ],
+        },
+        "route_speed": speed,
+    }
+
+
 # -- machine and targets -------------------------------------------------------------------
 
 
@@ -695,12 +1095,59 @@ def machine() -> dict[str, Any]:
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of the sections measured (now or in the run whose figures were kept)."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, goal: str, value: Any, met: bool | None, unit: str = "") -> None:
         rounded = round(value, 3) if isinstance(value, float) else value
         out.append({"target": name, "goal": goal, "measured": rounded, "unit": unit, "met": met})
 
+    if "throughput" in r:
+        _throughput_targets(r, add)
+    if "storm" in r:
+        v = r["storm"].get("p99_ratio")
+        add(
+            "p99 during 1,000-service refresh storm vs idle p99",
+            "<= 2x",
+            v,
+            None if v is None else v <= 2.0,
+            "x",
+        )
+    if "idle" in r:
+        add(
+            "RSS idle, 10 services",
+            "<= 40 MiB",
+            r["idle"]["rss_mib"],
+            r["idle"]["rss_mib"] <= 40,
+            "MiB",
+        )
+    if "scale" in r:
+        _scale_targets(r, add)
+    if "idle" in r:
+        cpu = r["idle"]["cpu_pct"]
+        add("idle CPU (10 services)", "<= 0.5 %", cpu, cpu <= 0.5, "%")
+    if "scale" in r:
+        ratio = r["scale"]["scaling"]["ratio"]
+        add(f"req/s with {BIG} services vs 1", "within 10 %", ratio, ratio >= 0.9, "x")
+    if "hammer" in r:
+        h = r["hammer"]
+        add(
+            "upstream token calls per service per token under 100 clients",
+            "exactly 1",
+            h["calls_per_service_per_refresh_period"],
+            h["max_extra_calls"] == 0
+            and min(h["calls_per_service"].values()) >= h["scheduled_calls_per_service"] - 1,
+            "calls",
+        )
+    if "fleet" in r:
+        _fleet_targets(r["fleet"], add)
+    return out
+
+
+Add = Any  # the `add` of `targets`
+
+
+def _throughput_targets(r: dict[str, Any], add: Add) -> None:
     ratios = r["throughput"]["ratios"]
     for key in ("tcp/16", "tcp/64", "unix/16", "unix/64"):
         v = ratios[key]["vs_aiohttp"]
@@ -714,23 +1161,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             None if v is None else v >= 0.5,
             "x",
         )
-    storm = r["storm"]
-    v = storm.get("p99_ratio")
-    add(
-        "p99 during 1,000-service refresh storm vs idle p99",
-        "<= 2x",
-        v,
-        None if v is None else v <= 2.0,
-        "x",
-    )
+
+
+def _scale_targets(r: dict[str, Any], add: Add) -> None:
     st = r["scale"]["startup"]
-    add(
-        "RSS idle, 10 services",
-        "<= 40 MiB",
-        r["idle"]["rss_mib"],
-        r["idle"]["rss_mib"] <= 40,
-        "MiB",
-    )
     big_ready = st[str(BIG)]["services_waiting_at_timeout"] is None
     add(
         f"RSS idle, {BIG} services" + ("" if big_ready else " (start-up unfinished)"),
@@ -746,21 +1180,55 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         st["10"]["listening_s"] <= 0.5,
         "s",
     )
+
+
+def _fleet_targets(f: dict[str, Any], add: Add) -> None:
+    if f.get("skipped"):
+        add("fleet: upstream token calls per service per token", "exactly 1", None, None)
+        return
+    shared = [x for x in f["sizes"] if x["fleet"]]
+    worst = max(x["calls_per_token"] for x in shared)
+    largest = max(x["brokers"] for x in shared)
     add(
-        "idle CPU (10 services)", "<= 0.5 %", r["idle"]["cpu_pct"], r["idle"]["cpu_pct"] <= 0.5, "%"
-    )
-    ratio = r["scale"]["scaling"]["ratio"]
-    add(f"req/s with {BIG} services vs 1", "within 10 %", ratio, ratio >= 0.9, "x")
-    h = r["hammer"]
-    add(
-        "upstream token calls per service per token under 100 clients",
+        f"fleet: upstream token calls per service per token, every N up to {largest:,}",
         "exactly 1",
-        h["calls_per_service_per_refresh_period"],
-        h["max_extra_calls"] == 0
-        and min(h["calls_per_service"].values()) >= h["scheduled_calls_per_service"] - 1,
+        worst,
+        worst == 1.0,
         "calls",
     )
-    return out
+    fewer = f.get("fewer_calls_at_largest")
+    add(
+        f"fleet: fewer Azure token calls than alone at {largest:,} brokers",
+        ">= 100x" if largest >= 1000 else f">= {largest // 2}x",
+        fewer,
+        None if fewer is None else fewer >= (100 if largest >= 1000 else largest // 2),
+        "x",
+    )
+    joining = f["joining"]
+    add(
+        "fleet: upstream calls by a joining broker",
+        "0",
+        joining["fleet"]["fetched_from_azure"],
+        joining["fleet"]["fetched_from_azure"] == 0,
+        "fetches",
+    )
+    speed = f["route_speed"]
+    for key, v in speed["ratios"].items():
+        add(
+            f"fleet: token route with fleet mode on vs off, {key} conns",
+            "within 10 %",
+            v,
+            v >= 0.9,
+            "x",
+        )
+
+
+def previous_results() -> dict[str, Any]:
+    """The figures of the last run, kept for the sections this run leaves out."""
+    if set(ONLY) == set(SECTIONS) or not RESULTS.exists():
+        return {}
+    kept: dict[str, Any] = json.loads(RESULTS.read_text())
+    return kept
 
 
 async def main() -> None:
@@ -768,55 +1236,71 @@ async def main() -> None:
         os.sched_setaffinity(0, {CLIENT_CPU})
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="tbb-", dir="/tmp"))
-    results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "settings": {
+    results = previous_results()
+    results.update(
+        {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+        }
+    )
+    results.setdefault("settings", {}).update(
+        {
             "rounds": ROUNDS,
             "duration_s": DURATION_S,
             "idle_s": IDLE_S,
             "hammer_s": HAMMER_S,
             "quick": QUICK,
             "connections": list(CONNECTIONS),
-        },
-    }
+        }
+    )
     log("building the emulator's cloud")
     state = build_state()
+    phases = [
+        ("throughput", "throughput", throughput),
+        ("storm", "refresh storm", refresh_storm),
+        ("scale", "start-up, memory and 10,000 services", scale),
+        ("hammer", "100 clients hammering", hammer),
+        ("fleet", "fleet mode: brokers sharing one Redis", fleet),
+    ]
     try:
         async with Emulator(state=state, ca_dir=work) as emu:
             # The idle broker waits through the other phases; its CPU time is its own.
-            idle = await Broker(emu, [bench_name(i) for i in range(10)], LONG_REFRESH).start()
-            await asyncio.sleep(1.0)
-            idle_cpu0, idle_t0 = proc_cpu_s(idle.pid), time.perf_counter()
-            log("throughput")
-            results["throughput"] = await throughput(emu, work)
-            log("refresh storm")
-            results["storm"] = await refresh_storm(emu, work)
-            log("start-up, memory and 10,000 services")
-            results["scale"] = await scale(emu, work)
-            log("100 clients hammering")
-            results["hammer"] = await hammer(emu, work)
-            remaining = IDLE_S - (time.perf_counter() - idle_t0)
-            if remaining > 0:
-                log(f"idle broker: {remaining:.0f} s more")
-                await asyncio.sleep(remaining)
-            idle_wall = time.perf_counter() - idle_t0
-            results["idle"] = {
-                "services": 10,
-                "window_s": idle_wall,
-                "cpu_s": proc_cpu_s(idle.pid) - idle_cpu0,
-                "cpu_pct": 100 * (proc_cpu_s(idle.pid) - idle_cpu0) / idle_wall,
-                "rss_mib": proc_rss_mib(idle.pid),
-                "listening_s": idle.listening_s,
-            }
-            await idle.stop()
+            idle: Broker | None = None
+            if "idle" in ONLY:
+                idle = await Broker(emu, [bench_name(i) for i in range(10)], LONG_REFRESH).start()
+                await asyncio.sleep(1.0)
+                idle_cpu0, idle_t0 = proc_cpu_s(idle.pid), time.perf_counter()
+            for key, title, phase in phases:
+                if key in ONLY:
+                    log(title)
+                    phase_started = time.time()
+                    results[key] = await phase(emu, work)
+                    results.setdefault("phase_s", {})[key] = time.time() - phase_started
+                    results.setdefault("phase_dates", {})[key] = results["date"]
+            if idle is not None:
+                remaining = IDLE_S - (time.perf_counter() - idle_t0)
+                if remaining > 0:
+                    log(f"idle broker: {remaining:.0f} s more")
+                    await asyncio.sleep(remaining)
+                idle_wall = time.perf_counter() - idle_t0
+                results["idle"] = {
+                    "services": 10,
+                    "window_s": idle_wall,
+                    "cpu_s": proc_cpu_s(idle.pid) - idle_cpu0,
+                    "cpu_pct": 100 * (proc_cpu_s(idle.pid) - idle_cpu0) / idle_wall,
+                    "rss_mib": proc_rss_mib(idle.pid),
+                    "listening_s": idle.listening_s,
+                }
+                await idle.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["elapsed_s"] = time.time() - started
+    if set(ONLY) == set(SECTIONS):
+        results["elapsed_s"] = time.time() - started
+        results["full_run_date"] = results["date"]
     results["targets"] = targets(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    log(f"wrote {RESULTS.relative_to(ROOT)} in {results['elapsed_s']:.0f} s")
+    log(f"wrote {RESULTS.relative_to(ROOT)} in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
