@@ -313,7 +313,9 @@ def _fleet(r: dict[str, Any]) -> list[str]:
         f"at once; beyond, light brokers in one process (`bench/swarm.py`: each its own "
         "sign-in, Azure client, store, refresher and fleet connection, without listeners), "
         f"started over {f['ramp_s']:g} s as a rolling update brings pods up. All brokers "
-        "share the server CPU. Upstream calls are the emulator's counts; steady state is "
+        "share the server CPU (the light ones with Redis timeouts of 10 s and 5 s: their "
+        "shared event loop's lag counts against every command's bound). Upstream calls are "
+        "the emulator's counts; steady state is "
         f"{f['cycles']} refresh cycles once every broker is ready; Redis commands are "
         "`INFO commandstats`.",
         "",
@@ -362,7 +364,8 @@ def _fleet(r: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"The token route (`GET /v1/token/{{service}}`, {speed['connections']} connections) "
-        "of a broker in fleet mode against one without, interleaved rounds, medians:",
+        f"of a broker in fleet mode against one without, {f.get('rounds', 3)} interleaved "
+        f"rounds of {f.get('duration_s', 4):g} s, medians:",
         "",
         "| fleet | transport | req/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|",
