@@ -20,6 +20,8 @@ from broker.models import AuthKind
 
 log = get_logger("broker.refresher")
 
+_EARLY_S = 0.25  # a job may fire this much before its time: not a sign it was moved
+
 
 class Refresher:
     """Keeps every entry of a `Store` refreshed ahead of its deadline."""
@@ -82,6 +84,14 @@ class Refresher:
         await asyncio.gather(*late, return_exceptions=True)
 
     async def _run(self, service: str) -> None:
+        entry = self._store.entry(service)
+        if entry.next_attempt_at is not None and (
+            entry.next_attempt_at > self._store.clock() + _EARLY_S
+        ):
+            # Moved later after this run was due and before it started: a credential
+            # arrived meanwhile (in fleet mode, adopted on another broker's notice).
+            log.debug("refresh.superseded", service=service)
+            return
         # A failure is recorded and logged by the store, and _reschedule sets the retry.
         with contextlib.suppress(UpstreamError):
             await self._store.fetch(service)

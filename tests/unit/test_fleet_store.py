@@ -7,13 +7,13 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from broker.cache import Policy, Store
+from broker.cache import Policy, Refresher, Store
 from broker.config import FleetConfig, RefreshConfig, SecretBytes
 from broker.errors import UnavailableError
 from broker.fleet import Fleet
@@ -303,3 +303,43 @@ async def test_a_client_refresh_window_is_the_fleets(
     keeper.provider.outcomes.append(token(clock, "tok-3"))
     assert (await keeper.store.refresh_now("svc")).token.value == "tok-3"  # type: ignore[union-attr]
     assert keeper.provider.calls == 1
+
+
+class RecordingJobs:
+    """The refresher's jobs, kept for the test to run when it chooses."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, tuple[float, Callable[[], Awaitable[None]]]] = {}
+
+    def start(self) -> None:
+        """Nothing runs on its own."""
+
+    def shutdown(self) -> None:
+        self.jobs.clear()
+
+    def at(self, key: str, when: float, job: Callable[[], Awaitable[None]]) -> None:
+        self.jobs[key] = (when, job)
+
+    def cancel(self, key: str) -> None:
+        self.jobs.pop(key, None)
+
+
+async def test_a_refresh_run_overtaken_by_an_adoption_makes_no_call(
+    make_broker: MakeBroker, clock: FakeClock
+) -> None:
+    """A scheduled refresh that starts just after another broker's notice brought a newer
+    credential (its job moved later meanwhile) makes no upstream call."""
+    one, other = make_broker(), make_broker()
+    jobs = RecordingJobs()
+    Refresher(other.store, jobs)
+    one.provider.outcomes.append(token(clock, "tok-1"))
+    await one.store.fetch("svc")
+    await other.store.credential("svc")  # adopted; its refresh scheduled for tok-1
+    due_at, stale_run = jobs.jobs["svc"]
+    clock.now = due_at - 0.5
+    one.provider.outcomes.append(token(clock, "tok-2"))
+    await one.store.fetch("svc")
+    await _until_serving(other, "tok-2")  # by the notice; the job moved to tok-2's time
+    clock.now = due_at
+    await stale_run()  # already handed to the event loop when the job moved
+    assert other.provider.calls == 0 and jobs.jobs["svc"][0] > due_at
