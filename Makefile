@@ -77,8 +77,10 @@ image-tools:
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -m fuzz -p no:cacheprovider --hypothesis-show-statistics
 
-# Throughput, latency, memory and start-up against the emulator (about 9 minutes);
-# writes bench/results/latest.json, docs/benchmarks.md and docs/benchmarks-rps.png.
+# Throughput, latency, memory and start-up against the emulator, and fleet mode with a
+# redis-server (about 20 minutes; BENCH_ONLY=fleet runs one section alone, keeping the
+# others' figures); writes bench/results/latest.json, docs/benchmarks.md and
+# docs/benchmarks-rps.png.
 bench: $(STAMP)
 	@$(BIN)/python -m pip install -qq -e '.[dev,emulator,bench]'
 	$(BIN)/python bench/run.py
