@@ -25,9 +25,9 @@ from aiohttp import web
 from broker.config import ListenConfig
 from broker.errors import BrokerError
 from broker.log import get_logger
-from broker.server.access_rules import peer_of_socket
 from broker.server.connections import Connection, Connections, ListenerName
 from broker.server.keys import CONNECTIONS
+from broker.server.peers import Peer, peer_of_socket
 from broker.server.routes import STREAMS
 
 log = get_logger("broker.listeners")
@@ -243,15 +243,16 @@ class _Guarded(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        uid = None
+        peer: Peer | None = None
         if self._listener == "unix":
             peer = peer_of_socket(transport.get_extra_info("socket"))
-            uid = None if peer is None else peer.uid
+        uid = None if peer is None else peer.uid
         admitted = self._connections.admit(self._listener, transport, uid, self._loop.time())
         if isinstance(admitted, str):
             self._transport.write(_TOO_MANY[admitted])
             self._transport.close()
             return
+        admitted.peer = peer  # read once: the kernel's record of the peer never changes
         self._connection = admitted
         self._inner = inner = self._make_inner()
         inner.connection_made(transport)

@@ -18,8 +18,8 @@ from broker import __version__
 from broker.cache import Entry, Rendered, Store
 from broker.errors import BadRequestError, ForbiddenError
 from broker.log import get_logger
-from broker.server.access_rules import peer_of
 from broker.server.keys import ACCESS, ROTATIONS, STORE
+from broker.server.request_view import AppRequest, peer_of
 from broker.server.streams import Stream, Streams
 
 log = get_logger("broker.server")
@@ -68,7 +68,7 @@ async def token(request: web.Request) -> web.StreamResponse:
         return await _token_with_options(request, store, service)
     # The hot path, with no query string: what the general one does without parsing one,
     # and without a coroutine when the credential is servable.
-    app[ACCESS].authorize(request, service)
+    app[ACCESS].authorize(AppRequest(request), service)
     entry = store.entry(service)
     if not store.usable(entry):
         entry = await store.credential(service)
@@ -81,7 +81,7 @@ async def _token_with_options(
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "header"):
         raise BadRequestError(f"format must be json or header, not {fmt[:40]!r}")
-    request.app[ACCESS].authorize(request, service)
+    request.app[ACCESS].authorize(AppRequest(request), service)
     if request.query.get("watch") == "true":
         return await _watch(request, store, service)
     entry = await store.credential(service)
@@ -155,7 +155,7 @@ async def refresh(request: web.Request) -> web.Response:
     """Refresh now (at most once per service per window), then answer like `token`."""
     store = request.app[STORE]
     service = request.match_info["service"]
-    request.app[ACCESS].authorize(request, service)
+    request.app[ACCESS].authorize(AppRequest(request), service)
     entry = await store.refresh_now(service)
     return web.Response(body=_render(request, store, entry).json, content_type=_JSON)
 
