@@ -100,6 +100,9 @@ class ListenConfig:
     # (they have no identity), the socket's the rest; one peer uid on the socket.
     tcp_share: float = 0.5
     uid_share: float = 0.25
+    # Token, health and readiness requests answered by the broker's own httptools parser
+    # from bytes rendered once per credential; off, aiohttp answers every request.
+    front_door: bool = True
 
     def cap(self, share: float, of: int) -> int:
         """`share` of `of` places, rounded down but never below one."""

@@ -75,6 +75,7 @@ LISTEN_LIMITS = (
     "stream_max_age_s",
     "tcp_share",
     "uid_share",
+    "front_door",
 )
 CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -207,6 +208,7 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
         _seconds(table, "stream_max_age_s", defaults.stream_max_age_s),
         _share(table, "tcp_share", defaults.tcp_share, "the TCP listener's clients together"),
         _share(table, "uid_share", defaults.uid_share, "one user on the Unix socket"),
+        table.flag("front_door", defaults.front_door),
     )
 
 

@@ -331,6 +331,7 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
         "stream_max_age_s": 3600.0,
         "tcp_share": 0.5,
         "uid_share": 0.25,
+        "front_door": True,
     }
     assert parsed["api_key"] == {
         "scorer": {"sha256": "********"},
