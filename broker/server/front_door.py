@@ -46,6 +46,7 @@ log = get_logger("broker.listeners")
 _HEAD_BOUND = 32768
 _LONGEST_TARGET = 256  # the longest target it answers is under 100 bytes
 _REPLAY_STEP = 512
+_WRITE_BOUND = 262144  # answers to one read: past this, the rest of the read is aiohttp's
 
 
 def _json_refusal(status: str, code: str, message: str) -> bytes:
@@ -201,10 +202,12 @@ class FrontDoor(asyncio.Protocol):
         self._write_paused = False
         self.awaiting_body = False  # between a request's headers and the end of its message
         # Answering: the bytes read since the last answered request, and this read's count.
-        self._pending = b""
+        self._pending: list[bytes] = []  # the reads since, aiohttp's to read the same way
         self._in_message = False
         self._answered = 0
         self._hand_off_after: int | None = None
+        self._replies: list[bytes] = []  # this read's answers, written once it is judged
+        self._replied = 0  # the bytes of this read's answers
         # The request being read.
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -246,28 +249,40 @@ class FrontDoor(asyncio.Protocol):
         if inner is None:
             self._answer(data, connection, transport)
             return
-        if self._parser is not None:
-            if not _feed(self._parser, data):
+        parser = self._parser
+        if parser is not None:
+            if not _feed(parser, data):
                 self._parser = None
                 self.awaiting_body = False  # aiohttp refuses the same bytes and closes
-            if self._refuse(transport):
+            if self._refuse(parser, transport):
                 return
         inner.data_received(data)
         self._watch(connection)
 
     def _answer(self, data: bytes, connection: Connection, transport: asyncio.Transport) -> None:
-        """Answer what `data` completes; hand the rest to aiohttp from the first request
-        that is not the front door's."""
+        """Answer the requests `data` completes, in order; hand the rest to aiohttp from the
+        first request that is not the front door's.
+
+        A read is judged whole before anything is written: when it holds a CONNECT or a
+        line with no version, only the refusal is sent; when llhttp finds any of it
+        malformed, all of it goes to aiohttp, which refuses it whole. Either way the answer
+        is the one aiohttp's path gives the same read."""
         parser = self._parser
         assert parser is not None
-        self._answered, self._hand_off_after = 0, None
-        if not _feed(parser, data):
+        self._answered, self._hand_off_after, self._replies, self._replied = 0, None, [], 0
+        parsed = _feed(parser, data)
+        if not parsed:
             self._parser = None
             self.awaiting_body = False
-            if self._hand_off_after is None:
-                self._hand_off_after = self._answered  # aiohttp refuses what llhttp does
-        if self._refuse(transport):
+        if self._refuse(parser, transport):
             return
+        if not parsed:
+            self._closing = False
+            self._following = True
+            self._hand_off(self._after_answers(data, 0))
+            return
+        if self._replies:
+            transport.write(b"".join(self._replies))
         if self._closing:
             transport.close()
             return
@@ -275,25 +290,26 @@ class FrontDoor(asyncio.Protocol):
         if after is not None:
             self._hand_off(self._after_answers(data, after))
             return
-        self._pending = self._after_answers(data, self._answered) if self._in_message else b""
-        if self._in_message and not self.awaiting_body and len(self._pending) > _HEAD_BOUND:
+        self._pending = self._after_answers(data, self._answered) if self._in_message else []
+        head = self._in_message and not self.awaiting_body
+        if head and sum(len(read) for read in self._pending) > _HEAD_BOUND:
             self._following = True
             self._hand_off(self._pending)
             return
         self._watch(connection)
 
-    def _after_answers(self, data: bytes, answered: int) -> bytes:
-        """The bytes read after the `answered`-th request answered in `data`."""
+    def _after_answers(self, data: bytes, answered: int) -> list[bytes]:
+        """The reads after the `answered`-th request answered in `data`, the last one `data`
+        or what is left of it."""
         if answered == 0:
-            return self._pending + data if self._pending else data
-        return data[end_of(self._pending, data, answered) :]
+            return [*self._pending, data]
+        return [data[end_of(b"".join(self._pending), data, answered) :]]
 
-    def _refuse(self, transport: asyncio.Transport) -> bool:
+    def _refuse(self, parser: httptools.HttpRequestParser, transport: asyncio.Transport) -> bool:
         """Answer and close a CONNECT or a request line with no version; whether it did."""
-        parser = self._parser
         # The method of the request being read (an earlier one's until a method is read,
         # and never CONNECT then: a CONNECT ends the connection).
-        refusal = _BAD_METHOD if parser and parser.get_method() == b"CONNECT" else self._refusal
+        refusal = _BAD_METHOD if parser.get_method() == b"CONNECT" else self._refusal
         if refusal is None:
             return False
         transport.write(refusal)
@@ -301,14 +317,15 @@ class FrontDoor(asyncio.Protocol):
         self._closing = True
         return True
 
-    def _hand_off(self, data: bytes) -> None:
-        self._pending = b""
+    def _hand_off(self, reads: list[bytes]) -> None:
+        self._pending = []
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
         inner = self._start_inner()
-        if data:
-            inner.data_received(data)
+        for read in reads:
+            if read:
+                inner.data_received(read)
         if self._connection is not None:
             self._watch(self._connection)
 
@@ -377,7 +394,9 @@ class FrontDoor(asyncio.Protocol):
             not self._ours
             or version is None
             or method is None
-            or self._write_paused  # its client does not read: aiohttp's writer waits for it
+            # A client that does not read its answers: aiohttp's writer waits for it.
+            or self._write_paused
+            or self._replied > _WRITE_BOUND
             or parser.should_upgrade()
             or (version == b"1.1" and not self._seen & _HOST_BIT)  # aiohttp refuses it
         ):
@@ -413,7 +432,8 @@ class FrontDoor(asyncio.Protocol):
         if answer is None:
             self._decline()
             return
-        transport.write(answer)
+        self._replies.append(answer)
+        self._replied += len(answer)
         self._answered += 1
         if keep_alive:
             self._idle_until = self._loop.time() + self._limits.idle_timeout_s

@@ -256,6 +256,11 @@ class Listeners:
         )
         await site.start()
 
+    @property
+    def connections(self) -> Connections:
+        """Every open connection of both listeners."""
+        return self._connections
+
     def _door_answers(self) -> Answers | None:
         """What a new connection's front door answers, or None when it is turned off."""
         return self._door if self._config.front_door else None
