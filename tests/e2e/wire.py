@@ -91,7 +91,8 @@ async def _read_by_broker(daemon: Daemon, connection: Connection, seen: float) -
     """Return once the broker has read bytes after `seen`, or has let the connection go."""
 
     async def read() -> None:
-        while connection.last_active == seen and _open(daemon, connection):
+        # The broker runs on this loop: each yield lets it read, and no event says it has.
+        while connection.last_active == seen and _open(daemon, connection):  # noqa: ASYNC110
             await asyncio.sleep(0)
 
     await asyncio.wait_for(read(), READ_TIMEOUT_S)
