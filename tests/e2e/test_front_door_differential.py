@@ -297,10 +297,19 @@ CORPUS = [
         5,
     ),
 ]
+CORPUS.append(
+    Case(
+        "body-then-aiohttp",
+        request(b"GET /healthz HTTP/1.1", b"Content-Length: 5", body=b"hello")
+        + request(b"POST /v1/token/churn/refresh HTTP/1.1", b"Content-Length: 2", body=b"{}"),
+        (200, 200, 200),
+        1,
+    )
+)
 # Cases sent again split in two at every byte, then one byte at a time: pipelined ones,
 # whose answers do not depend on how the broker reads them...
 SPLIT = ["head-then-get", "body-on-get", "leading-line-ends", "pipelined-then-aiohttp"]
-SPLIT += ["encoded-body", "pipelined-door-only"]
+SPLIT += ["encoded-body", "pipelined-door-only", "body-then-aiohttp"]
 # ...and one that does: a read llhttp finds malformed is refused whole by either path.
 READ_BY_READ = ["token-then-junk"]
 
