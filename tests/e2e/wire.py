@@ -63,7 +63,7 @@ async def exchange(daemon: Daemon, listener: str, parts: list[bytes]) -> bytes:
         assert daemon.tcp_address is not None
         transport, client = await loop.create_connection(_Collector, *daemon.tcp_address)
     try:
-        connection = await _new_connection(daemon, before)
+        connection = await admitted(daemon, before)
         for part in parts:
             if client.closed.done() or connection.transport.is_closing():
                 break  # more bytes now would only reset the connection
@@ -76,15 +76,17 @@ async def exchange(daemon: Daemon, listener: str, parts: list[bytes]) -> bytes:
         transport.close()
 
 
-async def _new_connection(daemon: Daemon, before: set[Connection]) -> Connection:
-    async def admitted() -> Connection:
+async def admitted(daemon: Daemon, before: set[Connection]) -> Connection:
+    """The connection the broker admitted since `before` was taken of its table."""
+
+    async def new() -> Connection:
         while True:
             new = set(daemon.listeners.connections) - before
             if new:
                 return new.pop()
             await asyncio.sleep(0)
 
-    return await asyncio.wait_for(admitted(), READ_TIMEOUT_S)
+    return await asyncio.wait_for(new(), READ_TIMEOUT_S)
 
 
 async def _read_by_broker(daemon: Daemon, connection: Connection, seen: float) -> None:
