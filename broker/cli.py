@@ -1,36 +1,30 @@
 """The `token-broker` command: run the daemon, ask it for tokens, check a configuration.
 
 Only this module calls `sys.exit` (through `main`'s return value), with these codes.
+
+`probe` runs every few seconds in every pod: `main` hands it to `broker.probe` before
+anything but the standard library is imported, so every other import of the broker and
+of its libraries is made inside the command that needs it (a test holds it so).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
+from broker import __version__, probe
 
-from broker import __version__, log
-from broker.config import (
-    DEFAULT_CONFIG_PATH,
-    DEFAULT_SOCKET_PATH,
-    hash_api_key,
-    load_config,
-    new_api_key,
-    render_effective,
-)
-from broker.errors import BrokerError, ConfigError
-from broker.server.access_rules import API_KEY_HEADER
+if TYPE_CHECKING:
+    from broker.oneshot import Report
 
 EXIT_OK = 0
-EXIT_FAILURE = 1  # the broker refused, failed, or could not be reached
+EXIT_FAILURE = 1  # the broker refused, failed, or could not be reached; a service failed
 EXIT_CONFIG = 2  # the configuration or the command line is wrong
 
 _DESCRIPTION = """\
@@ -43,6 +37,9 @@ quick start, with no Azure account:  token-broker demo
 
 
 def _parser() -> argparse.ArgumentParser:
+    from broker.config import DEFAULT_CONFIG_PATH
+    from broker.oneshot import DEFAULT_TIMEOUT_S
+
     parser = argparse.ArgumentParser(
         prog="token-broker",
         description=_DESCRIPTION,
@@ -62,6 +59,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-c", "--config", type=Path, help=config_help)
 
+    once = sub.add_parser(
+        "once",
+        help="fetch every service once, write its sink files, run their commands, and exit",
+        description="Sign in, fetch every service (or those named), write their "
+        "[service.sink] files and run their commands, print a summary, and exit: 0 when "
+        "every service succeeded, 1 when one failed (each with its reason), 2 for a bad "
+        "configuration. It never listens. For init containers, CI jobs and cron. Failures "
+        "a retry can heal are retried on [refresh]'s backoff, within the call budget, "
+        "until --timeout; sign-in refusals, missing roles and unknown services fail at "
+        "once. With [cache] on, still-valid credentials are taken from the cache.",
+    )
+    once.add_argument("-c", "--config", type=Path, help=config_help)
+    once.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="fetch only this service (repeat for more; default: every service)",
+    )
+    once.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"give up on what is not fetched after S seconds (default {DEFAULT_TIMEOUT_S:g}); "
+        "sink commands of what was fetched still run, each to its command_timeout_s",
+    )
+    once.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (README: One-shot runs)"
+    )
+
     check = sub.add_parser(
         "check-config",
         help="validate a configuration and print it with secrets masked (exit 2 if invalid)",
@@ -78,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a table of services and their states")
     status.add_argument("--json", action="store_true", help="print the raw JSON instead")
     _client_options(status)
+
+    sub.add_parser(
+        "probe",
+        help="exit 0 if a running broker is alive (probe live) or ready (probe ready), else 1",
+        add_help=False,  # `main` hands `probe` to broker.probe, which has its own options
+    )
 
     sub.add_parser(
         "emulator",
@@ -115,6 +149,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError("give a number of seconds above 0")
+    return seconds
+
+
 def _key_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
         raise argparse.ArgumentTypeError("use 1 to 64 letters, digits, '.', '_' or '-'")
@@ -122,6 +166,8 @@ def _key_name(value: str) -> str:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
+    from broker.config import DEFAULT_SOCKET_PATH
+
     parser.add_argument(
         "--api-key",
         default=os.environ.get("TOKEN_BROKER_API_KEY"),
@@ -141,8 +187,13 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["probe"]:
+        return probe.main(arguments[1:])
+    from broker.errors import ConfigError
+
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(arguments)
     if args.command == "emulator":
         args.options = extra  # the emulator parses its own options
     elif extra:
@@ -160,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config_path(args: argparse.Namespace) -> Path:
+    from broker.config import DEFAULT_CONFIG_PATH
+
     if args.config is not None:
         return Path(args.config)
     return Path(os.environ.get("TOKEN_BROKER_CONFIG", DEFAULT_CONFIG_PATH))
@@ -169,6 +222,8 @@ def _run_daemon(main: Coroutine[Any, Any, None]) -> None:
     """Run the daemon on uvloop when it is installed (the `fast` extra) and not turned off
     with TOKEN_BROKER_UVLOOP=0: the same daemon, a cheaper event loop (about a tenth less
     CPU per request in docs/benchmarks.md)."""
+    import asyncio
+
     if os.environ.get("TOKEN_BROKER_UVLOOP", "1") != "0":
         try:
             import uvloop
@@ -182,6 +237,9 @@ def _run_daemon(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from broker import log
+    from broker.config import load_config
+    from broker.errors import BrokerError
     from broker.process import serve
 
     config = load_config(_config_path(args))
@@ -195,7 +253,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_once(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from broker import log
+    from broker.config import load_config
+    from broker.oneshot import run_once, select
+    from broker.process import disable_core_dumps
+
+    config = load_config(_config_path(args))
+    select(config, args.service)  # an unknown name is a configuration error, before anything
+    log.configure(config.log.format, config.log.level)
+    disable_core_dumps()
+    with asyncio.Runner() as runner:
+        report = runner.run(run_once(config, args.service, timeout_s=args.timeout))
+        code = _print_report(report, as_json=args.json)
+        if report.timed_out:
+            # A sign-in cut at the deadline may still hold one of MSAL's worker threads,
+            # which nothing can cancel, and the interpreter would wait for it at exit: the
+            # run is over and reported, so leave without it, at --timeout.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+def _print_report(report: Report, *, as_json: bool) -> int:
+    from broker.oneshot import as_json as report_json
+    from broker.oneshot import as_text
+
+    print(json.dumps(report_json(report), indent=2) if as_json else as_text(report))
+    if report.ok:
+        return EXIT_OK
+    failed = ", ".join(outcome.service for outcome in report.failed)
+    print(
+        f"token-broker: {len(report.failed)} of {len(report.outcomes)} services failed: {failed}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from broker.config import load_config, render_effective
+
     config = load_config(_config_path(args))
     print(render_effective(config), end="")
     print(
@@ -207,6 +307,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
+    import asyncio
+
     path = f"/v1/token/{args.service}" + ("?format=header" if args.header else "")
     status, body = asyncio.run(_get(args, path))
     if status != 200:
@@ -219,6 +321,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
     status, body = asyncio.run(_get(args, "/v1/services"))
     if status != 200:
         return _refused(body)
@@ -250,6 +354,8 @@ def _refused(body: bytes) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    import asyncio
+
     path = f"/v1/services/{args.service}/keys/rotate?key={args.key}"
     print(f"rotating the {args.key} key of {args.service}; this waits for Azure…", file=sys.stderr)
     status, body = asyncio.run(_get(args, path, method="POST", timeout_s=900))
@@ -263,6 +369,10 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 async def _get(
     args: argparse.Namespace, path: str, *, method: str = "GET", timeout_s: float = 60
 ) -> tuple[int, bytes]:
+    import aiohttp
+
+    from broker.server.access_rules import API_KEY_HEADER
+
     if args.url:
         connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
         base = args.url.rstrip("/")
@@ -314,6 +424,9 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def _cmd_api_key(args: argparse.Namespace) -> int:
+    from broker.config import hash_api_key, new_api_key
+    from broker.server.access_rules import API_KEY_HEADER
+
     key = new_api_key()
     print(
         f"""\
@@ -332,6 +445,8 @@ sha256 = "{hash_api_key(key)}"
 def _cmd_demo(args: argparse.Namespace) -> int:
     if _emulator_missing("token-broker demo"):
         return EXIT_FAILURE
+    import asyncio
+
     from broker.demo import run_demo
 
     return EXIT_OK if asyncio.run(run_demo(lifetime_s=args.lifetime)) else EXIT_FAILURE

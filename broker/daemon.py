@@ -1,6 +1,7 @@
 """The composition root: build every layer, start them in order, stop in reverse.
 
-This is the only module that knows all the layers. Listeners start first so that
+This is the only module that knows all the layers; what fetches and keeps credentials
+is built by `broker.assembly`, as for `token-broker once`. Listeners start first so that
 `/healthz` answers while the first fetches are still under way (or while Azure is
 down); the refresher starts next and fetches every service. `reload` applies a new
 configuration to the running daemon without dropping what still holds.
@@ -12,45 +13,18 @@ import asyncio
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import assert_never
 
 from broker import __version__
 from broker import log as logging_setup
-from broker.cache import (
-    Allowance,
-    CallBudget,
-    PersistedCache,
-    PersistedSync,
-    Policy,
-    Reconciled,
-    Refresher,
-    Store,
-    Wanted,
-)
-from broker.config import (
-    CompatConfig,
-    Config,
-    EntraScopeConfig,
-    OnlineEndpointConfig,
-    RefreshConfig,
-    ServiceConfig,
-    WebServiceConfig,
-)
+from broker.assembly import Sources, allowances, new_store, persisted_sync, register_secrets
+from broker.cache import PersistedSync, Policy, Reconciled, Refresher
+from broker.config import CompatConfig, Config, RefreshConfig
 from broker.credentials import ServicePrincipalCredential
 from broker.delivery import FileSinks
 from broker.key_rotation import KeyRotations
 from broker.log import get_logger
 from broker.metrics import Metrics
 from broker.models import Clock, system_clock
-from broker.providers import (
-    EntraProvider,
-    OnlineEndpointProvider,
-    Throttles,
-    TokenProvider,
-    Upstream,
-    WebServiceProvider,
-    Workspaces,
-)
 from broker.server import AccessRules, Listeners, make_app
 from broker.server.managed_identity_routes import Compat
 from broker.server.proxy_routes import Proxy
@@ -72,28 +46,16 @@ class Daemon:
         inherited: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
-        _register_secrets(config)
+        register_secrets(config)
         self.clock = clock
-        self.workspaces = Workspaces()
-        self.throttles = Throttles(clock)
-        self.credentials: dict[str, ServicePrincipalCredential] = {}
-        self._background: set[asyncio.Task[None]] = set()
-        self.store = Store(
-            [],
-            Policy(config.refresh),
-            clock,
-            max_concurrency=config.refresh.max_concurrency,
-            client_refresh_window_s=config.refresh.client_refresh_window_s,
-            budget=CallBudget(*_allowances(config.refresh), clock=clock),
-        )
+        self.store = new_store(config.refresh, clock)
         self.metrics = Metrics(self.store, version=__version__)
-        self.upstream = self._upstream()
-        self.store.reconcile([self._wanted(service) for service in config.services])
+        self.sources = Sources(config, clock, observer=self.metrics.observe_upstream)
+        self.store.reconcile([self.sources.wanted(service) for service in config.services])
         self.refresher = Refresher(self.store)
-        self.persisted: PersistedSync | None = None
-        if config.cache.enabled and config.cache.key is not None:
-            cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
-            self.persisted = PersistedSync(self.store, cache, self._service_identity)
+        self.persisted: PersistedSync | None = persisted_sync(
+            config, self.store, clock, self._service_identity
+        )
         self.sinks = FileSinks(self.store, config.services)
         self.access = AccessRules(config)
         self.rotations = KeyRotations(self.store)
@@ -118,57 +80,12 @@ class Daemon:
         if not compat.enabled:
             return compat, None, ""
         identity = self.config.identities[compat.identity]
-        return compat, self._credential(compat.identity), identity.client_id
+        return compat, self.sources.credential(compat.identity), identity.client_id
 
-    def _upstream(self) -> Upstream:
-        return Upstream(
-            self.config.cloud,
-            timeout_s=self.config.refresh.timeout_s,
-            observer=self.metrics.observe_upstream,
-            clock=self.clock,
-        )
-
-    def _credential(self, name: str) -> ServicePrincipalCredential:
-        if name not in self.credentials:
-            self.credentials[name] = ServicePrincipalCredential(
-                self.config.identities[name],
-                self.config.cloud,
-                timeout_s=self.config.refresh.timeout_s,
-                clock=self.clock,
-                clock_skew_s=self.config.refresh.clock_skew_s,
-            )
-        return self.credentials[name]
-
-    def _wanted(self, service: ServiceConfig) -> Wanted:
-        """The service as the store reconciles it: what it fetches, as whom, on whose budget."""
-        identity = self.config.identities[service.identity]
-        return Wanted(
-            self._provider(service),
-            target=service.coordinates,
-            signer=(service.identity, identity, self.config.cloud),
-            principal=(identity.client_id, _subscription(service).lower()),
-        )
-
-    def _provider(self, service: ServiceConfig) -> TokenProvider:
-        credential = self._credential(service.identity)
-        match service:
-            case WebServiceConfig():
-                return WebServiceProvider(
-                    service,
-                    self.config.cloud,
-                    credential,
-                    self.upstream,
-                    self.workspaces,
-                    self.throttles,
-                )
-            case OnlineEndpointConfig():
-                return OnlineEndpointProvider(
-                    service, self.config.cloud, credential, self.upstream, self.throttles
-                )
-            case EntraScopeConfig():
-                return EntraProvider(service, credential)
-            case _:
-                assert_never(service)
+    @property
+    def credentials(self) -> dict[str, ServicePrincipalCredential]:
+        """The sign-in of each identity used so far, by name."""
+        return self.sources.credentials
 
     @property
     def unix_path(self) -> Path | None:
@@ -202,9 +119,7 @@ class Daemon:
         await self.sinks.close(max(_SINK_LAST_WORD_S, deadline - loop.time()))
         if self.persisted is not None:
             await self.persisted.close()
-        await self.upstream.close()
-        for credential in self.credentials.values():
-            credential.close()
+        await self.sources.close()
         log.info("broker.stopped")
 
     async def __aenter__(self) -> Daemon:
@@ -223,21 +138,15 @@ class Daemon:
         applies at once. Listener changes need a restart and are reported, not applied.
         """
         old = self.config
-        _register_secrets(config)
+        register_secrets(config)
         if not self.listeners.reconfigure(config.listen):  # its limits apply at once
             log.warning("config.listen_needs_restart", config=str(config.path))
         if config.proxy != old.proxy or config.cloud.ca_bundle != old.cloud.ca_bundle:
             log.warning("config.proxy_needs_restart", config=str(config.path))
-        cloud_changed = config.cloud != old.cloud
-        changed_identities = {
-            name
-            for name, identity in old.identities.items()
-            if cloud_changed or config.identities.get(name) != identity
-        }
         self.config = config
-        self._drop_changed_clients(cloud_changed, changed_identities)
+        self.sources.replace(config)
         self._apply_refresh(config.refresh)
-        result = self.refresher.reconcile([self._wanted(s) for s in config.services])
+        result = self.refresher.reconcile([self.sources.wanted(s) for s in config.services])
         self.sinks.update(config.services)
         self.access.update(config)
         self.compat.update(*self._compat())  # after the swap: its identity may be new
@@ -251,34 +160,9 @@ class Daemon:
             Policy(refresh), refresh.max_concurrency, refresh.client_refresh_window_s
         )
         if self.store.budget is not None:
-            self.store.budget.resize(*_allowances(refresh))
-        self.upstream.set_timeout(refresh.timeout_s)
-        for credential in self.credentials.values():
-            credential.configure(refresh.timeout_s, refresh.clock_skew_s)
+            self.store.budget.resize(*allowances(refresh))
+        self.sources.configure(refresh)
         self.compat.clock_skew_s = refresh.clock_skew_s
-
-    def _drop_changed_clients(self, cloud_changed: bool, identities: set[str]) -> None:
-        """Close the sign-ins of changed identities (they are built anew when next used)
-        and, when the cloud changed, the Azure client, closed once its calls have ended."""
-        for name in identities:
-            credential = self.credentials.pop(name, None)
-            if credential is not None:
-                credential.close()
-        if cloud_changed:
-            stale = self.upstream
-            self.upstream = self._upstream()
-            self.workspaces = Workspaces()
-            closing = asyncio.get_running_loop().create_task(stale.close())
-            self._background.add(closing)
-            closing.add_done_callback(self._background.discard)
-
-
-def _allowances(refresh: RefreshConfig) -> tuple[Allowance, Allowance]:
-    """The call budget of one service, and of one principal and subscription."""
-    return (
-        Allowance(refresh.service_calls_burst, refresh.service_calls_per_minute),
-        Allowance(refresh.principal_calls_burst, refresh.principal_calls_per_minute),
-    )
 
 
 def _summary(result: Reconciled) -> dict[str, list[str]]:
@@ -288,18 +172,3 @@ def _summary(result: Reconciled) -> dict[str, list[str]]:
         "changed": list(result.changed),
         "kept": list(result.kept),
     }
-
-
-def _register_secrets(config: Config) -> None:
-    """Make every secret of the configuration known to redaction before it is ever used:
-    no log line, error or sink command's environment may then carry it."""
-    for identity in config.identities.values():
-        for secret in (identity.client_secret, identity.certificate_password):
-            if secret is not None:
-                logging_setup.register_secret(secret.reveal())
-
-
-def _subscription(service: ServiceConfig) -> str:
-    """The subscription whose calls a service's fetches count against ("" for Entra scopes,
-    which are in none)."""
-    return "" if isinstance(service, EntraScopeConfig) else service.subscription_id

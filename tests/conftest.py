@@ -85,11 +85,13 @@ def config_text(
     identity: str | None = None,
     extra_service_keys: str = "",
     refresh: str = "",
+    listen: str = "",
 ) -> str:
     """A broker.toml for the emulator: both listeners in `directory`, TCP on port 0.
 
     Tokens of seconds refresh far more often than real ones, so the call budget is
-    opened wide unless `refresh` sets it: tests of the budget set their own."""
+    opened wide unless `refresh` sets it: tests of the budget set their own. `listen`
+    holds `[listen]` keys (limits, the watch heartbeat)."""
     secret_file = directory / "client-secret"
     if not secret_file.exists():
         secret_file.write_text(CLIENT_SECRET + "\n")
@@ -97,7 +99,8 @@ def config_text(
     identity = identity or f'client_secret_file = "{secret_file}"'
     budget = "" if "_calls_" in refresh else OPEN_BUDGET
     blocks = [
-        f"""\
+        (f"[listen]\n{listen}\n\n" if listen else "")
+        + f"""\
 [listen.unix]
 path = "{directory / "broker.sock"}"
 

@@ -24,14 +24,19 @@ Fingerprint = Callable[[str], str | None]  # service name -> what its credential
 class PersistedSync:
     """Restores the store from the persisted cache and saves every change to it."""
 
-    def __init__(self, store: Store, cache: PersistedCache, fingerprint: Fingerprint) -> None:
+    def __init__(
+        self, store: Store, cache: PersistedCache, fingerprint: Fingerprint, *, saving: bool = True
+    ) -> None:
+        """With `saving` False the file is only read: for a run that holds some of the
+        services only, whose save would drop the others' credentials from the file."""
         self._store = store
         self._cache = cache
         self._fingerprint = fingerprint
         # what was last saved of each service: its credential's generation, its scoring URI
         self._saved: dict[str, tuple[int, str | None]] = {}
         self._writer = LatestOnly(self._write, "persisted-cache")
-        store.on_result(self._on_result)
+        if saving:
+            store.on_result(self._on_result)
 
     def restore(self) -> int:
         """Load still-valid credentials into the store; how many were restored."""

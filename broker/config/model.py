@@ -100,6 +100,7 @@ class ListenConfig:
     # (they have no identity), the socket's the rest; one peer uid on the socket.
     tcp_share: float = 0.5
     uid_share: float = 0.25
+    watch_heartbeat_s: float = 15.0  # a comment line on a quiet stream, for idle-cutting proxies
     # Token, health and readiness requests answered by the broker's own httptools parser
     # from bytes rendered once per credential; off, aiohttp answers every request.
     front_door: bool = True

@@ -73,6 +73,7 @@ LISTEN_LIMITS = (
     "max_body_bytes",
     "max_streams",
     "stream_max_age_s",
+    "watch_heartbeat_s",
     "tcp_share",
     "uid_share",
     "front_door",
@@ -208,7 +209,8 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
         _seconds(table, "stream_max_age_s", defaults.stream_max_age_s),
         _share(table, "tcp_share", defaults.tcp_share, "the TCP listener's clients together"),
         _share(table, "uid_share", defaults.uid_share, "one user on the Unix socket"),
-        table.flag("front_door", defaults.front_door),
+        watch_heartbeat_s=_seconds(table, "watch_heartbeat_s", defaults.watch_heartbeat_s),
+        front_door=table.flag("front_door", defaults.front_door),
     )
 
 

@@ -3,6 +3,6 @@ Beside the server in the data flow: both take what the store holds and give it o
 
 from __future__ import annotations
 
-from broker.delivery.file_sinks import FileSinks, WriteRetry
+from broker.delivery.file_sinks import CommandResult, Delivery, FileSinks, WriteRetry
 
-__all__ = ["FileSinks", "WriteRetry"]
+__all__ = ["CommandResult", "Delivery", "FileSinks", "WriteRetry"]

@@ -22,6 +22,7 @@ import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from broker.cache import Entry, Rendered, Store
 from broker.config import ServiceConfig, SinkConfig
@@ -165,6 +166,16 @@ def loggable(output: bytes, cut: bool, credentials: Iterable[str]) -> str:
 Runner = Callable[[str, SinkConfig], Awaitable[CommandResult]]
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a sink has done so far, for a run that reports it (`token-broker once`)."""
+
+    path: Path
+    written: int | None  # the generation of the credential its file holds; None: none yet
+    write_error: str | None  # why its latest write failed; None after a success
+    command: CommandResult | None  # how its latest command ended; None: none has run
+
+
 class _Sink:
     """One service's sink: its writes and its command, each one at a time."""
 
@@ -183,6 +194,13 @@ class _Sink:
         self._commands = LatestOnly(self._run_command, f"sink-command:{service}", sinks.spawn)
         self._failures = 0  # consecutive failed writes
         self._retry: asyncio.TimerHandle | None = None
+        self._write_error: str | None = None
+        self._command: CommandResult | None = None
+
+    @property
+    def delivery(self) -> Delivery:
+        written = None if self._written is None else self._written[0]
+        return Delivery(self.config.path, written, self._write_error, self._command)
 
     def stop(self) -> None:
         """Start nothing new: no write, no command, no retry."""
@@ -215,6 +233,7 @@ class _Sink:
             self._write_failed(config, exc)
             return
         self._failures = 0
+        self._write_error = None
         if self._retry is not None:
             self._retry.cancel()
         self._written = written
@@ -232,6 +251,7 @@ class _Sink:
     def _write_failed(self, config: SinkConfig, exc: OSError) -> None:
         delay = self._sinks.retry.delay(self._failures)
         self._failures += 1
+        self._write_error = exc.strerror or type(exc).__name__
         log.warning(
             "sink.write_failed",
             service=self.service,
@@ -251,6 +271,7 @@ class _Sink:
     async def _run_command(self) -> None:
         config = self.config
         result = await self._sinks.runner(self.service, config)
+        self._command = result
         self._log_result(config, result)
 
     def _log_result(self, config: SinkConfig, result: CommandResult) -> None:
@@ -333,6 +354,11 @@ class FileSinks:
         sink = self._sinks.get(entry.service)
         if sink is not None and self._started:
             sink.write_latest()
+
+    def delivery(self, service: str) -> Delivery | None:
+        """What the service's sink has written and run so far; None when it has no sink."""
+        sink = self._sinks.get(service)
+        return None if sink is None else sink.delivery
 
     def spawn(self, work: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)

@@ -38,6 +38,7 @@ _LIVE = (
     "max_connections",
     "max_streams",
     "stream_max_age_s",
+    "watch_heartbeat_s",
     "tcp_share",
     "uid_share",
     "front_door",  # for connections opened from then on

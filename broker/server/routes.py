@@ -37,7 +37,6 @@ class ClientLeft(Exception):
         self.response = response
 
 
-SSE_HEARTBEAT_S = 15.0
 STREAMS: web.AppKey[Streams] = web.AppKey("streams", Streams)
 
 
@@ -140,7 +139,7 @@ async def _stream(
             sent = entry.generation
             data = _render(request, store, entry).json
             await response.write(b"event: token\ndata: " + data + b"\n\n")
-        wait = max(0.0, min(SSE_HEARTBEAT_S, streams.remaining(stream)))
+        wait = max(0.0, min(streams.heartbeat_s, streams.remaining(stream)))
         try:
             await asyncio.wait_for(stream.wake.wait(), wait)
         except TimeoutError:

@@ -155,6 +155,11 @@ class Streams:
     def ending(reason: str) -> str:
         return _ENDINGS.get(reason, reason)
 
+    @property
+    def heartbeat_s(self) -> float:
+        """How long a stream may stay quiet before a heartbeat comment ([listen] now)."""
+        return self._connections.config.watch_heartbeat_s
+
     def remaining(self, stream: Stream) -> float:
         """Seconds until the stream reaches its maximum age, by the broker's clock."""
         max_age = self._connections.config.stream_max_age_s

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import tomllib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from socketserver import ThreadingUnixStreamServer
 from typing import Any
 
 import kubernetes_validate
@@ -20,6 +24,8 @@ import yaml
 from broker.config import WebServiceConfig, load_config
 from broker.config.identity import CLIENT_ENV, FEDERATED_ENV, TENANT_ENV
 from broker.emulator import seed as demo
+from broker.probe import DEFAULT_TIMEOUT_S as DEFAULT_PROBE_TIMEOUT_S
+from broker.probe import ROUTES as PROBE_ROUTES
 from broker.server.guards import FORWARDING_HEADERS, loopback_host
 
 pytestmark = pytest.mark.timeout(30)
@@ -35,7 +41,7 @@ KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 IMAGE_UID = 10001
 BROKER = "token-broker"
 SOCKET_ENV = "TOKEN_BROKER_SOCKET"
-PROBE_URL = re.compile(r"urlopen\('(http://[^']+)'")
+PROBE_URL = re.compile(r"urlopen\('(http://[^']+)'")  # a `python -c` health command's URL
 
 Manifest = dict[str, Any]
 
@@ -208,18 +214,18 @@ def test_broker_is_a_locked_down_native_sidecar(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_probes_ask_the_broker_on_its_loopback_listener(variant: str) -> None:
-    """Exec probes (the kubelet cannot reach loopback) ask /readyz to start and be ready,
-    /healthz to stay alive, on the host and port that the ConfigMap's [listen.tcp] binds."""
+def test_probes_are_token_broker_probe_on_the_brokers_socket(variant: str) -> None:
+    """Exec probes (the kubelet cannot reach loopback) run `token-broker probe`: ready to
+    start and be ready, live to stay alive, on the socket the ConfigMap's [listen.unix]
+    binds; each gives up before the kubelet would kill it."""
     broker, _ = containers(variant)
-    tcp = tomllib.loads(broker_toml(variant))["listen"]["tcp"]
-    expected = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
-    for probe, path in expected.items():
+    socket_path = tomllib.loads(broker_toml(variant))["listen"]["unix"]["path"]
+    expected = {"startupProbe": "ready", "readinessProbe": "ready", "livenessProbe": "live"}
+    for probe, what in expected.items():
         assert set(broker[probe]) & {"httpGet", "tcpSocket", "grpc"} == set()
         command = broker[probe]["exec"]["command"]
-        assert command[:4] == ["python", "-I", "-S", "-c"]
-        [url] = PROBE_URL.findall(command[4])
-        assert url == f"http://{tcp['host']}:{tcp['port']}{path}"
+        assert command == ["token-broker", "probe", what, "--socket", socket_path]
+        assert broker[probe]["timeoutSeconds"] > DEFAULT_PROBE_TIMEOUT_S
     assert (
         broker["startupProbe"]["periodSeconds"] * broker["startupProbe"]["failureThreshold"] >= 300
     )
@@ -238,13 +244,23 @@ class StubBroker(ThreadingHTTPServer):
         return int(self.server_address[1])
 
 
+class UnixStubBroker(ThreadingUnixStreamServer):
+    """The same answers on a Unix socket, from the same table of statuses."""
+
+    def __init__(self, path: Path, tcp: StubBroker) -> None:
+        super().__init__(str(path), _StubHandler)
+        self.path = path
+        self.statuses = tcp.statuses
+        self.headers_seen = tcp.headers_seen
+
+
 class _StubHandler(BaseHTTPRequestHandler):
-    server: StubBroker
+    server: StubBroker | UnixStubBroker
 
     def do_GET(self) -> None:
         self.server.headers_seen.append(dict(self.headers.items()))
         status = self.server.statuses.get(self.path, 404)
-        body = json.dumps({"status": status}).encode()
+        body = json.dumps({"status": status, "waiting_for": ["fraud"]}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -255,16 +271,33 @@ class _StubHandler(BaseHTTPRequestHandler):
         pass
 
 
+@dataclass
+class Stubs:
+    tcp: StubBroker
+    unix: UnixStubBroker
+
+    def stop(self) -> None:
+        for server in (self.tcp, self.unix):
+            server.shutdown()
+            server.server_close()
+
+
 @pytest.fixture
-def stub() -> Iterator[StubBroker]:
-    server = StubBroker()
-    # a short poll interval: shutdown() waits for the loop to notice it
-    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+def stub() -> Iterator[Stubs]:
+    tcp = StubBroker()
+    stubs = Stubs(tcp, UnixStubBroker(Path(tempfile.mkdtemp(dir="/tmp")) / "stub.sock", tcp))
+    threads = [
+        # a short poll interval: shutdown() waits for the loop to notice it
+        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+        for server in (stubs.tcp, stubs.unix)
+    ]
+    for thread in threads:
+        thread.start()
+    yield stubs
+    stubs.stop()
+    for thread in threads:
+        thread.join(timeout=5)
+    shutil.rmtree(stubs.unix.path.parent, ignore_errors=True)
 
 
 def probe_commands() -> list[tuple[str, list[str]]]:
@@ -283,35 +316,56 @@ def probe_commands() -> list[tuple[str, list[str]]]:
     return found
 
 
+def aimed_at(command: list[str], stubs: Stubs) -> tuple[list[str], str]:
+    """The health command made to ask the stubs instead of the broker, and the path it asks.
+
+    `token-broker probe …` runs as this interpreter's `-m broker`, its --socket or --url
+    moved to the stubs'; a `python -c` one-liner asking urlopen gets the stub's port."""
+    if command[:2] == ["token-broker", "probe"]:
+        argv = [sys.executable, "-m", "broker", *command[1:]]
+        if "--socket" in argv:
+            argv[argv.index("--socket") + 1] = str(stubs.unix.path)
+        elif "--url" not in argv:  # the default socket
+            argv += ["--socket", str(stubs.unix.path)]
+        else:
+            url = argv.index("--url") + 1
+            assert argv[url] == "http://127.0.0.1:8765", "update this test for the new URL"
+            argv[url] = f"http://127.0.0.1:{stubs.tcp.port}"
+        return argv, PROBE_ROUTES[command[2]]
+    assert command[0] == "python", command
+    [url] = PROBE_URL.findall(command[-1])
+    code = command[-1].replace(":8765/", f":{stubs.tcp.port}/")
+    assert code != command[-1], "the command no longer asks port 8765: update this test"
+    return [sys.executable, *command[1:-1], code], "/" + url.split("/", 3)[3]
+
+
 @pytest.mark.parametrize(
     ("where", "command"), probe_commands(), ids=[where for where, _ in probe_commands()]
 )
-def test_health_command_passes_only_on_a_2xx(
-    stub: StubBroker, where: str, command: list[str]
-) -> None:
+def test_health_command_passes_only_on_a_2xx(stub: Stubs, where: str, command: list[str]) -> None:
     """The command exits 0 on 200, non-zero on 503 or no listener, and passes the broker's
-    request guards (a loopback Host, no forwarding headers)."""
-    assert command[0] == "python", where
-    [url] = PROBE_URL.findall(command[-1])
-    path = "/" + url.split("/", 3)[3]
-    code = command[-1].replace(":8765/", f":{stub.port}/")
-    assert code != command[-1], "the command no longer asks port 8765: update this test"
+    request guards (a loopback Host, no forwarding headers, no Origin)."""
+    argv, path = aimed_at(command, stub)
 
-    def probe() -> int:
-        argv = [sys.executable, *command[1:-1], code]
-        return subprocess.run(argv, capture_output=True, timeout=20, check=False).returncode
+    def probe() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
 
-    stub.statuses[path] = 200
-    assert probe() == 0
-    stub.statuses[path] = 503
-    assert probe() != 0
-    [headers, _] = stub.headers_seen
+    stub.tcp.statuses[path] = 200
+    assert probe().returncode == 0, where
+    stub.tcp.statuses[path] = 503
+    refused = probe()
+    assert refused.returncode != 0
+    if command[0] == "token-broker":
+        assert (
+            refused.returncode == 1
+            and "answered 503: no usable credential yet for fraud" in refused.stderr
+        )
+    [headers, _] = stub.tcp.headers_seen
     assert loopback_host(headers["Host"])
     assert not {name.lower() for name in FORWARDING_HEADERS} & {h.lower() for h in headers}
     assert "Origin" not in headers
-    stub.shutdown()
-    stub.server_close()
-    assert probe() != 0
+    stub.stop()
+    assert probe().returncode != 0
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -188,17 +189,18 @@ async def test_a_client_that_does_not_read_is_held_to_a_bound(start_broker: Star
     before = set(broker.daemon.listeners.connections)
     reader, writer = await connect(broker.daemon, "unix")
     connection = await admitted(broker.daemon, before)
-    writer.transport.pause_reading()
+    client = cast(asyncio.Transport, writer.transport)
+    client.pause_reading()
     count = 5000
     closing = TOKEN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
     writer.write(TOKEN * (count - 1) + closing)
     most = 0
     for _ in range(2000):  # the broker runs on this loop: let it serve what it will
-        most = max(most, connection.transport.get_write_buffer_size())
+        most = max(most, cast(asyncio.Transport, connection.transport).get_write_buffer_size())
         await asyncio.sleep(0)
     assert not connection.front_door, "the flood stays the front door's"
     assert most < 1 << 20, most
-    writer.transport.resume_reading()
+    client.resume_reading()
     received = await asyncio.wait_for(reader.read(), 30)
     assert statuses(received) == [200] * count
     writer.close()

@@ -16,7 +16,6 @@ from broker.daemon import Daemon
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from broker.log import MASK, forget_secret, scrub
-from broker.server import routes
 from tests.conftest import CLIENT_SECRET, config_text
 from tests.e2e.conftest import StartBroker
 
@@ -105,15 +104,18 @@ async def test_no_secret_in_the_log_lines_of_hostile_requests(
     emulator: Emulator,
     logs: io.StringIO,
     short_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Undecodable bodies, an API key with a byte outside ASCII, repeated guard headers, a
     corrupt compressed body through the proxy and a watcher leaving write no credential, nor
     a piece of one, to any log line (aiohttp's own records included)."""
-    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
     api_key = "tbk_secret-search-" + "z" * 24
     digest = hashlib.sha256(api_key.encode()).hexdigest()
-    text = config_text(emulator, short_dir, extra_service_keys='api_keys = ["search"]')
+    text = config_text(
+        emulator,
+        short_dir,
+        extra_service_keys='api_keys = ["search"]',
+        listen="watch_heartbeat_s = 0.05",
+    )
     broker = await start_broker(text + f'\n[api_key.search]\nsha256 = "{digest}"\n')
     await broker.settled()
     tokens = [e.token.value for e in broker.daemon.store.entries if e.token is not None]

@@ -14,11 +14,12 @@ import pytest
 from broker.config import load_config
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
-from broker.server import routes
 from tests.conftest import config_text
 from tests.e2e.conftest import Broker, StartBroker
 
 pytestmark = pytest.mark.timeout(30)
+
+FAST_HEARTBEAT = "watch_heartbeat_s = 0.05"
 
 
 async def next_event(stream: aiohttp.StreamReader) -> str:
@@ -79,12 +80,9 @@ async def test_watch_follows_scheduled_refreshes(
     assert pushed[1:] == fetched[start : start + 3]
 
 
-async def test_watch_sends_heartbeats(
-    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_watch_sends_heartbeats(start_broker: StartBroker) -> None:
     """Between tokens, comment lines keep the connection visibly alive."""
-    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
-    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE}, listen=FAST_HEARTBEAT)
     await broker.settled()  # else a slow first fetch lets a heartbeat come first
     connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -103,12 +101,11 @@ async def test_watch_of_unknown_service_is_404(start_broker: StartBroker) -> Non
 
 
 async def test_a_watcher_leaving_ends_the_stream_quietly(
-    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, logs: io.StringIO
+    start_broker: StartBroker, logs: io.StringIO
 ) -> None:
     """A watcher that disconnects ends its stream at the next write: `watch.client_left` at
     debug, counted under status 499, no error record and no piece of the token logged."""
-    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
-    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE})
+    broker = await start_broker(services={"fraud": demo.TOKEN_SERVICE}, listen=FAST_HEARTBEAT)
     reader, writer = await asyncio.open_unix_connection(str(broker.daemon.unix_path))
     writer.write(
         b"GET /v1/token/fraud?watch=true HTTP/1.1\r\nHost: localhost\r\nMetadata: true\r\n\r\n"
@@ -148,11 +145,14 @@ async def read_until_end(stream: aiohttp.StreamReader) -> dict[str, str]:
 
 def guarded_text(emulator: Emulator, short_dir: Path, keys: str, listen: str = "") -> str:
     text = config_text(
-        emulator, short_dir, services={"fraud": demo.TOKEN_SERVICE}, extra_service_keys=keys
+        emulator,
+        short_dir,
+        services={"fraud": demo.TOKEN_SERVICE},
+        extra_service_keys=keys,
+        listen=listen,
     )
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
-    text += f'\n[api_key.scorer]\nsha256 = "{digest}"\n'
-    return text.replace("[listen.unix]\n", f"[listen]\n{listen}\n[listen.unix]\n", 1)
+    return text + f'\n[api_key.scorer]\nsha256 = "{digest}"\n'
 
 
 async def reload_with(broker: Broker, path: Path, text: str) -> None:
@@ -212,12 +212,11 @@ async def test_a_stream_ends_at_its_maximum_age(
     start_broker: StartBroker,
     emulator: Emulator,
     short_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A stream lives at most stream_max_age_s on the broker's clock, then ends with
     max_age, so that its client comes back through the guards."""
-    monkeypatch.setattr(routes, "SSE_HEARTBEAT_S", 0.05)
-    text = guarded_text(emulator, short_dir, "", listen="stream_max_age_s = 600")
+    listen = f"stream_max_age_s = 600\n{FAST_HEARTBEAT}"
+    text = guarded_text(emulator, short_dir, "", listen=listen)
     broker = await start_broker(text)
     connector = aiohttp.UnixConnector(path=str(broker.daemon.unix_path))
     async with aiohttp.ClientSession(connector=connector) as session:

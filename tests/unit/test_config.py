@@ -329,6 +329,7 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
         "max_body_bytes": 0,
         "max_streams": 16,  # by default half of max_connections, up to 128
         "stream_max_age_s": 3600.0,
+        "watch_heartbeat_s": 15.0,
         "tcp_share": 0.5,
         "uid_share": 0.25,
         "front_door": True,
@@ -1333,23 +1334,15 @@ def test_cache_credential_needs_the_credentials_directory(workdir: Path) -> None
     assert "LoadCredential=cache-key:" in problem.fix and "key_file" in problem.fix
 
 
-def test_unreadable_secret_file_gives_the_os_reason(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A secret file the broker may not read is reported with the OS's reason."""
-    secret = workdir / "sp"
-    secret.chmod(0)
-    real_read = Path.read_bytes
-
-    def read_bytes(path: Path) -> bytes:
-        # Tests run as root, who reads any file; the OS's refusal is simulated at its edge.
-        if path == secret:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_read(path)
-
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    problem = only_problem(workdir, MINIMAL)
-    assert problem.message == f"cannot read {workdir / 'sp'}: Permission denied"
+def test_unreadable_secret_file_gives_the_os_reason(workdir: Path) -> None:
+    """A secret file the OS refuses to read is reported with the OS's reason. The refusal is
+    real, for root too: a process's own memory is a regular file whose first page is not
+    mapped, so reading it fails with EIO."""
+    memory = "/proc/self/mem"
+    text = MINIMAL.replace('client_secret_file = "sp"', f'client_secret_file = "{memory}"')
+    assert text != MINIMAL
+    problem = only_problem(workdir, text)
+    assert problem.message == f"cannot read {memory}: Input/output error"
 
 
 def test_several_problems_are_reported_together_in_file_order(workdir: Path) -> None:

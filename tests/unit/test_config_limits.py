@@ -18,6 +18,7 @@ def test_limits_have_defaults_that_leave_room_for_plain_requests(workdir: Path) 
     listen = load(workdir, MINIMAL).listen
     assert (listen.max_connections, listen.max_streams) == (256, 128)
     assert (listen.tcp_share, listen.uid_share, listen.stream_max_age_s) == (0.5, 0.25, 3600.0)
+    assert listen.watch_heartbeat_s == 15.0
 
 
 def test_the_front_door_is_on_unless_turned_off(workdir: Path) -> None:
@@ -32,10 +33,10 @@ def test_limits_are_read(workdir: Path) -> None:
     """Each key is taken as written."""
     text = (
         "[listen]\nmax_connections = 100\nmax_streams = 10\nstream_max_age_s = 60\n"
-        "tcp_share = 0.3\nuid_share = 0.1\n" + MINIMAL
+        "tcp_share = 0.3\nuid_share = 0.1\nwatch_heartbeat_s = 5\n" + MINIMAL
     )
     listen = load(workdir, text).listen
-    assert (listen.max_streams, listen.stream_max_age_s) == (10, 60.0)
+    assert (listen.max_streams, listen.stream_max_age_s, listen.watch_heartbeat_s) == (10, 60, 5)
     assert (listen.tcp_share, listen.uid_share) == (0.3, 0.1)
     assert (listen.cap(0.3, 100), listen.cap(0.1, 5)) == (30, 1)
 
@@ -52,6 +53,9 @@ def test_limits_are_read(workdir: Path) -> None:
         pytest.param("max_streams = 0\n", "listen.max_streams", "1 or more", id="no-streams"),
         pytest.param(
             "stream_max_age_s = 0\n", "listen.stream_max_age_s", "more than zero", id="age-zero"
+        ),
+        pytest.param(
+            "watch_heartbeat_s = 0\n", "listen.watch_heartbeat_s", "more than zero", id="beat"
         ),
         pytest.param(
             "tcp_share = 1\n", "listen.tcp_share", "more than 0 and less than 1", id="tcp-all"
