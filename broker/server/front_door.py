@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import httptools
 
@@ -40,6 +40,7 @@ from broker.server.peers import Peer, peer_of_socket
 from broker.server.refusals import error_json
 
 log = get_logger("broker.listeners")
+_T = TypeVar("_T")
 
 # Request heads the front door reads, at most, before it leaves a request to aiohttp's
 # limits (which refuse it or take it): bounds what a connection buffers here.
@@ -402,7 +403,7 @@ class FrontDoor(asyncio.Protocol):
         ):
             self._decline()
             return
-        self._route = answers.route(self._target)
+        self._route = self._safely(answers.route, self._target)
         if self._route is None:
             self._decline()
             return
@@ -428,7 +429,7 @@ class FrontDoor(asyncio.Protocol):
             self._listener == "unix",
             None if self._connection is None else self._connection.peer,
         )
-        answer = answers.answer(route, request, self._version, keep_alive)
+        answer = self._safely(answers.answer, route, request, self._version, keep_alive)
         if answer is None:
             self._decline()
             return
@@ -439,6 +440,15 @@ class FrontDoor(asyncio.Protocol):
             self._idle_until = self._loop.time() + self._limits.idle_timeout_s
         else:
             self._closing = True
+
+    def _safely(self, call: Callable[..., _T | None], *args: object) -> _T | None:
+        """`call(*args)`, or None when it fails: a fault in the front door costs the request
+        (and its connection) a trip to aiohttp, and a log line, never an answer."""
+        try:
+            return call(*args)
+        except Exception as exc:  # aiohttp answers instead; the fault is logged
+            log.exception("front_door.crashed", listener=self._listener, reason=type(exc).__name__)
+            return None
 
     def _decline(self) -> None:
         """Leave this request, and every one after it, to aiohttp."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import time
 from pathlib import Path
 from typing import cast
@@ -17,6 +18,7 @@ import pytest
 
 from broker.config import load_config
 from broker.emulator import Emulator
+from broker.server.front_answers import Answers
 from tests.conftest import config_text
 from tests.e2e.conftest import LISTENERS, Broker, StartBroker
 from tests.e2e.wire import admitted, connect, exchange, statuses, without_server
@@ -266,3 +268,24 @@ async def test_a_reload_turns_the_front_door_off_for_new_connections(
     writer.write(TOKEN)
     assert b"\r\nServer: " not in await answer(reader)
     writer.close()
+
+
+async def test_a_fault_in_the_front_door_leaves_the_request_to_aiohttp(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch, logs: io.StringIO
+) -> None:
+    """Should the front door's answer raise, the request goes to aiohttp, which answers it,
+    and the fault is logged as front_door.crashed with no credential in the line."""
+    broker = await start_broker()
+    await broker.settled()
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("a fault in the front door")
+
+    monkeypatch.setattr(Answers, "answer", broken)
+    closing = TOKEN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    replies = await exchange(broker.daemon, "unix", [closing])
+    assert statuses(replies) == [200] and b"\r\nServer: " in replies
+    crashed = [line for line in logs.getvalue().splitlines() if "front_door.crashed" in line]
+    assert len(crashed) == 1 and '"reason": "RuntimeError"' in crashed[0]
+    token = broker.daemon.store.entry("fraud").token
+    assert token is not None and token.value not in logs.getvalue()
