@@ -47,6 +47,7 @@ _T = TypeVar("_T")
 _HEAD_BOUND = 32768
 _LONGEST_TARGET = 256  # the longest target it answers is under 100 bytes
 _REPLAY_STEP = 512
+_READS_KEPT = 16
 _WRITE_BOUND = 262144  # answers to one read: past this, the rest of the read is aiohttp's
 
 
@@ -204,6 +205,7 @@ class FrontDoor(asyncio.Protocol):
         self.awaiting_body = False  # between a request's headers and the end of its message
         # Answering: the bytes read since the last answered request, and this read's count.
         self._pending: list[bytes] = []  # the reads since, aiohttp's to read the same way
+        self._pending_size = 0
         self._in_message = False
         self._answered = 0
         self._hand_off_after: int | None = None
@@ -291,13 +293,20 @@ class FrontDoor(asyncio.Protocol):
         if after is not None:
             self._hand_off(self._after_answers(data, after))
             return
-        self._pending = self._after_answers(data, self._answered) if self._in_message else []
-        head = self._in_message and not self.awaiting_body
-        if head and sum(len(read) for read in self._pending) > _HEAD_BOUND:
+        self._keep(self._after_answers(data, self._answered) if self._in_message else [])
+        if self._in_message and not self.awaiting_body and self._pending_size > _HEAD_BOUND:
             self._following = True
             self._hand_off(self._pending)
             return
         self._watch(connection)
+
+    def _keep(self, reads: list[bytes]) -> None:
+        """Keep the reads of the request in progress; a client that trickles it in tiny
+        reads has them joined, so that keeping them costs neither memory nor time."""
+        if len(reads) > _READS_KEPT:
+            reads = [b"".join(reads)]
+        self._pending = reads
+        self._pending_size = sum(len(read) for read in reads)
 
     def _after_answers(self, data: bytes, answered: int) -> list[bytes]:
         """The reads after the `answered`-th request answered in `data`, the last one `data`
@@ -319,7 +328,7 @@ class FrontDoor(asyncio.Protocol):
         return True
 
     def _hand_off(self, reads: list[bytes]) -> None:
-        self._pending = []
+        self._pending, self._pending_size = [], 0
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
