@@ -289,3 +289,20 @@ async def test_a_fault_in_the_front_door_leaves_the_request_to_aiohttp(
     assert len(crashed) == 1 and '"reason": "RuntimeError"' in crashed[0]
     token = broker.daemon.store.entry("fraud").token
     assert token is not None and token.value not in logs.getvalue()
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+async def test_a_long_request_head_in_pieces_goes_to_aiohttp(
+    start_broker: StartBroker, listener: str
+) -> None:
+    """A 36 KiB request head (60 headers of 600 bytes, inside aiohttp's limits) is answered
+    by the front door when it comes in one read, and handed to aiohttp, which answers it,
+    when its first 33 KiB come alone: the front door keeps no more than 32 KiB of a head."""
+    broker = await start_broker()
+    await broker.settled()
+    padding = b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"p" * 600) for i in range(60))
+    request = TOKEN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n" + padding + b"\r\n")
+    whole = await exchange(broker.daemon, listener, [request])
+    assert statuses(whole) == [200] and without_server(whole) == 1
+    pieces = await exchange(broker.daemon, listener, [request[: 33 * 1024], request[33 * 1024 :]])
+    assert statuses(pieces) == [200] and without_server(pieces) == 0
