@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit fuzz bench clean
+.PHONY: demo test lint typecheck unit fuzz bench clean image image-test
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,19 +29,48 @@ unit: $(STAMP) tools
 
 test: lint typecheck unit
 
-# promtool and prometheus, for the tests of deploy/prometheus/ and deploy/grafana/: Debian's
-# package, installed as root when either is missing. A policy-rc.d (unless one exists already)
-# refuses the service the package would start, and it is left disabled: the tests start their own.
+# promtool and prometheus, for the tests of deploy/prometheus/ and deploy/grafana/, and
+# redis-server, for the tests of fleet mode: Debian's packages, installed as root when one is
+# missing. A policy-rc.d (unless one exists already) refuses the services the packages would
+# start, and they are left disabled: the tests start their own.
 .PHONY: tools
 tools:
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null \
+	    || ! command -v redis-server >/dev/null; then \
 	  set -e; policy=/usr/sbin/policy-rc.d; \
 	  if [ ! -e $$policy ]; then \
 	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
 	  fi; \
 	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
-	  if [ -d /run/systemd/system ]; then systemctl disable -q prometheus; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus redis-server; \
+	  if [ -d /run/systemd/system ]; then systemctl disable -q prometheus redis-server; fi; \
+	fi
+
+# The container image, token-broker:VERSION, built from deploy/Dockerfile with no network: a
+# wheelhouse built here, a bookworm base made with debootstrap (BASE=IMAGE to use another one
+# Docker already has). dockerd.sh starts Docker for the build if it is not running, and stops
+# it after. image-test builds, then runs the image against the emulator (tests/image/).
+image: $(STAMP) image-tools
+	deploy/image/dockerd.sh env PYTHON=$(BIN)/python deploy/image/build.sh
+
+image-test: $(STAMP) image-tools
+	deploy/image/dockerd.sh sh -c 'PYTHON=$(BIN)/python deploy/image/build.sh \
+	  && $(BIN)/python -m pytest -p no:cacheprovider --image tests/image'
+
+# docker.io and debootstrap, for `make image` and `make image-test`: Debian's packages, installed
+# the same way when either is missing (the policy-rc.d keeps dockerd from starting on install;
+# deploy/image/dockerd.sh starts it when it is needed and stops it after).
+.PHONY: image-tools
+image-tools:
+	@if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then \
+	  set -e; policy=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$policy ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
+	  fi; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; \
+	  if [ -d /run/systemd/system ]; then systemctl disable -q docker.service docker.socket; fi; \
 	fi
 
 # The property-based tests of hostile input with a large budget (make test runs a small one).
@@ -56,4 +85,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/report.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build/wheelhouse build/dockerd.log

@@ -65,6 +65,8 @@ def register_secrets(config: Config) -> None:
         for secret in (identity.client_secret, identity.certificate_password):
             if secret is not None:
                 logging_setup.register_secret(secret.reveal())
+    if config.fleet.password is not None:
+        logging_setup.register_secret(config.fleet.password.reveal())
 
 
 def persisted_sync(

@@ -326,16 +326,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status, body = asyncio.run(_get(args, "/v1/services"))
     if status != 200:
         return _refused(body)
-    services = json.loads(body)["services"]
+    answer = json.loads(body)
+    services = answer["services"]
     if args.json:
         print(json.dumps(services, indent=2))
         return EXIT_OK
     print(_table(services))
+    if answer.get("fleet", "off") != "off":
+        print(f"\nfleet: {answer['fleet']}")
     return EXIT_OK
 
 
 def _table(services: list[dict[str, Any]]) -> str:
-    columns = ("service", "state", "auth", "expires_on", "refresh_by", "failures")
+    columns = ("service", "state", "auth", "source", "expires_on", "refresh_by", "failures")
     rows = [[str(s.get(c) if s.get(c) is not None else "-") for c in columns] for s in services]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]

@@ -18,9 +18,10 @@ from broker import __version__
 from broker import log as logging_setup
 from broker.assembly import Sources, allowances, new_store, persisted_sync, register_secrets
 from broker.cache import PersistedSync, Policy, Reconciled, Refresher
-from broker.config import CompatConfig, Config, RefreshConfig
+from broker.config import CompatConfig, Config, FleetConfig, RefreshConfig
 from broker.credentials import ServicePrincipalCredential
 from broker.delivery import FileSinks
+from broker.fleet import Fleet
 from broker.key_rotation import KeyRotations
 from broker.log import get_logger
 from broker.metrics import Metrics
@@ -53,6 +54,9 @@ class Daemon:
         self.sources = Sources(config, clock, observer=self.metrics.observe_upstream)
         self.store.reconcile([self.sources.wanted(service) for service in config.services])
         self.refresher = Refresher(self.store)
+        self._background: set[asyncio.Task[None]] = set()
+        self.fleet: Fleet | None = None
+        self._join_fleet(config.fleet)
         self.persisted: PersistedSync | None = persisted_sync(
             config, self.store, clock, self._service_identity
         )
@@ -70,6 +74,14 @@ class Daemon:
             proxy=Proxy(config.proxy, config.cloud, observer=self.metrics.observe_proxy),
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
+
+    def _join_fleet(self, config: FleetConfig) -> None:
+        """Refresh through the fleet `config` describes, or alone when it is off."""
+        self.fleet = None
+        if config.enabled and config.encryption_key is not None:
+            self.metrics.enable_fleet()
+            self.fleet = Fleet(config, self._service_identity, observer=self.metrics)
+        self.store.share(self.fleet)
 
     def _service_identity(self, name: str) -> str | None:
         return self.config.service_identity(name)  # the configuration of now, after a reload
@@ -100,7 +112,9 @@ class Daemon:
             self.persisted.restore()
         self.sinks.start()  # writes restored credentials at once, the rest as they come
         await self.listeners.start()
-        self.refresher.start()
+        if self.fleet is not None:
+            self.fleet.watch(s.name for s in self.config.services)
+        self.refresher.start()  # a service the fleet holds is adopted, not fetched
         log.info(
             "broker.started",
             config=str(self.config.path),
@@ -119,6 +133,8 @@ class Daemon:
         await self.sinks.close(max(_SINK_LAST_WORD_S, deadline - loop.time()))
         if self.persisted is not None:
             await self.persisted.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.sources.close()
         log.info("broker.stopped")
 
@@ -146,7 +162,13 @@ class Daemon:
         self.config = config
         self.sources.replace(config)
         self._apply_refresh(config.refresh)
+        if config.fleet != old.fleet:
+            self._leave_fleet()
+            self._join_fleet(config.fleet)
+            log.info("fleet.reconfigured", enabled=self.fleet is not None)
         result = self.refresher.reconcile([self.sources.wanted(s) for s in config.services])
+        if self.fleet is not None:
+            self.fleet.watch(s.name for s in config.services)
         self.sinks.update(config.services)
         self.access.update(config)
         self.compat.update(*self._compat())  # after the swap: its identity may be new
@@ -163,6 +185,14 @@ class Daemon:
             self.store.budget.resize(*allowances(refresh))
         self.sources.configure(refresh)
         self.compat.clock_skew_s = refresh.clock_skew_s
+
+    def _leave_fleet(self) -> None:
+        """Close the fleet's connections once what is under way has ended."""
+        if self.fleet is None:
+            return
+        closing = asyncio.get_running_loop().create_task(self.fleet.close())
+        self._background.add(closing)
+        closing.add_done_callback(self._background.discard)
 
 
 def _summary(result: Reconciled) -> dict[str, list[str]]:

@@ -12,6 +12,7 @@
     │   ├── MalformedResponseError  a body we cannot trust; never half-served
     │   ├── UnusableCredentialError well-formed, but dead or not yet valid on arrival
     │   └── KeyRotationError        Azure's key regeneration ended Failed/Cancelled/TimedOut
+    ├── FleetUnavailableError       Redis (fleet mode) did not answer in time, or refused us
     └── LocalRequestError           a local client's request is refused (HTTP status)
         ├── UnknownServiceError     404: no such service in the configuration
         ├── NotReadyError           503: no valid credential yet (Retry-After)
@@ -23,8 +24,9 @@
         ├── PayloadTooLargeError    413: a proxied request's body is over the limit
         └── NoScoringUriError       409: a proxied service has no scoring URI
 
-Foreign exceptions (aiohttp, requests, MSAL) are translated into these where they
-enter, in `broker.credentials` and `broker.providers`; nothing above sees them.
+Foreign exceptions (aiohttp, requests, MSAL, redis-py) are translated into these where
+they enter, in `broker.credentials`, `broker.providers` and `broker.fleet`; nothing above
+sees them.
 Messages never contain a token, key or secret.
 """
 
@@ -133,6 +135,17 @@ class KeyRotationError(UpstreamError):
     """Raised when Azure's key regeneration operation ends without success."""
 
     retryable = False
+
+
+class FleetUnavailableError(BrokerError):
+    """Raised by `broker.fleet` when Redis cannot be used for an `operation` (read, lease,
+    write, …): refused connections, timeouts, a refused login or ACL, a failed script.
+    The broker then refreshes on its own, as without a fleet."""
+
+    def __init__(self, message: str, *, operation: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.operation = operation
 
 
 class LocalRequestError(BrokerError):

@@ -20,6 +20,17 @@
     token_broker_streams_closed_total{listener, reason}    counter, from the watch route
     token_broker_build_info{version, python}               gauge, always 1
 
+and in fleet mode (registered when a configuration first enables it):
+
+    token_broker_fleet_credentials_total{service, origin}  counter: credentials put in place,
+                                                           adopted from the fleet or fetched
+                                                           from Azure
+    token_broker_fleet_leases_total{service, outcome}      counter: refresh leases taken,
+                                                           busy (held by another), lost
+    token_broker_fleet_redis_duration_seconds{operation}   histogram of Redis commands
+    token_broker_fleet_redis_errors_total{operation}       counter of Redis commands failed
+    token_broker_fleet_up                                  gauge: 1 while Redis answers
+
 Every label value comes from the configuration (service names), our own names (routes,
 states, outcomes, error kinds), Azure region names or HTTP status codes; never from a
 credential, an error message or a client's path, so no label can carry a secret and
@@ -56,6 +67,11 @@ LISTENERS = ("unix", "tcp")
 CONNECTION_REFUSALS = ("max_connections", "max_streams", "listener_share", "uid_share")
 CONNECTION_CUTS = ("stalled_body", "evicted")
 STREAM_ENDINGS = ("access_revoked", "max_age", "service_removed", "client_gone", "shutdown")
+
+FLEET_ORIGINS = ("fleet", "azure")  # `broker.cache.store.ORIGINS`, repeated (a test holds them)
+FLEET_LEASE_OUTCOMES = ("taken", "busy", "lost")
+# Redis answers in well under a millisecond on a good day, and fails at command_timeout_s.
+REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # Azure ML calls take milliseconds on a good day and up to the 30 s timeout on a bad one.
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -263,12 +279,35 @@ class Metrics:
         ).labels(version, platform.python_version()).set(1)
         # Children by label values: the request path then skips `labels()`'s validation.
         self._request_counts: dict[tuple[str, int], Counter] = {}
+        self._fleet: _FleetMetrics | None = None
         store.on_result(self.observe_refresh)
+
+    def enable_fleet(self) -> None:
+        """Register the fleet's series (once: a reload may enable fleet mode later)."""
+        if self._fleet is None:
+            self._fleet = _FleetMetrics(self.registry)
 
     def observe_refresh(self, entry: Entry) -> None:
         """Count a finished fetch; the store calls this after every one."""
         outcome = "success" if entry.last_error is None else "failure"
         self._refreshes.labels(entry.service, outcome, reason_of(entry.last_error)).inc()
+        if self._fleet is not None and entry.last_error is None and entry.origin in FLEET_ORIGINS:
+            self._fleet.credentials.labels(entry.service, entry.origin).inc()
+
+    def fleet_command(self, operation: str, seconds: float, ok: bool) -> None:
+        """Time one Redis command; count it when it failed."""
+        if self._fleet is not None:
+            self._fleet.duration.labels(operation).observe(seconds)
+            if not ok:
+                self._fleet.errors.labels(operation).inc()
+
+    def fleet_lease(self, service: str, outcome: str) -> None:
+        if self._fleet is not None:
+            self._fleet.leases.labels(service, outcome).inc()
+
+    def fleet_health(self, up: bool) -> None:
+        if self._fleet is not None:
+            self._fleet.up.set(1 if up else 0)
 
     def observe_upstream(self, route: str, url: str, status: int | None, seconds: float) -> None:
         """Time one Azure call; `Upstream` calls this with `status` None when no answer came."""
@@ -304,3 +343,43 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _FleetMetrics:
+    """The series of fleet mode."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.credentials = Counter(
+            "token_broker_fleet_credentials",
+            "Credentials put in place by service and origin: adopted from the fleet (no "
+            "Azure call) or fetched from Azure.",
+            ["service", "origin"],
+            registry=registry,
+        )
+        self.leases = Counter(
+            "token_broker_fleet_leases",
+            "Refresh leases by service and outcome: taken, busy (another broker held it), "
+            "lost (it lapsed or was taken while held).",
+            ["service", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "token_broker_fleet_redis_duration_seconds",
+            "Duration of Redis commands by operation (read, lease, extend, release, write, "
+            "subscribe, …), failed ones included.",
+            ["operation"],
+            buckets=REDIS_BUCKETS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "token_broker_fleet_redis_errors",
+            "Redis commands that failed (no answer in time, refused, failed script), by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.up = Gauge(
+            "token_broker_fleet_up",
+            "1 while Redis answers the broker, 0 while it refreshes alone; 0 before Redis "
+            "first answered.",
+            registry=registry,
+        )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import shutil
+import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +24,23 @@ from broker.emulator import Emulator
 from broker.emulator import seed as demo
 
 CLIENT_SECRET = demo.CLIENT_SECRET
+IMAGE_TESTS = Path(__file__).parent / "image"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--image",
+        action="store_true",
+        help="collect tests/image/ too: run the built container image (needs Docker; "
+        "`make image-test` builds the image and passes this)",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/image/ needs Docker and a built image: `make test` leaves it out."""
+    if collection_path == IMAGE_TESTS and not config.getoption("--image"):
+        return True
+    return None
 
 
 class OffsetClock:
@@ -187,3 +206,123 @@ def self_signed() -> SelfSigned:
         .sign(key, hashes.SHA256())
     )
     return SelfSigned(key, cert)
+
+
+class RedisServer:
+    """A real redis-server (Debian's package) in a temporary directory, on a Unix socket
+    and a loopback port, persisting nothing; tests may stop and start it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, *extra: str) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.fail("redis-server is missing: `make test` installs Debian's package")
+        self.process = subprocess.Popen(
+            [
+                executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--unixsocket",
+                str(self.socket),
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not self._answers():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                pytest.fail(f"redis-server did not start: {self._log_tail()}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+        self.socket.unlink(missing_ok=True)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def command(self, *args: str | bytes) -> bytes:
+        """Run one command over the Unix socket with redis-cli's raw output."""
+        found = shutil.which("redis-cli")
+        assert found is not None
+        return subprocess.run(
+            [found, "-s", str(self.socket), "--raw", *map(_text, args)],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        ).stdout
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _log_tail(self) -> str:
+        log_file = self.directory / "redis.log"
+        return log_file.read_text()[-500:] if log_file.exists() else "(no log)"
+
+
+def _text(arg: str | bytes) -> str:
+    return arg if isinstance(arg, str) else arg.decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the whole test run, stopped after it."""
+    directory = Path(tempfile.mkdtemp(prefix="tb-redis-", dir="/tmp"))
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The run's redis-server, running and empty at the start of the test."""
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    yield redis_server
+    if not redis_server.running:
+        redis_server.start()

@@ -22,17 +22,24 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.files import write_atomically
 from broker.log import get_logger, register_secret
-from broker.models import AccessToken, AuthKind, Clock, system_clock
+from broker.models import Clock, system_clock
+from broker.saved_credentials import (
+    RECORD_KEYS,
+    RECORD_KEYS_V1,
+    Saved,
+    UntrustedRecord,
+    finite_number,
+    from_record,
+    to_record,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -47,29 +54,7 @@ _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _HKDF_INFO = b"token-broker cache v1"  # the key, not the format: every version shares it
 MAX_FILE_BYTES = 16 * 1024 * 1024  # far above any real cache; a bound on what is read
-_TEXT_KEYS = ("fingerprint", "value", "auth", "token_type")
-_ENTRY_KEYS_V1 = frozenset(
-    {"fingerprint", "value", "auth", "expires_on", "refresh_after", "token_type", "obtained_at"}
-)
-_ENTRY_KEYS = {MAGIC_V1: _ENTRY_KEYS_V1, MAGIC: _ENTRY_KEYS_V1 | {"scoring_uri"}}
-
-
-@dataclass(frozen=True, slots=True)
-class Saved:
-    """A credential as the store holds it: the token, when it was obtained, and where the
-    service is called (its scoring URI, when Azure described one)."""
-
-    token: AccessToken
-    obtained_at: float
-    scoring_uri: str | None = None
-
-
-class _Ignored(Exception):
-    """The file cannot be trusted; `reason` says why, and never quotes its content."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+_ENTRY_KEYS = {MAGIC_V1: RECORD_KEYS_V1, MAGIC: RECORD_KEYS}
 
 
 class PersistedCache:
@@ -110,7 +95,7 @@ class PersistedCache:
         except FileNotFoundError:
             log.debug("cache.absent", path=str(self.path))
             return {}
-        except _Ignored as exc:
+        except UntrustedRecord as exc:
             log.warning("cache.ignored", path=str(self.path), reason=exc.reason)
             return {}
         now = self._clock()
@@ -137,7 +122,7 @@ class PersistedCache:
         """Replace the file with `credentials` (service -> (fingerprint, saved)); never raises."""
         document = {
             "written_at": self._clock(),
-            "services": {name: _entry(fp, saved) for name, (fp, saved) in credentials.items()},
+            "services": {name: to_record(fp, saved) for name, (fp, saved) in credentials.items()},
         }
         plaintext = json.dumps(document, separators=(",", ":")).encode("utf-8")
         nonce = os.urandom(_NONCE_BYTES)
@@ -163,25 +148,25 @@ class PersistedCache:
             raise
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise _Ignored(
+                raise UntrustedRecord(
                     "a symbolic link; the broker reads only the regular file it writes there"
                 ) from None
-            raise _Ignored(f"cannot open it: {exc.strerror}") from None
+            raise UntrustedRecord(f"cannot open it: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
             mode = stat.S_IMODE(info.st_mode)
             if not stat.S_ISREG(info.st_mode):
-                raise _Ignored("not a regular file")
+                raise UntrustedRecord("not a regular file")
             if mode & 0o077:
-                raise _Ignored(
+                raise UntrustedRecord(
                     f"mode {mode:04o} lets group or other users at it; the broker writes it "
                     "0600, so someone changed it"
                 )
             if info.st_size > self._max_file_bytes:
-                raise _Ignored(f"{info.st_size} bytes is too large for a token-broker cache")
+                raise UntrustedRecord(f"{info.st_size} bytes is too large for a token-broker cache")
             return _read_all(fd)
         except OSError as exc:
-            raise _Ignored(f"cannot read it: {exc.strerror}") from None
+            raise UntrustedRecord(f"cannot read it: {exc.strerror}") from None
         finally:
             os.close(fd)
 
@@ -189,33 +174,36 @@ class PersistedCache:
         """The header (the format's version) and the decrypted document."""
         header, body = blob[: len(MAGIC)], blob[len(MAGIC) :]
         if not blob:
-            raise _Ignored("the file is empty")
+            raise UntrustedRecord("the file is empty")
         if header not in _ENTRY_KEYS:
             known = header.startswith(_FAMILY) and len(header) == len(MAGIC)
-            raise _Ignored(
+            raise UntrustedRecord(
                 "written by another version of token-broker"
                 if known
                 else "not a token-broker cache"
             )
         if len(body) < _NONCE_BYTES + _TAG_BYTES:
-            raise _Ignored("truncated")
+            raise UntrustedRecord("truncated")
         from cryptography.exceptions import InvalidTag
 
         try:
             return header, self._aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], header)
         except InvalidTag:
-            raise _Ignored("written with another key or corrupted") from None
+            raise UntrustedRecord("written with another key or corrupted") from None
 
     def _decode(self, plaintext: bytes, entry_keys: frozenset[str]) -> dict[str, tuple[str, Saved]]:
         try:
             document = json.loads(plaintext.decode("utf-8"))
         except ValueError:  # UnicodeDecodeError and JSONDecodeError both
-            raise _Ignored("the decrypted content is not JSON") from None
+            raise UntrustedRecord("the decrypted content is not JSON") from None
         if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
-            raise _Ignored("the decrypted document has no services table")
-        _number(document.get("written_at"), "written_at")
+            raise UntrustedRecord("the decrypted document has no services table")
+        finite_number(document.get("written_at"), "written_at")
         services = document["services"].items()
-        return {name: _saved(name, entry, entry_keys) for name, entry in services}
+        return {
+            name: from_record(f"the entry of service {name!r}", entry, entry_keys)
+            for name, entry in services
+        }
 
     def _write(self, blob: bytes) -> None:
         write_atomically(self.path, blob, mode=0o600)  # never wider, not even for an instant
@@ -226,51 +214,3 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _entry(digest: str, saved: Saved) -> dict[str, Any]:
-    token = saved.token
-    return {
-        "fingerprint": digest,
-        "value": token.value,
-        "auth": token.auth.value,
-        "expires_on": token.expires_on,
-        "refresh_after": token.refresh_after,
-        "token_type": token.token_type,
-        "obtained_at": saved.obtained_at,
-        "scoring_uri": saved.scoring_uri,
-    }
-
-
-def _saved(name: str, entry: object, entry_keys: frozenset[str]) -> tuple[str, Saved]:
-    """One service's entry, or `_Ignored` naming what is wrong with it (never its value)."""
-    where = f"the entry of service {name!r}"
-    if not isinstance(entry, dict) or set(entry) != entry_keys:
-        raise _Ignored(f"{where} does not have the expected fields")
-    scoring_uri = entry.get("scoring_uri")
-    if not all(isinstance(entry[key], str) for key in _TEXT_KEYS) or not isinstance(
-        scoring_uri, str | None
-    ):
-        raise _Ignored(f"{where} has a field of the wrong type")
-    try:
-        token = AccessToken(
-            entry["value"],
-            AuthKind(entry["auth"]),
-            _optional_number(entry["expires_on"], where),
-            _optional_number(entry["refresh_after"], where),
-            entry["token_type"],
-        )
-    except ValueError:  # an unknown auth kind, or a value AccessToken refuses
-        raise _Ignored(f"{where} is not a valid credential") from None
-    obtained_at = _number(entry["obtained_at"], where)
-    return entry["fingerprint"], Saved(token, obtained_at, scoring_uri)
-
-
-def _optional_number(value: object, where: str) -> float | None:
-    return None if value is None else _number(value, where)
-
-
-def _number(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _Ignored(f"{where} holds a time that is not a finite number")
-    return float(value)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from broker.cache.persist import PersistedCache, Saved
+from broker.cache.persist import PersistedCache
 from broker.cache.store import Entry, Store
 from broker.latest_only import LatestOnly
 from broker.log import get_logger
 from broker.providers import RestoresScoringUri
+from broker.saved_credentials import Saved
 
 log = get_logger("broker.cache.persisted_sync")
 

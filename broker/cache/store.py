@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from broker.cache.budget import CallBudget, PrincipalKey
 from broker.cache.policy import Policy
+from broker.cache.sharing import Lease, SharedCredentials
 from broker.errors import (
+    FleetUnavailableError,
     NotReadyError,
     UnknownServiceError,
     UnusableCredentialError,
@@ -23,11 +25,16 @@ from broker.errors import (
 )
 from broker.log import forget_secret, get_logger
 from broker.models import AccessToken, Clock, Sleep, State, system_clock, system_sleep
-from broker.providers import TokenProvider
+from broker.providers import RestoresScoringUri, TokenProvider
+from broker.saved_credentials import Saved
 
 log = get_logger("broker.cache")
 
 _COLD_WAIT_S = 30.0  # how long a client waits for a first fetch before getting 503
+# Where a credential came from, as status and metrics say it.
+AZURE, FLEET, CACHE = "azure", "fleet", "cache"
+ORIGINS = (AZURE, FLEET)  # what a fetch ends with (a restore from the cache is not one)
+_LEASE_WAITS = 2  # a broker waits at most this many lease_s on another's lease, then goes alone
 # Unique across entries, so a service removed and added again by a reload can never
 # be mistaken for its former self by a reader that caches renderings by generation.
 _generations = itertools.count(1)
@@ -55,6 +62,13 @@ class Entry:
     due_at_once: int = 0  # successes in a row whose credential asked to be refreshed at once
     target: object = None  # which Azure service, fetched how (see `Wanted`)
     signer: object = None  # who signs in to fetch it
+    origin: str | None = None  # where `token` came from: AZURE, FLEET or CACHE
+
+    def saved(self) -> Saved | None:
+        """The credential as it is shared or saved, with when it came and where to call."""
+        if self.token is None or self.obtained_at is None:
+            return None
+        return Saved(self.token, self.obtained_at, self.provider.scoring_uri)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +131,14 @@ class Store:
         # a thousand services starting at once queue here instead of bursting.
         self.max_concurrency = max_concurrency
         self._upstream_slots = asyncio.Semaphore(max_concurrency)
+        self.shared: SharedCredentials | None = None
+        self._adoptions: set[asyncio.Task[None]] = set()
+
+    def share(self, shared: SharedCredentials | None) -> None:
+        """Refresh through a fleet from now on (None: alone again)."""
+        self.shared = shared
+        if shared is not None:
+            shared.on_notice(self._noticed)
 
     def configure(
         self, policy: Policy, max_concurrency: int, client_refresh_window_s: float
@@ -178,6 +200,7 @@ class Store:
             return None
         entry.token, entry.obtained_at, entry.last_success_at = token, obtained_at, obtained_at
         entry.generation = next(_generations)
+        entry.origin = CACHE
         return entry
 
     def remove(self, service: str) -> Entry | None:
@@ -275,10 +298,10 @@ class Store:
     async def _fetch(self, entry: Entry) -> AccessToken:
         try:
             await self._pace(entry)
-            async with self._upstream_slots:
-                entry.last_call_at = self.clock()
-                token = await entry.provider.fetch()
-            self._judge(entry, token)
+            if self.shared is None:
+                got, origin = Saved(await self._from_azure(entry), self.clock()), AZURE
+            else:
+                got, origin = await self._through_fleet(entry, self.shared)
         except UpstreamError as exc:
             self._record_failure(entry, exc)
             raise
@@ -289,8 +312,133 @@ class Store:
             raise error from None
         finally:
             entry.inflight = None
-        self._record_success(entry, token)
+        self._record_success(entry, got, origin)
+        return got.token
+
+    async def _from_azure(self, entry: Entry) -> AccessToken:
+        async with self._upstream_slots:
+            entry.last_call_at = self.clock()
+            token = await entry.provider.fetch()
+        self._judge(entry, token)
         return token
+
+    async def _through_fleet(self, entry: Entry, shared: SharedCredentials) -> tuple[Saved, str]:
+        """Adopt the fleet's credential when it is newer and not yet due; else refresh
+        under the fleet's lease (or alone, when the fleet cannot be used) and share it."""
+        lease: Lease | None = None
+        alone = False
+        try:
+            found = await self._adoptable(entry, shared)
+            if found is None or self._due(found):
+                if found is not None:
+                    self._install(entry, found, FLEET)  # served while the fleet refreshes
+                waited = await self._lease_or_adoption(entry, shared)
+                if isinstance(waited, Saved):
+                    found, lease = waited, None
+                else:
+                    found, lease = None, waited
+            if found is not None:
+                return found, FLEET
+        except FleetUnavailableError:
+            alone = True  # the fleet logged it; refresh as without one
+        try:
+            token = await self._from_azure(entry)
+            fresh = Saved(token, self.clock(), entry.provider.scoring_uri)
+            if not alone:
+                await shared.write(entry.service, fresh, self._shared_for(fresh))
+        finally:
+            if lease is not None:
+                await lease.release()
+        return fresh, AZURE
+
+    async def _lease_or_adoption(
+        self, entry: Entry, shared: SharedCredentials
+    ) -> Lease | Saved | None:
+        """The service's lease, or the credential its holder shared meanwhile; None when
+        the holder took too long (it may be slower than lease_s: refresh alone)."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + _LEASE_WAITS * shared.lease_s
+        while True:
+            lease = await shared.lease(entry.service)
+            if lease is not None:
+                # Read again under the lease: a holder may have shared and released it
+                # between this broker's last read and its taking the lease.
+                found = await self._adoptable_or_release(entry, shared, lease)
+                return lease if found is None else found
+            if loop.time() >= give_up_at:
+                log.warning(
+                    "fleet.lease_wait_over",
+                    service=entry.service,
+                    waited_s=round(_LEASE_WAITS * shared.lease_s, 1),
+                    note="another broker holds the refresh lease but shared nothing: "
+                    "refreshing alone",
+                )
+                return None
+            await shared.wait(entry.service, shared.poll_s)
+            found = await self._adoptable(entry, shared)
+            if found is not None and not self._due(found):
+                return found
+
+    async def _adoptable_or_release(
+        self, entry: Entry, shared: SharedCredentials, lease: Lease
+    ) -> Saved | None:
+        """A credential to adopt after all (the lease released), or None to fetch."""
+        try:
+            found = await self._adoptable(entry, shared)
+        except FleetUnavailableError:
+            found = None
+        if found is None or self._due(found):
+            return None
+        await lease.release()
+        return found
+
+    async def _adoptable(self, entry: Entry, shared: SharedCredentials) -> Saved | None:
+        """The fleet's credential if it is newer than the entry's and may be served now,
+        judged as a fetched one is."""
+        found = await shared.read(entry.service)
+        if found is None:
+            return None
+        current = entry.saved()
+        if current is not None and found.stamp <= current.stamp:
+            return None
+        now = self.clock()
+        reason = self.policy.unusable_reason(found.token, now)
+        if reason is None and not self.policy.servable(found.token, found.obtained_at, now):
+            reason = "it is within its clock-skew allowance of expiry"
+        if reason is not None:
+            log.info("fleet.entry_unusable", service=entry.service, reason=reason)
+            return None
+        return found
+
+    def _due(self, saved: Saved) -> bool:
+        return self.policy.refresh_by(saved.token, saved.obtained_at) <= self.clock()
+
+    def _shared_for(self, saved: Saved) -> float:
+        """How long the fleet keeps an entry: while it may be served (tokens), or until it
+        is due (keys, which are re-listed to pick up rotations)."""
+        now = self.clock()
+        until = self.policy.serve_until(saved.token, saved.obtained_at)
+        if until is None:
+            until = self.policy.refresh_by(saved.token, saved.obtained_at)
+        return until - now
+
+    def _noticed(self, service: str) -> None:
+        """Another broker shared `service` anew: adopt it unless a fetch is under way
+        (which reads the fleet itself)."""
+        entry = self._entries.get(service)
+        if entry is None or entry.inflight is not None or self.shared is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._adopt_noticed(entry, self.shared))
+        self._adoptions.add(task)
+        task.add_done_callback(self._adoptions.discard)
+
+    async def _adopt_noticed(self, entry: Entry, shared: SharedCredentials) -> None:
+        try:
+            found = await self._adoptable(entry, shared)
+        except FleetUnavailableError:
+            return
+        if found is not None and entry.inflight is None and self._entries.get(entry.service):
+            self._record_success(entry, found, FLEET)
 
     async def _pace(self, entry: Entry) -> None:
         """Hold a fetch until `retry_min_s` after the service's last call, then until the
@@ -312,21 +460,34 @@ class Store:
                 f"{reason}; the previous credential is served while it is valid"
             )
 
-    def _record_success(self, entry: Entry, token: AccessToken) -> None:
-        now = self.clock()
+    def _install(self, entry: Entry, saved: Saved, origin: str) -> bool:
+        """Put a credential in place; whether it is another than the one served."""
         old = entry.token
-        changed = old is None or old.value != token.value
-        entry.token, entry.obtained_at, entry.last_success_at = token, now, now
-        entry.last_error, entry.last_error_at, entry.failures = None, None, 0
+        changed = old is None or old.value != saved.token.value
+        entry.token, entry.obtained_at = saved.token, saved.obtained_at
+        entry.origin = origin
+        provider = entry.provider
+        uri = None if provider.scoring_uri is not None else saved.scoring_uri
+        if uri and isinstance(provider, RestoresScoringUri):  # its own describe replaces it
+            provider.restore_scoring_uri(uri)
         if changed:
             entry.generation = next(_generations)
             if old is not None:
                 forget_secret(old.value)
+        return changed
+
+    def _record_success(self, entry: Entry, got: Saved, origin: str) -> None:
+        now = self.clock()
+        token = got.token
+        changed = self._install(entry, got, origin)
+        entry.last_success_at = now
+        entry.last_error, entry.last_error_at, entry.failures = None, None, 0
         log.info(
             "token.refreshed",
             service=entry.service,
             auth=token.auth.value,
             changed=changed,
+            source=origin,
             expires_in_s=None if token.expires_on is None else round(token.expires_on - now, 1),
         )
         self._notify(entry)

@@ -11,6 +11,8 @@ problem it found, each naming the file, the line, the key and the fix.
     service.py   the services, and who may ask for each
     compat.py    the managed-identity compatible routes
     proxy.py     how requests are forwarded to scoring URIs
+    fleet_settings.py  fleet mode: the Redis the brokers share, its password and key
+    key_files.py the encryption keys of the cache and the fleet
     sink.py      a service's file sink: where its credential is copied, and the command
     render.py    the effective configuration with secrets masked
 """
@@ -36,6 +38,7 @@ from broker.config.model import (
     CompatConfig,
     Config,
     EntraScopeConfig,
+    FleetConfig,
     IdentityConfig,
     IdentityKind,
     ListenConfig,
@@ -80,6 +83,7 @@ __all__ = [
     "CompatConfig",
     "Config",
     "EntraScopeConfig",
+    "FleetConfig",
     "IdentityConfig",
     "IdentityKind",
     "ListenConfig",

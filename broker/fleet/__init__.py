@@ -1,0 +1,18 @@
+"""Fleet mode: brokers on many hosts share one refresh per service through Redis.
+
+    naming.py      the Redis keys of a service: its entry, its lease, its notices
+    sealing.py     entries sealed with AES-256-GCM, bound to their key and version
+    connection.py  redis-py's asyncio client: bounded commands, the lease and write scripts
+    shared.py      `Fleet`: read, lease, write and wait for one broker; health, notices
+
+This is the only package that imports `redis`; redis-py's exceptions are translated
+into `FleetUnavailableError` where they enter, and nothing above sees them.
+"""
+
+from __future__ import annotations
+
+from broker.fleet.naming import ServiceKeys
+from broker.fleet.sealing import Sealer, UnreadableEntry
+from broker.fleet.shared import Fleet, FleetLease, FleetObserver
+
+__all__ = ["Fleet", "FleetLease", "FleetObserver", "Sealer", "ServiceKeys", "UnreadableEntry"]

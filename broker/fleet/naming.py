@@ -1,0 +1,31 @@
+"""Where a service's shared state lives in Redis: three keys under one hash tag.
+
+    {prefix}{<first 32 hex digits of the service's identity>}:credential   the sealed entry
+    {prefix}{…}:lease                                                       the refresh lease
+    {prefix}{…}:notices                                                     the pub/sub channel
+
+The identity (`Config.service_identity`) digests the cloud, the principal and the Azure
+coordinates, so brokers of different principals or services never share an entry, and
+the prefix keeps deployments sharing one Redis apart. The braces are a Redis Cluster hash
+tag: a script that touches a service's keys touches one hash slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IDENTITY_DIGITS = 32  # 128 bits of the digest: collisions are not a concern
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKeys:
+    """The Redis keys and channel of one service."""
+
+    credential: str
+    lease: str
+    notices: str
+
+    @classmethod
+    def of(cls, prefix: str, identity: str) -> ServiceKeys:
+        tag = f"{prefix}{{{identity[:IDENTITY_DIGITS]}}}"
+        return cls(f"{tag}:credential", f"{tag}:lease", f"{tag}:notices")

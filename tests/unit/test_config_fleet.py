@@ -1,0 +1,372 @@
+"""The [fleet] table: off by default, each source of its password and key read, every bad
+value named with its key and fix, and check-config showing where secrets are, never them."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from broker.config import Config, FleetConfig, load_config, render_effective
+from broker.errors import ConfigError, ConfigProblem
+
+pytestmark = pytest.mark.timeout(10)
+
+PASSWORD = "r3dis-PASSWORD-value"
+FLEET_KEY = bytes(range(40))
+
+BASE = """\
+[cloud]
+name = "AzureCloud"
+
+[identity.main]
+tenant_id = "t"
+client_id = "11111111-0000-0000-0000-000000000001"
+client_secret_env = "SECRET"
+
+[[service]]
+name = "aml"
+kind = "entra"
+scope = "https://ml.azure.com/.default"
+
+[fleet]
+"""
+ON = 'enabled = true\nredis_url = "redis://127.0.0.1:6379/0"\nencryption_key_file = "fleet.key"\n'
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A directory with the files the tables below name: keys, a password, a CA."""
+    for name, content, mode in [
+        ("fleet.key", FLEET_KEY, 0o600),
+        ("short.key", b"k" * 31, 0o600),
+        ("loose.key", FLEET_KEY, 0o644),
+        ("redis-password", (PASSWORD + "\n").encode(), 0o600),
+        ("ca.pem", b"-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----\n", 0o644),
+        ("creds/fleet-key", FLEET_KEY, 0o400),
+        ("creds/redis-password", PASSWORD.encode(), 0o400),
+    ]:
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        path.chmod(mode)
+    return tmp_path
+
+
+def environ(workdir: Path) -> dict[str, str]:
+    return {
+        "SECRET": "s3cr3t-value",
+        "REDIS_PASSWORD": PASSWORD,
+        "CREDENTIALS_DIRECTORY": str(workdir / "creds"),
+    }
+
+
+def load(workdir: Path, fleet: str, mode: int = 0o644) -> Config:
+    path = workdir / "broker.toml"
+    path.write_text(BASE + fleet)
+    path.chmod(mode)
+    return load_config(path, environ=environ(workdir))
+
+
+def only_problem(workdir: Path, fleet: str, mode: int = 0o644) -> ConfigProblem:
+    with pytest.raises(ConfigError) as caught:
+        load(workdir, fleet, mode)
+    found = caught.value.problems
+    assert len(found) == 1, [str(p) for p in found]
+    return found[0]
+
+
+def test_off_by_default_and_unchecked_while_off(workdir: Path) -> None:
+    """Without `enabled = true` fleet mode is off, and its other keys wait unchecked."""
+    assert load(workdir, "").fleet == FleetConfig()
+    waiting = 'redis_url = "http://nope"\nencryption_key_file = "missing.key"\n'
+    assert load(workdir, waiting).fleet == FleetConfig()
+    assert "[fleet]" not in render_effective(load(workdir, waiting))
+
+
+def test_every_key_is_read(workdir: Path) -> None:
+    """A full table loads into the frozen FleetConfig, secrets read from their files."""
+    config = load(
+        workdir,
+        'enabled = true\nredis_url = "rediss://redis.internal:6380/2"\nca_file = "ca.pem"\n'
+        'username = "broker"\npassword_file = "redis-password"\nkey_prefix = "prod:"\n'
+        'encryption_key_file = "fleet.key"\nlease_s = 12\nconnect_timeout_s = 0.5\n'
+        "command_timeout_s = 0.25\n",
+    ).fleet
+    assert config.enabled and config.redis_url == "rediss://redis.internal:6380/2"
+    assert config.ca_file == workdir / "ca.pem" and config.username == "broker"
+    assert config.password is not None and config.password.reveal() == PASSWORD
+    assert config.password_source == f"file {workdir / 'redis-password'}"
+    assert config.encryption_key is not None and config.encryption_key.reveal() == FLEET_KEY
+    assert config.key_source == f"file {workdir / 'fleet.key'}"
+    assert (config.key_prefix, config.lease_s) == ("prod:", 12.0)
+    assert (config.connect_timeout_s, config.command_timeout_s) == (0.5, 0.25)
+
+
+def test_defaults_when_enabled(workdir: Path) -> None:
+    """Enabled with only a URL and a key: no user, no password, the documented timings."""
+    config = load(workdir, ON).fleet
+    assert config.username is None and config.password is None
+    assert (config.key_prefix, config.lease_s) == ("token-broker:", 30.0)
+    assert (config.connect_timeout_s, config.command_timeout_s) == (2.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("password", "source"),
+    [
+        ('password_env = "REDIS_PASSWORD"', "env REDIS_PASSWORD"),
+        ('password_credential = "redis-password"', "systemd credential redis-password"),
+    ],
+)
+def test_password_from_environment_or_systemd_credential(
+    workdir: Path, password: str, source: str
+) -> None:
+    """The Redis password may come from an environment variable or a systemd credential."""
+    config = load(workdir, ON + password + "\n").fleet
+    assert config.password is not None and config.password.reveal() == PASSWORD
+    assert config.password_source == source
+
+
+def test_inline_password_in_a_private_file(workdir: Path) -> None:
+    """An inline password is accepted in a file only its owner can read."""
+    config = load(workdir, ON + f'password = "{PASSWORD}"\n', mode=0o600).fleet
+    assert config.password is not None and config.password.reveal() == PASSWORD
+
+
+def test_encryption_key_from_a_systemd_credential(workdir: Path) -> None:
+    """The encryption key may be a systemd credential."""
+    text = ON.replace(
+        'encryption_key_file = "fleet.key"', 'encryption_key_credential = "fleet-key"'
+    )
+    config = load(workdir, text).fleet
+    assert config.encryption_key is not None and config.encryption_key.reveal() == FLEET_KEY
+    assert config.key_source == "systemd credential fleet-key"
+
+
+def test_check_config_shows_where_secrets_are_never_them(workdir: Path) -> None:
+    """check-config renders [fleet] with the password's and key's sources, never their values."""
+    config = load(workdir, ON + 'username = "broker"\npassword_env = "REDIS_PASSWORD"\n')
+    text = render_effective(config)
+    assert PASSWORD not in text and FLEET_KEY.hex() not in text
+    assert PASSWORD not in repr(config)
+    fleet = tomllib.loads(text)["fleet"]
+    assert fleet == {
+        "enabled": True,
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "username": "broker",
+        "password": "env REDIS_PASSWORD",
+        "key_prefix": "token-broker:",
+        "encryption_key": f"file {workdir / 'fleet.key'}",
+        "lease_s": 30.0,
+        "connect_timeout_s": 2.0,
+        "command_timeout_s": 1.0,
+    }
+
+
+def _on(**changes: str) -> str:
+    """ON with some of its lines changed (a value of "" removes the key)."""
+    lines = dict(line.split(" = ", 1) for line in ON.splitlines())
+    lines.update(changes)
+    return "".join(f"{k} = {v}\n" for k, v in lines.items() if v)
+
+
+@pytest.mark.parametrize(
+    ("fleet", "key", "phrases"),
+    [
+        pytest.param(
+            _on(redis_url=""), "fleet.redis_url", ['missing required key "redis_url"'], id="no-url"
+        ),
+        pytest.param(
+            _on(redis_url='"http://redis:6379"'),
+            "fleet.redis_url",
+            ["must start with redis://, rediss:// (TLS) or unix://", '"http://"'],
+            id="http-url",
+        ),
+        pytest.param(
+            _on(redis_url=f'"redis://:{PASSWORD}@redis:6379"'),
+            "fleet.redis_url",
+            ["holds a password", "password_file", "password_env", "password_credential"],
+            id="password-in-url",
+        ),
+        pytest.param(
+            _on(redis_url=f'"redis://broker:{PASSWORD}@redis:6379"'),
+            "fleet.redis_url",
+            ["holds a password"],
+            id="user-and-password-in-url",
+        ),
+        pytest.param(
+            _on(redis_url='"redis://broker@redis:6379"'),
+            "fleet.redis_url",
+            ["holds a user name", 'username = "broker"'],
+            id="user-in-url",
+        ),
+        pytest.param(
+            _on(redis_url='"rediss://redis:6380?ssl_cert_reqs=none"'),
+            "fleet.redis_url",
+            ["options after ? or #", "[fleet] keys"],
+            id="url-options",
+        ),
+        pytest.param(
+            _on(redis_url='"redis://redis:port"'),
+            "fleet.redis_url",
+            ["is not a URL"],
+            id="bad-port",
+        ),
+        pytest.param(
+            _on(redis_url='"redis:///0"'), "fleet.redis_url", ["has no host"], id="no-host"
+        ),
+        pytest.param(
+            _on(redis_url='"redis://redis:6379/cache"'),
+            "fleet.redis_url",
+            ["must be a database number such as /0", '"/cache"'],
+            id="bad-database",
+        ),
+        pytest.param(
+            _on(redis_url='"unix://run/redis.sock"'),
+            "fleet.redis_url",
+            ["needs the socket's absolute path", "unix:///run/redis/redis.sock"],
+            id="relative-socket",
+        ),
+        pytest.param(
+            _on(ca_file='"ca.pem"'),
+            "fleet.ca_file",
+            ["only used with a rediss:// redis_url"],
+            id="ca-without-tls",
+        ),
+        pytest.param(
+            _on(redis_url='"rediss://redis:6380"', ca_file='"nope.pem"'),
+            "fleet.ca_file",
+            ["No such file or directory"],
+            id="ca-missing",
+        ),
+        pytest.param(
+            _on(username='"two words"'),
+            "fleet.username",
+            ["a Redis ACL user name without spaces"],
+            id="username-spaces",
+        ),
+        pytest.param(
+            _on(password=f'"{PASSWORD}"'),
+            "fleet.password",
+            [
+                "password is written inline",
+                "mode 0644",
+                "chmod 600",
+                "password_file, password_env or password_credential",
+            ],
+            id="inline-password-in-a-readable-file",
+        ),
+        pytest.param(
+            _on(password_file='"redis-password"', password_env='"REDIS_PASSWORD"'),
+            "fleet.password_env",
+            ["password_file and password_env are both set", "keep one of them"],
+            id="two-passwords",
+        ),
+        pytest.param(
+            _on(password_env='"UNSET_VARIABLE"'),
+            "fleet.password_env",
+            ["environment variable UNSET_VARIABLE is not set", "Redis password"],
+            id="password-env-unset",
+        ),
+        pytest.param(
+            _on(password_env=f'"{PASSWORD}-!"'),
+            "fleet.password_env",
+            ["not an environment variable name", "not the Redis password itself"],
+            id="password-pasted-as-variable",
+        ),
+        pytest.param(
+            _on(password_file='"nope"'),
+            "fleet.password_file",
+            ["No such file or directory"],
+            id="password-file-missing",
+        ),
+        pytest.param(
+            _on(password_credential='"../redis-password"'),
+            "fleet.password_credential",
+            ["must be a credential name, not a path", "password_file"],
+            id="password-credential-path",
+        ),
+        pytest.param(
+            _on(encryption_key_file=""),
+            "fleet",
+            ["fleet mode is enabled but has no encryption key", "head -c 32 /dev/urandom"],
+            id="no-key",
+        ),
+        pytest.param(
+            _on(encryption_key_credential='"fleet-key"'),
+            "fleet.encryption_key_credential",
+            ["encryption_key_file and encryption_key_credential are both set"],
+            id="two-keys",
+        ),
+        pytest.param(
+            _on(encryption_key='"0123456789abcdef0123456789abcdef"'),
+            "fleet.encryption_key",
+            ["never reads the fleet's encryption key from its configuration file"],
+            id="inline-key",
+        ),
+        pytest.param(
+            _on(encryption_key_file='"short.key"'),
+            "fleet.encryption_key_file",
+            ["holds 31 bytes; a fleet encryption key needs at least 32"],
+            id="short-key",
+        ),
+        pytest.param(
+            _on(encryption_key_file='"loose.key"'),
+            "fleet.encryption_key_file",
+            ["has mode 0644: other users could read the key", "chmod 600"],
+            id="readable-key",
+        ),
+        pytest.param(
+            _on(encryption_key_file='"nope.key"'),
+            "fleet.encryption_key_file",
+            ["No such file or directory"],
+            id="missing-key",
+        ),
+        pytest.param(
+            _on(key_prefix='"a b"'),
+            "fleet.key_prefix",
+            ["printable ASCII characters without spaces or braces"],
+            id="prefix-space",
+        ),
+        pytest.param(
+            _on(key_prefix='"tb:{x}"'),
+            "fleet.key_prefix",
+            ["without spaces or braces", "{hash tag}"],
+            id="prefix-braces",
+        ),
+        pytest.param(
+            _on(lease_s="0"), "fleet.lease_s", ["lease_s must be more than zero"], id="lease-zero"
+        ),
+        pytest.param(
+            _on(connect_timeout_s="-1"),
+            "fleet.connect_timeout_s",
+            ["connect_timeout_s must be more than zero"],
+            id="connect-negative",
+        ),
+        pytest.param(
+            _on(lease_s="2", command_timeout_s="2"),
+            "fleet.command_timeout_s",
+            ["command_timeout_s (2) must be less than lease_s (2)"],
+            id="command-not-below-lease",
+        ),
+        pytest.param(_on(lease="30"), "fleet.lease", ['did you mean "lease_s"?'], id="unknown-key"),
+        pytest.param(
+            _on(enabled='"yes"'),
+            "fleet.enabled",
+            ["expected a boolean"],
+            id="enabled-quoted",
+        ),
+    ],
+)
+def test_each_mistake_names_its_key_and_fix(
+    workdir: Path, fleet: str, key: str, phrases: list[str]
+) -> None:
+    """Every broken [fleet] value gives one problem naming the file, its key and the fix."""
+    problem = only_problem(workdir, fleet)
+    shown = str(problem)
+    assert problem.key == key, shown
+    assert problem.file == str(workdir / "broker.toml") and problem.line is not None
+    for phrase in phrases:
+        assert phrase in shown, shown
+    assert PASSWORD not in shown
