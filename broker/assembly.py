@@ -4,7 +4,7 @@ The daemon (`broker.daemon`) and the one-shot run (`broker.oneshot`) are built f
 same parts, so that a credential fetched by `token-broker once` is fetched exactly as the
 daemon would fetch it: the store with the refresh policy and the call budget, the
 sign-ins, the Azure client, a provider per service by its kind, the persisted cache and
-the file sinks.
+the file sinks, and the fleet it refreshes through in fleet mode.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from broker.config import (
     WebServiceConfig,
 )
 from broker.credentials import ServicePrincipalCredential
+from broker.fleet import Fleet, FleetObserver
 from broker.models import Clock, Sleep, system_sleep
 from broker.providers import (
     EntraProvider,
@@ -84,6 +85,20 @@ def persisted_sync(
         return None
     cache = PersistedCache(config.cache.path, config.cache.key.reveal(), clock=clock)
     return PersistedSync(store, cache, identity, saving=saving)
+
+
+def new_fleet(
+    config: Config,
+    identity: Callable[[str], str | None],
+    *,
+    observer: FleetObserver | None = None,
+) -> Fleet | None:
+    """The fleet `[fleet]` describes (None when fleet mode is off); `identity` says what a
+    service's credential is for (a shared one is adopted only for the same)."""
+    fleet = config.fleet
+    if not fleet.enabled or fleet.encryption_key is None:
+        return None
+    return Fleet(fleet, identity, observer=observer)
 
 
 class Sources:

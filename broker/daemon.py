@@ -12,11 +12,20 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Sequence
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import Any
 
 from broker import __version__
 from broker import log as logging_setup
-from broker.assembly import Sources, allowances, new_store, persisted_sync, register_secrets
+from broker.assembly import (
+    Sources,
+    allowances,
+    new_fleet,
+    new_store,
+    persisted_sync,
+    register_secrets,
+)
 from broker.cache import PersistedSync, Policy, Reconciled, Refresher
 from broker.config import CompatConfig, Config, FleetConfig, RefreshConfig
 from broker.credentials import ServicePrincipalCredential
@@ -34,6 +43,7 @@ log = get_logger("broker.daemon")
 
 STOP_GRACE_S = 5.0  # how long requests and fetches under way may take to finish on stop
 _SINK_LAST_WORD_S = 0.5  # the least a sink write under way gets on stop
+_LEASE_WAITS = 2  # a fetch waits at most this many lease_s on another's lease (the store's)
 
 
 class Daemon:
@@ -56,7 +66,7 @@ class Daemon:
         self.refresher = Refresher(self.store)
         self._background: set[asyncio.Task[None]] = set()
         self.fleet: Fleet | None = None
-        self._join_fleet(config.fleet)
+        self._join_fleet(config)
         self.persisted: PersistedSync | None = persisted_sync(
             config, self.store, clock, self._service_identity
         )
@@ -75,12 +85,13 @@ class Daemon:
         )
         self.listeners = Listeners(app, config.listen, STOP_GRACE_S, inherited)
 
-    def _join_fleet(self, config: FleetConfig) -> None:
+    def _join_fleet(self, config: Config) -> None:
         """Refresh through the fleet `config` describes, or alone when it is off."""
-        self.fleet = None
-        if config.enabled and config.encryption_key is not None:
+        if config.fleet.enabled:
             self.metrics.enable_fleet()
-            self.fleet = Fleet(config, self._service_identity, observer=self.metrics)
+        else:
+            self.metrics.disable_fleet()
+        self.fleet = new_fleet(config, self._service_identity, observer=self.metrics)
         self.store.share(self.fleet)
 
     def _service_identity(self, name: str) -> str | None:
@@ -135,6 +146,8 @@ class Daemon:
             await self.persisted.close()
         if self.fleet is not None:
             await self.fleet.close()
+        if self._background:  # a fleet a reload left, closing once its fetches ended
+            await asyncio.wait(self._background, timeout=max(0.1, deadline - loop.time()))
         await self.sources.close()
         log.info("broker.stopped")
 
@@ -163,9 +176,15 @@ class Daemon:
         self.sources.replace(config)
         self._apply_refresh(config.refresh)
         if config.fleet != old.fleet:
-            self._leave_fleet()
-            self._join_fleet(config.fleet)
-            log.info("fleet.reconfigured", enabled=self.fleet is not None)
+            self._leave_fleet(old.fleet)
+            self._join_fleet(config)
+            log.info(
+                "fleet.reconfigured",
+                enabled=self.fleet is not None,
+                changed=[
+                    f.name for f in fields(FleetConfig) if _differs(old.fleet, config.fleet, f)
+                ],
+            )
         result = self.refresher.reconcile([self.sources.wanted(s) for s in config.services])
         if self.fleet is not None:
             self.fleet.watch(s.name for s in config.services)
@@ -186,13 +205,29 @@ class Daemon:
         self.sources.configure(refresh)
         self.compat.clock_skew_s = refresh.clock_skew_s
 
-    def _leave_fleet(self) -> None:
-        """Close the fleet's connections once what is under way has ended."""
+    def _leave_fleet(self, old: FleetConfig) -> None:
+        """Close the fleet's connections once the fetches under way through it have ended
+        (each is bounded: its lease waits and its Azure call)."""
         if self.fleet is None:
             return
-        closing = asyncio.get_running_loop().create_task(self.fleet.close())
+        under_way = [e.inflight for e in self.store.entries if e.inflight is not None]
+        within = _LEASE_WAITS * old.lease_s + self.config.refresh.timeout_s
+        closing = asyncio.get_running_loop().create_task(
+            _close_after(self.fleet, under_way, within)
+        )
         self._background.add(closing)
         closing.add_done_callback(self._background.discard)
+
+
+async def _close_after(fleet: Fleet, under_way: list[asyncio.Task[Any]], within: float) -> None:
+    if under_way:
+        await asyncio.wait(under_way, timeout=within)
+    await fleet.close()
+
+
+def _differs(old: FleetConfig, new: FleetConfig, key: Field[Any]) -> bool:
+    """Whether a key of `[fleet]` changed (by name in the log, never by value)."""
+    return bool(getattr(old, key.name) != getattr(new, key.name))
 
 
 def _summary(result: Reconciled) -> dict[str, list[str]]:

@@ -287,6 +287,13 @@ class Metrics:
         if self._fleet is None:
             self._fleet = _FleetMetrics(self.registry)
 
+    def disable_fleet(self) -> None:
+        """Drop the fleet's series: a broker a reload took out of fleet mode exports none,
+        as one never in it (a `token_broker_fleet_up` left at 0 would raise an alert)."""
+        if self._fleet is not None:
+            self._fleet.unregister(self.registry)
+            self._fleet = None
+
     def observe_refresh(self, entry: Entry) -> None:
         """Count a finished fetch; the store calls this after every one."""
         outcome = "success" if entry.last_error is None else "failure"
@@ -383,3 +390,7 @@ class _FleetMetrics:
             "first answered.",
             registry=registry,
         )
+
+    def unregister(self, registry: CollectorRegistry) -> None:
+        for series in (self.credentials, self.leases, self.duration, self.errors, self.up):
+            registry.unregister(series)

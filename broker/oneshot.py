@@ -18,6 +18,13 @@ With `[cache]` on, still-valid credentials are restored first and only the rest 
 of Azure (a key is listed again: it may have been rotated); what is fetched is saved for
 the daemon that starts next. A run of some services (`--service`) only reads the file:
 saving would drop the others' credentials from it.
+
+With `[fleet]` on, each service is asked of the fleet first, as a starting daemon asks it:
+a credential the fleet holds that is not yet due is adopted with no Azure call, and what
+it lacks is fetched under the service's lease and shared, so a run beside running brokers
+costs Azure nothing. With Redis down the run fetches alone, as without a fleet, and the
+report says so (`fleet: down`). The run does not subscribe to the fleet's notices: a
+broker waiting on another's lease polls, every `lease_s / 10` (at most 1 s).
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.assembly import Sources, new_store, persisted_sync, register_secrets
+from broker.assembly import Sources, new_fleet, new_store, persisted_sync, register_secrets
 from broker.cache import Entry, Store
+from broker.cache.store import FLEET
 from broker.config import Config, ServiceConfig
 from broker.delivery import Delivery, FileSinks
 from broker.errors import ConfigError, ConfigProblem, UpstreamError
@@ -56,9 +64,9 @@ class Outcome:
     state: str
     auth: str | None = None  # token, key or entra; None without a credential
     expires_on: float | None = None  # None for keys and without a credential
-    source: str | None = None  # azure or cache; None without a credential
+    source: str | None = None  # azure, fleet or cache; None without a credential
     sink: str | None = None  # the sink's file, when the service has one
-    attempts: int = 0  # fetches asked of Azure
+    attempts: int = 0  # fetches asked of Azure (not those the fleet answered)
     reason: str | None = None  # why it failed; None when it succeeded
     status: int | None = None  # the HTTP status of the last failure, when it had one
     aad_code: str | None = None  # the AADSTS code of the last failure, when it had one
@@ -71,6 +79,8 @@ class Report:
     outcomes: tuple[Outcome, ...]
     timeout_s: float
     elapsed_s: float
+    fleet: str | None = None  # the fleet's health at the end (up, down, unknown); None: off
+    fleet_problem: str | None = None  # why the fleet could not be used, when it could not
 
     @property
     def ok(self) -> bool:
@@ -131,13 +141,13 @@ async def run_once(
     )
     sinks = FileSinks(store, chosen)
     fetches = FirstFetches(store, sleep)
+    fleet = new_fleet(config, config.service_identity)
+    store.share(fleet)  # each fetch asks the fleet first, and shares what Azure gave
     try:
         restored: set[str] = set()
         if persisted is not None:
             persisted.restore()
             restored = {entry.service for entry in store.entries if entry.token is not None}
-        # Fleet mode reads the fleet here: what it holds for the services still lacking a
-        # current credential is adopted, and only what it lacks is asked of Azure below.
         lacking = [entry.service for entry in store.entries if not _current(store, entry)]
         await fetches.run(lacking, deadline=started + timeout_s)
         sinks.start()  # after the fetches: each file is written once, with what the run got
@@ -146,17 +156,26 @@ async def run_once(
         await sinks.close(0.0)
         if persisted is not None:
             await persisted.close()
+        if fleet is not None:
+            await fleet.close()
         await sources.close()
     outcomes = tuple(
         _outcome(store, entry, fetches, sinks, restored, timeout_s) for entry in store.entries
     )
-    report = Report(outcomes, timeout_s, round(clock() - started, 3))
+    report = Report(
+        outcomes,
+        timeout_s,
+        round(clock() - started, 3),
+        fleet=None if fleet is None else fleet.health,
+        fleet_problem=None if fleet is None else fleet.problem,
+    )
     log.info(
         "once.finished",
         ok=report.ok,
         services=len(outcomes),
         failed=[outcome.service for outcome in report.failed],
         elapsed_s=report.elapsed_s,
+        fleet=report.fleet,
     )
     return report
 
@@ -213,6 +232,8 @@ class FirstFetches:
                         return
                     await self._sleep(delay)
                 else:
+                    if entry.origin == FLEET:  # adopted: this try asked Azure nothing
+                        self.attempts[service] -= 1
                     return
         except asyncio.CancelledError:
             self.cut.add(service)
@@ -250,7 +271,7 @@ def _outcome(
     facts: dict[str, Any] = {
         "auth": token.auth.value if token else None,
         "expires_on": token.expires_on if token else None,
-        "source": _source(name, token, error, restored, fetches),
+        "source": _source(entry, token, error, restored, fetches),
         "sink": None if sink is None else str(sink.path),
         "attempts": fetches.attempts.get(name, 0),
         "status": error.status if error else None,
@@ -276,14 +297,17 @@ def _outcome(
 
 
 def _source(
-    name: str, token: object, error: object, restored: set[str], fetches: FirstFetches
+    entry: Entry, token: object, error: object, restored: set[str], fetches: FirstFetches
 ) -> str | None:
-    """Where the credential delivered came from: Azure when this run fetched it, else the
-    persisted cache."""
+    """Where the credential delivered came from: Azure or the fleet when this run got it,
+    else the persisted cache."""
     if token is None:
         return None
+    name = entry.service
     fetched = name in fetches.attempts and name not in fetches.cut and error is None
-    return "cache" if name in restored and not fetched else "azure"
+    if name in restored and not fetched:
+        return "cache"
+    return "fleet" if entry.origin == FLEET else "azure"
 
 
 def _failed(name: str, state: str, reason: str, facts: dict[str, Any]) -> Outcome:
@@ -321,6 +345,7 @@ def as_json(report: Report) -> dict[str, Any]:
         "ok": report.ok,
         "timeout_s": report.timeout_s,
         "elapsed_s": report.elapsed_s,
+        "fleet": report.fleet,
         "services": [
             {
                 "service": o.service,
@@ -358,6 +383,8 @@ def as_text(report: Report) -> str:
     for row in (columns, *rows):
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
+    if report.fleet == "down":
+        lines += ["", f"fleet: down, fetched alone: {report.fleet_problem or 'Redis failed'}"]
     return "\n".join(lines)
 
 

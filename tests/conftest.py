@@ -283,8 +283,11 @@ class RedisServer:
         ).stdout
 
     def _answers(self) -> bool:
+        """Whether it answers on its Unix socket (plain text even when TCP speaks TLS)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.settimeout(0.2)
+                conn.connect(str(self.socket))
                 conn.sendall(b"PING\r\n")
                 return conn.recv(16).startswith(b"+PONG")
         except OSError:
@@ -304,6 +307,46 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+@dataclass(frozen=True)
+class TlsRedis:
+    """A redis-server speaking TLS only on its loopback port, with a certificate for
+    127.0.0.1 and localhost signed by a CA the test made (`ca_file`); a CA that signed
+    nothing it serves is in `other_ca_file`."""
+
+    server: RedisServer
+    ca_file: Path
+    other_ca_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.server.port}/0"
+
+
+@pytest.fixture(scope="module")
+def tls_redis() -> Iterator[TlsRedis]:
+    """A redis-server on TLS for the module's tests, stopped after them."""
+    import trustme
+
+    directory = Path(tempfile.mkdtemp(prefix="tb-redis-tls-", dir="/tmp"))
+    ca, other = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_pem.write_to_path(str(directory / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(directory / "server.pem"))
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    other.cert_pem.write_to_path(str(directory / "other-ca.pem"))
+    server = RedisServer(directory)
+    server.start(
+        *("--port", "0", "--tls-port", str(server.port)),
+        *("--tls-cert-file", str(directory / "server.pem")),
+        *("--tls-key-file", str(directory / "server.key")),
+        *("--tls-ca-cert-file", str(directory / "ca.pem")),
+        *("--tls-auth-clients", "no"),
+    )
+    yield TlsRedis(server, directory / "ca.pem", directory / "other-ca.pem")
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -193,6 +193,12 @@ def _translated(operation: str) -> Iterator[None]:
                 "password, and that the user is enabled",
                 operation=operation,
             ) from None
+        tls = _tls_problem(exc)
+        if tls is not None:
+            raise FleetUnavailableError(
+                f"the broker's TLS connection to Redis failed ({operation}): {tls}",
+                operation=operation,
+            ) from None
         raise FleetUnavailableError(
             f"Redis did not answer the broker's {operation}: {_kind(exc)}", operation=operation
         ) from None
@@ -201,6 +207,28 @@ def _translated(operation: str) -> Iterator[None]:
 def _refused(exc: BaseException) -> bool:
     causes = (exc.__cause__, exc.__context__)
     return any(isinstance(cause, AuthenticationError | NoPermissionError) for cause in causes)
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    """Why a TLS handshake failed, from the `ssl` error redis-py wrapped: OpenSSL's reason,
+    which names a certificate check or a protocol step, never a value the broker sent."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # redis-py wraps once or twice
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"certificate verify failed: {seen.verify_message} (check [fleet] ca_file: it "
+                "must hold the CA that signed the server's certificate, which must name the "
+                "host of redis_url)"
+            )
+        if isinstance(seen, ssl.SSLError):
+            return (
+                f"{seen.reason or type(seen).__name__} (check that the port of redis_url "
+                "speaks TLS, and the server's log)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _kind(exc: BaseException) -> str:

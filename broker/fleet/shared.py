@@ -78,6 +78,7 @@ class Fleet:
         self._prefix = config.key_prefix
         self._holder = secrets.token_hex(8)  # this broker, in its lease values
         self.healthy: bool | None = None  # None until Redis first answers or fails
+        self.problem: str | None = None  # why Redis cannot be used, while it cannot
         self._changed: dict[str, asyncio.Event] = {}
         self._unreadable: dict[str, bytes] = {}  # the last bad value seen, to replace it
         self._listeners: list[NoticeListener] = []
@@ -218,7 +219,7 @@ class Fleet:
             log.info("fleet.recovered", note="sharing refreshes through Redis again")
         if self.healthy is not True:
             self._observer.fleet_health(True)
-        self.healthy = True
+        self.healthy, self.problem = True, None
 
     def _down(self, exc: FleetUnavailableError) -> None:
         if self.healthy is not False:
@@ -229,7 +230,7 @@ class Fleet:
                 note="refreshing alone, as without a fleet, until Redis answers",
             )
             self._observer.fleet_health(False)
-        self.healthy = False
+        self.healthy, self.problem = False, exc.message
 
 
 class FleetLease:

@@ -15,7 +15,7 @@ import pytest
 
 from broker.metrics import REASONS
 from broker.models import State
-from tests.e2e.test_metrics_scrape import SAMPLE_SUFFIXES, SCHEMA
+from tests.e2e.test_metrics_scrape import FLEET_SCHEMA, SAMPLE_SUFFIXES, SCHEMA
 
 # Labels Prometheus adds to every series it scrapes, whatever the target exports.
 TARGET_LABELS = frozenset({"job", "instance"})
@@ -25,7 +25,8 @@ SCRAPE_SERIES: dict[str, frozenset[str]] = {"up": frozenset()}
 DOMAINS: dict[str, frozenset[str]] = {
     "state": frozenset(state.value for state in State),
     "reason": REASONS,
-    "outcome": frozenset({"success", "failure"}),
+    "outcome": frozenset({"success", "failure", "taken", "busy", "lost"}),
+    "origin": frozenset({"azure", "fleet"}),
 }
 _GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
 _OPERATORS = frozenset({"and", "or", "unless", "bool", "offset", "atan2"})
@@ -43,9 +44,10 @@ _TOKEN = re.compile(
 
 
 def exported() -> dict[str, frozenset[str]]:
-    """Every sample name the broker's /metrics has, with its label names (the pinned schema)."""
+    """Every sample name the broker's /metrics has, with its label names (the pinned schema,
+    fleet mode's series included)."""
     names: dict[str, frozenset[str]] = {}
-    for family, (kind, labels) in SCHEMA.items():
+    for family, (kind, labels) in (SCHEMA | FLEET_SCHEMA).items():
         for suffix in SAMPLE_SUFFIXES[kind]:
             names[family + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return names

@@ -92,10 +92,12 @@ def test_alert_says_how_bad_and_what_to_do(rule: dict[str, Any]) -> None:
         assert set(TEMPLATE_LABEL.findall(text)) <= carried, text
 
 
-def test_the_fleet_alert_waits_for_fleet_mode() -> None:
-    """No rule pretends to watch a fleet; the file says why that alert is missing."""
-    assert all("fleet" not in rule["alert"].lower() for rule in alerts())
-    assert "Fleet mode does not exist" in RULES.read_text()
+def test_the_fleet_alert_watches_redis_being_out_of_reach() -> None:
+    """The fleet's alert fires on the broker's own view of Redis, the series only fleet mode
+    exports."""
+    [fleet] = [rule for rule in alerts() if "fleet" in rule["alert"].lower()]
+    assert fleet["alert"] == "TokenBrokerFleetUnavailable"
+    assert names(fleet["expr"]).selectors[0].metric == "token_broker_fleet_up"
 
 
 @pytest.mark.parametrize(

@@ -7,23 +7,30 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from broker.config import load_config
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
-from tests.conftest import CLIENT_SECRET, RedisServer, config_text
+from broker.fleet import Sealer, ServiceKeys, UnreadableEntry
+from broker.saved_credentials import Saved
+from tests.conftest import CLIENT_SECRET, RedisServer, TlsRedis, config_text
 
 pytestmark = pytest.mark.timeout(120)
 
 FLEET_KEY = bytes(range(7, 71))
+OTHER_KEY = bytes(range(100, 164))
 LEASE_S = 3.0
 LIFETIME_S, REFRESH_AFTER_S = 12.0, 4.0
 # The least time between two fetches of one credential: its refreshAfter (whole seconds, so
@@ -67,6 +74,27 @@ class Broker:
         assert isinstance(body, dict)
         return body
 
+    async def reload(self, fleet: str) -> dict[str, Any]:
+        """Rewrite the configuration's `[fleet]` table as `fleet` ("" for none), send
+        SIGHUP, and return the reload's outcome: `config.reloaded` or `.reload_rejected`."""
+        path = self.directory / "broker.toml"
+        text = path.read_text().split("\n[fleet]\n", 1)[0]
+        path.write_text(text + fleet)
+        outcomes = ("config.reloaded", "config.reload_rejected")
+        seen = len([e for e in self.events if e.get("event") in outcomes])
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while True:
+            done = [e for e in self.events if e.get("event") in outcomes]
+            if len(done) > seen:
+                return done[-1]
+            assert time.monotonic() < deadline, "the reload never finished"
+            await asyncio.sleep(0.05)
+
+    async def fleet(self) -> str:
+        """The fleet's health as `/v1/services/fraud` says it."""
+        return str((await self.get("/v1/services/fraud"))[1]["fleet"])
+
     async def ready(self, within: float = 20.0) -> None:
         deadline = time.monotonic() + within
         while True:
@@ -83,8 +111,18 @@ class Broker:
     def holder(self) -> str:
         return str(self.named("fleet.joined")[0]["holder"])
 
+    def keys(self, service: str) -> tuple[ServiceKeys, str]:
+        """The Redis keys of `service` in this broker's configuration, and its identity."""
+        config = load_config(self.directory / "broker.toml")
+        identity = config.service_identity(service)
+        assert identity is not None
+        return ServiceKeys.of(config.fleet.key_prefix, identity), identity
 
-StartBroker = Callable[[], Coroutine[Any, Any, Broker]]
+    def ignored(self, service: str) -> list[dict[str, Any]]:
+        return [e for e in self.named("fleet.entry_ignored") if e["service"] == service]
+
+
+StartBroker = Callable[..., Coroutine[Any, Any, Broker]]
 
 
 @pytest.fixture
@@ -95,26 +133,49 @@ async def emulator(short_dir: Path) -> AsyncIterator[Emulator]:
         yield emu
 
 
+def fleet_table(redis_url: str, key_file: Path, extra: str = "") -> str:
+    """A `[fleet]` table on `redis_url` with the key in `key_file`."""
+    return (
+        f'\n[fleet]\nenabled = true\nredis_url = "{redis_url}"\n'
+        f'encryption_key_file = "{key_file}"\nlease_s = {LEASE_S}\n'
+        f"connect_timeout_s = 2\ncommand_timeout_s = 1\n{extra}"
+    )
+
+
+def write_key(path: Path, key: bytes = FLEET_KEY) -> Path:
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return path
+
+
+def with_sinks(text: str, directory: Path) -> str:
+    """`text` with a `[service.sink]` file in `directory` after each service, named after it."""
+    head, *blocks = text.split("\n[[service]]\n")
+    for block in blocks:
+        name = block.split('name = "', 1)[1].split('"', 1)[0]
+        head += f'\n[[service]]\n{block}\n[service.sink]\npath = "{directory / name}.cred"\n'
+    return head
+
+
+@pytest.fixture
+def fleet_key(short_dir: Path) -> Path:
+    """The fleet's encryption key, in a file of mode 0600."""
+    return write_key(short_dir / "fleet.key")
+
+
 @pytest.fixture
 async def start_broker(
-    emulator: Emulator, short_dir: Path, redis: RedisServer
+    emulator: Emulator, short_dir: Path, redis: RedisServer, fleet_key: Path
 ) -> AsyncIterator[StartBroker]:
     """Start `token-broker run` processes of one configuration but for their sockets, all
     in one fleet; every one is killed after the test."""
-    key_file = short_dir / "fleet.key"
-    key_file.write_bytes(FLEET_KEY)
-    key_file.chmod(0o600)
     started: list[Broker] = []
 
-    async def start() -> Broker:
+    async def start(key_file: Path = fleet_key, *, table: str | None = None) -> Broker:
         directory = short_dir / f"b{len(started)}"
         directory.mkdir()
         text = config_text(emulator, directory, services=SERVICES)
-        text += (
-            f'\n[fleet]\nenabled = true\nredis_url = "{redis.unix_url}"\n'
-            f'encryption_key_file = "{key_file}"\nlease_s = {LEASE_S}\n'
-            "connect_timeout_s = 2\ncommand_timeout_s = 1\n"
-        )
+        text += fleet_table(redis.unix_url, key_file) if table is None else table
         (directory / "broker.toml").write_text(text)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -282,3 +343,373 @@ async def test_redis_never_sees_a_credential_or_secret(
     for secret in (*served, CLIENT_SECRET):
         assert secret.encode() not in captured
     assert FLEET_KEY not in captured and FLEET_KEY.hex().encode() not in captured
+
+
+async def run_once(config: Path, *args: str) -> tuple[int, str, list[dict[str, Any]]]:
+    """`token-broker once -c config args…` as its own process: its exit code, its stdout
+    and its JSON log events."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "broker", "once", "-c", str(config), *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    events = [json.loads(line) for line in err.splitlines() if line.startswith(b"{")]
+    return proc.returncode, out.decode(), events
+
+
+def once_config(emulator: Emulator, directory: Path, redis: RedisServer, fleet_key: Path) -> Path:
+    """A configuration for `once` in `directory`: the fleet's, with a sink per service."""
+    directory.mkdir()
+    text = with_sinks(config_text(emulator, directory, services=SERVICES), directory)
+    path = directory / "broker.toml"
+    path.write_text(text + fleet_table(redis.unix_url, fleet_key))
+    return path
+
+
+def upstream_calls(emulator: Emulator) -> int:
+    """Every request the emulator received: sign-ins, ARM, discovery, describe, tokens, keys."""
+    return sum(emulator.state.calls.values())
+
+
+async def test_once_beside_a_fleet_asks_azure_nothing(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    redis: RedisServer,
+    short_dir: Path,
+    fleet_key: Path,
+) -> None:
+    """`token-broker once` beside a broker that shared every service adopts them all: zero
+    upstream calls, the sink files hold what the broker serves, and the report says fleet."""
+    broker = (await start_fleet(start_broker, 1))[0]
+    served = {name: (await broker.token(name))["access_token"] for name in SERVICES}
+    before = upstream_calls(emulator)
+    directory = short_dir / "once"
+    code, out, events = await run_once(once_config(emulator, directory, redis, fleet_key), "--json")
+    assert code == 0, (out, events)
+    assert upstream_calls(emulator) == before
+    report = json.loads(out)
+    assert report["fleet"] == "up"
+    rows = {row["service"]: row for row in report["services"]}
+    assert {name: (row["source"], row["attempts"]) for name, row in rows.items()} == {
+        "fraud": ("fleet", 0),
+        "churn": ("fleet", 0),
+    }
+    for name, value in served.items():
+        assert (directory / f"{name}.cred").read_text() == value
+    assert not [e for e in events if e.get("event") == "fleet.unavailable"]
+
+
+async def test_once_shares_what_it_fetched(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    redis: RedisServer,
+    short_dir: Path,
+    fleet_key: Path,
+) -> None:
+    """A `once` run on an empty fleet fetches from Azure under the lease and shares: a
+    broker started after it is ready with no upstream call."""
+    code, out, _ = await run_once(once_config(emulator, short_dir / "once", redis, fleet_key))
+    assert code == 0, out
+    assert [row.split()[-2] for row in out.splitlines()[1:]] == ["azure", "azure"]
+    before = upstream_calls(emulator)
+    broker = await start_broker()
+    await broker.ready()
+    assert upstream_calls(emulator) == before
+    assert {e["source"] for e in broker.named("token.refreshed")} == {"fleet"}
+
+
+async def test_once_with_redis_down_fetches_alone_and_says_so(
+    emulator: Emulator, redis: RedisServer, short_dir: Path, fleet_key: Path
+) -> None:
+    """With Redis stopped `once` fetches every service from Azure within its bounded wait,
+    writes the sink files, warns fleet.unavailable once and prints fleet: down and why."""
+    config = once_config(emulator, short_dir / "once", redis, fleet_key)
+    redis.stop()
+    started = time.monotonic()
+    code, out, events = await run_once(config)
+    assert code == 0, out
+    assert time.monotonic() - started < 30
+    _, *rows, blank, footer = out.splitlines()
+    assert [row.split()[-2] for row in rows] == ["azure", "azure"] and blank == ""
+    assert footer.startswith("fleet: down, fetched alone: Redis did not answer")
+    assert len([e for e in events if e.get("event") == "fleet.unavailable"]) == 1
+    assert emulator.state.count("mms.token", demo.TOKEN_SERVICE) == 1
+    for name in SERVICES:
+        assert (short_dir / "once" / f"{name}.cred").read_text()
+    assert CLIENT_SECRET not in out + json.dumps(events)
+
+
+@pytest.fixture
+async def client(redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test's Redis, for what a hostile writer would do."""
+    connection = aioredis.Redis(unix_socket_path=str(redis.socket))
+    yield connection
+    await connection.aclose()
+
+
+async def stored(client: aioredis.Redis, key: str) -> bytes:
+    """The value under `key`, which must be there."""
+    value = await client.get(key)
+    assert isinstance(value, bytes), key
+    return value
+
+
+async def shared(client: aioredis.Redis, broker: Broker, service: str) -> Saved | None:
+    """The credential under `service`'s key, opened with the fleet's key; None when it
+    does not open or is not there."""
+    keys, identity = broker.keys(service)
+    value = await client.get(keys.credential)
+    assert value is None or isinstance(value, bytes)
+    try:
+        return None if value is None else Sealer(FLEET_KEY).open(keys.credential, identity, value)
+    except UnreadableEntry:
+        return None
+
+
+async def serve_until(
+    brokers: list[Broker], emulator: Emulator, done: Callable[[], Coroutine[Any, Any, bool]]
+) -> set[str]:
+    """Ask every broker for the token service's credential until `done()`, asserting each
+    one served is a token the emulator issued and still accepts; the tokens served."""
+    token_service = emulator.state.web_service(
+        demo.SUBSCRIPTION_ID, demo.RESOURCE_GROUP, demo.WORKSPACE, demo.TOKEN_SERVICE
+    )
+    assert token_service is not None
+    deadline = time.monotonic() + 4 * REFRESH_AFTER_S
+    served: set[str] = set()
+    while not await done():
+        assert time.monotonic() < deadline, "the bad entry was never replaced"
+        for broker in brokers:
+            body = await broker.token("fraud")
+            assert body["token_type"] == "Bearer" and body["expires_on"] > time.time()
+            assert emulator.state.token_is_valid(body["access_token"], token_service)
+            served.add(body["access_token"])
+        await asyncio.sleep(0.1)
+    return served
+
+
+def altered(value: bytes) -> bytes:
+    """The entry with its stamp raised (as a writer would to look newer) and its last
+    byte flipped."""
+    magic, stamp, rest = value.split(b":", 2)
+    return b"%s:%d:%s%c" % (magic, int(stamp) * 10, rest[:-1], rest[-1] ^ 1)
+
+
+@pytest.mark.parametrize("tampering", ["altered", "moved"])
+async def test_a_tampered_entry_is_ignored_and_replaced(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    client: aioredis.Redis,
+    tampering: str,
+) -> None:
+    """An entry altered in Redis (a higher stamp, a flipped byte) or copied from another
+    service's key is never served: each broker warns once, keeps serving its own valid
+    token, and the next refresh writes a good entry over it."""
+    brokers = await start_fleet(start_broker, 2)
+    keys, _ = brokers[0].keys("fraud")
+    if tampering == "altered":
+        bad = altered(await stored(client, keys.credential))
+    else:
+        bad = await stored(client, brokers[0].keys("churn")[0].credential)
+    await client.set(keys.credential, bad, px=600_000)  # outlives the test: not expiry
+    await client.publish(keys.notices, bad.split(b":")[1])  # every broker reads it now
+
+    async def replaced() -> bool:
+        return (
+            all(b.ignored("fraud") for b in brokers)
+            and (await shared(client, brokers[0], "fraud")) is not None
+        )
+
+    served = await serve_until(brokers, emulator, replaced)
+    churn_key = (await brokers[0].token("churn"))["access_token"]
+    assert churn_key not in served
+    for broker in brokers:
+        (warning,) = broker.ignored("fraud")  # once per bad value, however often it is read
+        assert warning["level"] == "warning" and "does not open" in warning["reason"]
+    now_shared = await shared(client, brokers[0], "fraud")
+    assert now_shared is not None
+    assert len(await converged(brokers)) == 1
+    assert (await brokers[0].token("fraud"))["access_token"] == now_shared.token.value
+
+
+async def test_an_entry_written_with_another_key_is_ignored_and_replaced(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    client: aioredis.Redis,
+    short_dir: Path,
+) -> None:
+    """A broker with another encryption key cannot read the fleet's entries and writes its
+    own over them; the fleet's brokers warn, never serve its token, and their next refresh
+    writes an entry the fleet's key opens."""
+    brokers = await start_fleet(start_broker, 2)
+    stranger = await start_broker(write_key(short_dir / "other.key", OTHER_KEY))
+    await stranger.ready()
+    assert {e["source"] for e in stranger.named("token.refreshed")} == {"azure"}
+    assert stranger.ignored("fraud") and stranger.ignored("churn")
+    strangers_token = (await stranger.token("fraud"))["access_token"]
+    assert await shared(client, brokers[0], "fraud") is None  # the stranger's entry is there
+    stranger.proc.kill()
+    await stranger.proc.wait()
+
+    async def replaced() -> bool:
+        found = await shared(client, brokers[0], "fraud")
+        return found is not None and found.token.value != strangers_token
+
+    served = await serve_until(brokers, emulator, replaced)
+    assert strangers_token not in served
+    for broker in brokers:
+        assert "another encryption key" in broker.ignored("fraud")[0]["reason"]
+    assert len(await converged(brokers)) == 1
+
+
+# The README's ACL, less +client|setinfo, which Debian's Redis 7.0 does not know.
+README_ACL = (
+    "on", "resetkeys", "~token-broker:*", "resetchannels", "&token-broker:*", "-@all",
+    "+get", "+set", "+evalsha", "+script|load", "+publish", "+subscribe", "+unsubscribe",
+    "+ping", "+client|setname",
+)  # fmt: skip
+REDIS_PASSWORD = "redis-PASSWORD-tls-0001"
+
+
+@pytest.fixture
+def acl_user(tls_redis: TlsRedis, short_dir: Path) -> Iterator[Path]:
+    """The TLS Redis, emptied, with the README's ACL user "broker"; its password's file."""
+    server = tls_redis.server
+    server.command("FLUSHALL")
+    server.command("ACL", "SETUSER", "broker", *README_ACL, f">{REDIS_PASSWORD}")
+    password_file = short_dir / "redis-password"
+    password_file.write_text(REDIS_PASSWORD + "\n")
+    password_file.chmod(0o600)
+    yield password_file
+    server.command("ACL", "DELUSER", "broker")
+
+
+async def test_brokers_share_over_tls_as_an_acl_user(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    tls_redis: TlsRedis,
+    acl_user: Path,
+    fleet_key: Path,
+) -> None:
+    """Over rediss:// with the CA the test made and the README's ACL user, a second broker
+    is ready with no upstream call; one given another CA cannot connect, refreshes alone
+    and says certificate verify failed, naming ca_file and no secret."""
+
+    def table(ca_file: Path) -> str:
+        return fleet_table(
+            tls_redis.url,
+            fleet_key,
+            f'ca_file = "{ca_file}"\nusername = "broker"\npassword_file = "{acl_user}"\n',
+        )
+
+    first = await start_broker(table=table(tls_redis.ca_file))
+    await first.ready()
+    before = upstream_calls(emulator)
+    second = await start_broker(table=table(tls_redis.ca_file))
+    await second.ready()
+    assert upstream_calls(emulator) == before
+    assert {e["source"] for e in second.named("token.refreshed")} == {"fleet"}
+    assert (await second.get("/v1/services/fraud"))[1]["fleet"] == "up"
+    stranger = await start_broker(table=table(tls_redis.other_ca_file))
+    await stranger.ready()
+    assert {e["source"] for e in stranger.named("token.refreshed")} == {"azure"}
+    (unavailable,) = stranger.named("fleet.unavailable")
+    assert "certificate verify failed" in unavailable["error"], unavailable
+    assert "ca_file" in unavailable["error"]
+    assert (await stranger.get("/v1/services/fraud"))[1]["fleet"] == "down"
+    for broker in (first, second, stranger):
+        printed = json.dumps(broker.events)
+        assert REDIS_PASSWORD not in printed and CLIENT_SECRET not in printed
+
+
+@pytest.fixture
+def other_redis() -> Iterator[RedisServer]:
+    """A second redis-server, for a fleet moved to another Redis."""
+    directory = Path(tempfile.mkdtemp(prefix="tb-redis-", dir="/tmp"))
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def eventually(check: Callable[[], Coroutine[Any, Any, bool]], what: str) -> None:
+    """Wait, within three refresh cycles, until `check()`."""
+    deadline = time.monotonic() + 3 * REFRESH_AFTER_S
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+def entries(redis: RedisServer) -> list[bytes]:
+    return redis.command("KEYS", "token-broker:*:credential").split()
+
+
+async def test_a_reload_joins_moves_and_leaves_the_fleet(
+    start_broker: StartBroker,
+    redis: RedisServer,
+    other_redis: RedisServer,
+    fleet_key: Path,
+) -> None:
+    """A reload that enables [fleet] joins it (the broker then serves the fleet's token),
+    one that changes redis_url shares through the new Redis, a broken [fleet] is rejected
+    with the key and the fix while the running fleet stays, and one without [fleet] leaves
+    it: the broker refreshes alone and writes nothing to Redis."""
+    member = await start_broker()
+    await member.ready()
+    broker = await start_broker(table="")
+    await broker.ready()
+    assert await broker.fleet() == "off"
+    status, metrics = await broker.get("/metrics")
+    assert "token_broker_fleet_up" not in metrics
+
+    reloaded = await broker.reload(fleet_table(redis.unix_url, fleet_key))
+    assert reloaded["event"] == "config.reloaded"
+    (joined,) = broker.named("fleet.reconfigured")
+    assert joined["enabled"] is True and "redis_url" in joined["changed"]
+    await eventually(lambda: _is(broker.fleet(), "up"), "the broker never reached the fleet")
+    assert len(await converged([member, broker], within=3 * REFRESH_AFTER_S)) == 1
+
+    reloaded = await broker.reload(fleet_table(other_redis.unix_url, fleet_key))
+    assert reloaded["event"] == "config.reloaded"
+    assert broker.named("fleet.reconfigured")[-1]["changed"] == ["redis_url"]
+    await eventually(lambda: _now(bool(entries(other_redis))), "nothing shared in the new Redis")
+
+    rejected = await broker.reload(fleet_table("http://redis.internal", fleet_key))
+    assert rejected["event"] == "config.reload_rejected"
+    (problem,) = rejected["problems"]
+    assert "broker.toml" in problem and "redis_url" in problem and "rediss://" in problem
+    assert len(broker.named("fleet.reconfigured")) == 2  # the running fleet stays
+    assert await broker.fleet() == "up"
+
+    reloaded = await broker.reload("")
+    assert reloaded["event"] == "config.reloaded"
+    assert broker.named("fleet.reconfigured")[-1]["enabled"] is False
+    assert await broker.fleet() == "off"
+    status, metrics = await broker.get("/metrics")
+    assert status == 200 and "token_broker_fleet_up" not in metrics
+    other_redis.command("FLUSHALL")
+    refreshed = len(broker.named("token.refreshed"))
+    await eventually(
+        lambda: _now(len(broker.named("token.refreshed")) > refreshed), "no refresh alone"
+    )
+    assert broker.named("token.refreshed")[-1]["source"] == "azure"
+    assert entries(other_redis) == []
+    assert (await broker.token())["expires_on"] > time.time()
+
+
+async def _is(value: Coroutine[Any, Any, str], expected: str) -> bool:
+    return await value == expected
+
+
+async def _now(value: bool) -> bool:
+    return value

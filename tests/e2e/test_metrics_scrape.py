@@ -6,6 +6,7 @@ import asyncio
 import json
 import platform
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,7 +17,7 @@ from prometheus_client.samples import Sample
 from broker import __version__
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
-from tests.conftest import CLIENT_SECRET
+from tests.conftest import CLIENT_SECRET, RedisServer, config_text
 from tests.e2e.conftest import LISTENERS, Broker, StartBroker
 
 pytestmark = pytest.mark.timeout(30)
@@ -40,6 +41,14 @@ SCHEMA: dict[str, tuple[str, frozenset[str]]] = {
     "token_broker_streams_open": ("gauge", frozenset({"listener"})),
     "token_broker_streams_closed": ("counter", frozenset({"listener", "reason"})),
     "token_broker_build_info": ("gauge", frozenset({"version", "python"})),
+}
+# Registered only while fleet mode is on: a broker without a fleet exports none of them.
+FLEET_SCHEMA: dict[str, tuple[str, frozenset[str]]] = {
+    "token_broker_fleet_credentials": ("counter", frozenset({"service", "origin"})),
+    "token_broker_fleet_leases": ("counter", frozenset({"service", "outcome"})),
+    "token_broker_fleet_redis_duration_seconds": ("histogram", frozenset({"operation"})),
+    "token_broker_fleet_redis_errors": ("counter", frozenset({"operation"})),
+    "token_broker_fleet_up": ("gauge", frozenset()),
 }
 SAMPLE_SUFFIXES = {"counter": {"_total"}, "gauge": {""}, "histogram": {"_bucket", "_count", "_sum"}}
 
@@ -101,10 +110,14 @@ async def test_scrape_schema_is_pinned(
     await fetch_credentials(broker)
     await fail_one_refresh(broker, emulator)
     await broker.client().get("/v1/proxy/churn")  # one proxied call, for a sample
-    text = await scrape(broker, listener)
+    assert_schema(await scrape(broker, listener), SCHEMA)
+
+
+def assert_schema(text: str, schema: dict[str, tuple[str, frozenset[str]]]) -> None:
+    """The scrape has exactly `schema`'s families, each with a sample, its type and labels."""
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert set(families) == set(SCHEMA)
-    for name, (kind, labels) in SCHEMA.items():
+    assert set(families) == set(schema)
+    for name, (kind, labels) in schema.items():
         family = families[name]
         assert family.type == kind, name
         assert family.samples, name
@@ -112,6 +125,28 @@ async def test_scrape_schema_is_pinned(
             assert sample.name.removeprefix(name) in SAMPLE_SUFFIXES[kind], sample.name
             names = set(sample.labels) - ({"le"} if sample.name.endswith("_bucket") else set())
             assert names == labels, sample.name
+
+
+async def test_fleet_mode_adds_its_pinned_series(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, redis: RedisServer
+) -> None:
+    """With [fleet] on, the scrape is the pinned schema plus fleet mode's five families,
+    each with its labels: what the fleet alert and the dashboard's fleet row read."""
+    key_file = short_dir / "fleet.key"
+    key_file.write_bytes(b"k" * 32)
+    key_file.chmod(0o600)
+    text = config_text(emulator, short_dir) + (
+        f'\n[fleet]\nenabled = true\nredis_url = "{redis.unix_url}"\n'
+        f'encryption_key_file = "{key_file}"\n'
+    )
+    broker = await start_broker(text)
+    await broker.settled()
+    await fetch_credentials(broker)
+    await fail_one_refresh(broker, emulator)
+    await broker.client().get("/v1/proxy/churn")
+    redis.stop()  # a refresh without Redis: an error sample, fleet_up 0
+    await asyncio.wait([broker.daemon.store.fetch("fraud")])
+    assert_schema(await scrape(broker, "unix"), SCHEMA | FLEET_SCHEMA)
 
 
 async def test_values_follow_tokens_and_an_injected_failure(

@@ -142,15 +142,15 @@ async def test_every_service_fetched_and_written_exits_0(
 
 
 async def test_json_summary_has_its_documented_shape(emulator: Emulator, short_dir: Path) -> None:
-    """--json prints one JSON document: ok, timeout_s, elapsed_s and a row per service with
-    the documented keys, never the credential."""
+    """--json prints one JSON document: ok, timeout_s, elapsed_s, fleet (null without one)
+    and a row per service with the documented keys, never the credential."""
     text = config_text(emulator, short_dir, services=BOTH)
     path = write(short_dir, with_sinks(text, sink_files(short_dir, ["churn"])))
     ran = await once(path, "--json", "--timeout", "20")
     assert ran.code == EXIT_OK, ran.err
     report = ran.json()
-    assert set(report) == {"ok", "timeout_s", "elapsed_s", "services"}
-    assert report["ok"] is True and report["timeout_s"] == 20.0
+    assert set(report) == {"ok", "timeout_s", "elapsed_s", "fleet", "services"}
+    assert report["ok"] is True and report["timeout_s"] == 20.0 and report["fleet"] is None
     assert 0 < report["elapsed_s"] < 20
     keys = {"service", "ok", "state", "auth", "expires_on", "source", "sink", "attempts"}
     keys |= {"reason", "status", "aad_code"}
