@@ -34,7 +34,9 @@ def tree_cpu_s(pids: list[int]) -> float:
 
 
 def find(tool: str) -> str | None:
-    return shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    return shutil.which(tool) or (
+        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
+    )
 
 
 def ensure_tools(install: bool) -> dict[str, str | None]:
@@ -90,7 +92,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
     pct = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)", out, re.MULTILINE))
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
     errors = (int(bad.group(1)) if bad else 0) + (
         sum(int(g) for g in socket_errors.groups()) if socket_errors else 0
     )
@@ -109,7 +113,9 @@ def parse_h2load(out: str, log_file: Path) -> dict[str, Any]:
     assert done is not None, out
     codes = re.search(r"status codes: (\d+) 2xx", out)
     durations = sorted(
-        int(line.split("\t")[2]) for line in log_file.read_text().splitlines() if line.count("\t") >= 2
+        int(line.split("\t")[2])
+        for line in log_file.read_text().splitlines()
+        if line.count("\t") >= 2
     )
     if not durations:
         raise RuntimeError(f"h2load logged no requests:\n{out}")
@@ -123,7 +129,9 @@ def parse_h2load(out: str, log_file: Path) -> dict[str, Any]:
     }
 
 
-def argv(target: Target, connections: int, duration_s: float, cpu: int | None, work: Path) -> list[str]:
+def argv(
+    target: Target, connections: int, duration_s: float, cpu: int | None, work: Path
+) -> list[str]:
     if target.kind in ("tcp", "https"):
         scheme = "https" if target.kind == "https" else "http"
         return [
@@ -188,5 +196,7 @@ async def measure(
             result = parse_wrk(out)
             served = float(result["requests"])
     result["server_cpu_us_per_request"] = 1e6 * cpu_s / max(served, 1.0)
-    result["server_cpu_pct"] = 100 * cpu_s / (duration_s + (WARMUP_S if target.kind == "unix" else 0))
+    result["server_cpu_pct"] = (
+        100 * cpu_s / (duration_s + (WARMUP_S if target.kind == "unix" else 0))
+    )
     return result

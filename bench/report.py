@@ -25,11 +25,11 @@ def plot(r: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, transport in zip(axes, ("tcp", "unix"), strict=True):
         for server in t["servers"]:
-            ys = [t["results"][f"{server}/{transport}/{c}"]["rps"] for c in conns]
+            ys = [t["results"][f"{server}/token/{transport}/{c}"]["rps"] for c in conns]
             ax.plot(conns, ys, marker="o", label=server)
         ax.set_xscale("log", base=2)
         ax.set_xticks(conns, [str(c) for c in conns])
-        ax.set_title("loopback TCP" if transport == "tcp" else "Unix socket")
+        ax.set_title("loopback TCP (wrk)" if transport == "tcp" else "Unix socket (h2load)")
         ax.set_xlabel("connections")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("requests/s (median of rounds)")
@@ -48,7 +48,7 @@ def fmt(v: Any, digits: int = 2) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    m, t, s = r["machine"], r["throughput"], r["settings"]
+    t, s = r.get("throughput"), r["settings"]
     lines = [
         "# Benchmarks",
         "",
@@ -73,60 +73,112 @@ def render(r: dict[str, Any]) -> str:
         f"{len(measured) - len(missed)} of {len(measured)} measured targets met."
         + (f" **Missed: {'; '.join(missed)}.**" if missed else ""),
     ]
-    loops = t.get("event_loops", {})
-    loop_note = (
-        f" The broker ran on {loops['broker']}"
-        + (
-            "; `broker-asyncio` is the same broker on asyncio's own loop "
-            "(`TOKEN_BROKER_UVLOOP=0`), the loop the bare aiohttp reference runs on"
-            if "broker-asyncio" in loops
-            else ""
-        )
-        + "."
-        if loops
-        else ""
-    )
+    dates = r.get("section_dates", {})
+    if dates:
+        lines += [
+            "",
+            "Sections and the run each comes from: "
+            + ", ".join(f"{k} {v}" for k, v in dates.items())
+            + ".",
+        ]
     lines += [
         "",
-        "## Token route vs references",
+        "Every figure on this page comes from a machine other sessions share: "
+        "absolute req/s drift by 5 % to 3× between runs; the ratios, measured in one run "
+        "with interleaved rounds, are what to read.",
         "",
-        f"`GET /v1/token/{{service}}` with `Metadata: true`, a {t['body_bytes']}-byte JSON body, "
-        "HTTP/1.1 keep-alive. References: a bare aiohttp app returning the same JSON with "
-        "`web.json_response(dict)` (the framework's ceiling) and nginx serving the same bytes "
-        f"as a static file with one worker.{loop_note}",
+    ]
+    if t is not None:
+        lines += throughput_lines(t, s)
+    if "proxy" in r:
+        lines += proxy_lines(r["proxy"])
+    if "storm" in r:
+        lines += storm_lines(r["storm"])
+    if "scale" in r or "idle" in r:
+        lines += scale_lines(r)
+    if "hammer" in r:
+        lines += hammer_lines(r["hammer"])
+    return "\n".join(lines + tail_lines(r))
+
+
+def throughput_lines(t: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Token route, `?format=header` and `/healthz` vs references",
+        "",
+        f"HTTP/1.1 keep-alive, `Metadata: true`; the token body is {t['body_bytes']} bytes of "
+        "JSON. Load from wrk (TCP) and h2load `--h1 -B unix:` (the socket), one thread, pinned "
+        "to the CPU the server is not on. `broker` is the front door (httptools, pre-rendered "
+        "bytes); `broker-aiohttp` the same broker with `[listen] front_door = false`. The "
+        "references answer every path with the token route's body: a bare aiohttp app "
+        "(`web.json_response(dict)`) on the broker's event loop "
+        f"({t['event_loop']}) and nginx (static file, 1 worker). CPU µs per request: the "
+        "server process's (nginx: master and worker) CPU time from /proc over the window ÷ "
+        "requests answered.",
         "",
     ]
     if t["nginx_note"]:
         lines += [f"*No nginx column: {t['nginx_note']}.*", ""]
     lines += [
-        "| server | transport | connections | req/s | p50 ms | p99 ms | server CPU % | "
-        "generator CPU % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server | route | transport | conns | req/s | p50 ms | p99 ms | CPU µs/req | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for transport in ("tcp", "unix"):
-        for c in s["connections"]:
-            for server in t["servers"]:
-                x = t["results"][f"{server}/{transport}/{c}"]
-                lines.append(
-                    f"| {server} | {transport} | {c} | {x['rps']:,.0f} | {fmt(x['p50_ms'])} | "
-                    f"{fmt(x['p99_ms'])} | {fmt(x['server_cpu_pct'], 0)} | "
-                    f"{fmt(x['generator_cpu_pct'], 0)} |"
-                )
+    for key, x in t["results"].items():
+        server, route, transport, c = key.split("/")
+        lines.append(
+            f"| {server} | {route} | {transport} | {c} | {x['rps']:,.0f} | {fmt(x['p50_ms'])} | "
+            f"{fmt(x['p99_ms'])} | {fmt(x['server_cpu_us_per_request'], 1)} | {x['errors']} |"
+        )
     lines += [
         "",
-        "Ratios (broker ÷ reference, same run):",
+        "Ratios (broker ÷ reference, same run; `/healthz` and `?format=header` against the "
+        "references' token-body runs):",
         "",
-        "| transport/connections | vs bare aiohttp | vs nginx | "
-        "broker on asyncio vs bare aiohttp |",
+        "| route/transport/conns | vs nginx | vs bare aiohttp | front door on ÷ off |",
         "|---|---|---|---|",
     ]
     for key, v in t["ratios"].items():
         lines.append(
-            f"| {key} | {fmt(v['vs_aiohttp'])}× | {fmt(v['vs_nginx'])}× | "
-            f"{fmt(v.get('asyncio_vs_aiohttp'))}× |"
+            f"| {key} | {fmt(v['vs_nginx'])}× | {fmt(v['vs_aiohttp'])}× | "
+            f"{fmt(v.get('vs_front_door_off'))}× |"
         )
     lines += ["", f"![req/s by connections]({PLOT.name})", ""]
-    st = r["storm"]
+    return lines
+
+
+def proxy_lines(p: dict[str, Any]) -> list[str]:
+    if "note" in p:
+        return ["## Proxy overhead", "", f"*Not measured: {p['note']}.*", ""]
+    lines = [
+        "## Proxy overhead",
+        "",
+        f"`POST /v1/proxy/{{service}}` on TCP against the same POST sent straight to the "
+        f"scoring host: {p['scoring_host']}; {p['request']}; {p['client']}. The service's "
+        "scoring URI is nginx's (the emulator's description of that service points at it) "
+        "and `[cloud] ca_bundle` holds the test CA.",
+        "",
+        "| path | conns | req/s | p50 ms | p99 ms | CPU µs/req (broker or nginx) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, x in p["results"].items():
+        name, c = key.split("/")
+        lines.append(
+            f"| {name} | {c} | {x['rps']:,.0f} | {fmt(x['p50_ms'], 3)} | {fmt(x['p99_ms'], 3)} | "
+            f"{fmt(x['server_cpu_us_per_request'], 1)} |"
+        )
+    lines += [
+        "",
+        "| conns | added p50 ms | added p99 ms | req/s proxied ÷ direct |",
+        "|---|---|---|---|",
+    ]
+    for c, x in p["added"].items():
+        lines.append(
+            f"| {c} | {fmt(x['p50_ms'], 3)} | {fmt(x['p99_ms'], 3)} | {fmt(x['rps_ratio'])}× |"
+        )
+    return [*lines, ""]
+
+
+def storm_lines(st: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     rounds = st.get("rounds", [])
     lines += [
         "## Refresh storm",
@@ -154,45 +206,56 @@ def render(r: dict[str, Any]) -> str:
         f"p99 ratio storm ÷ idle: {st['p99_ratio']:.2f}× (median of the rounds: {per_round}).",
         "",
     ]
-    sc = r["scale"]
-    lines += [
-        "## Start-up and memory",
-        "",
-        "| services | listening after exec, s | ready after exec, s | RSS after ready + 2 s, MiB |",
-        "|---|---|---|---|",
-    ]
-    for n, x in sc["startup"].items():
-        ready = (
-            f"{x['ready_s']:.2f}"
-            if x["services_waiting_at_timeout"] is None
-            else f"not ready at {x['ready_timeout_s']:g} s "
-            f"({x['services_waiting_at_timeout']:,} waiting)"
-        )
-        lines.append(f"| {int(n):,} | {x['listening_s']:.3f} | {ready} | {x['rss_mib']:.1f} |")
-    idle = r["idle"]
-    lines += [
-        "",
-        f"Idle broker with {idle['services']} services over {idle['window_s']:.0f} s: "
-        f"{idle['cpu_s']:.2f} s of CPU ({idle['cpu_pct']:.3f} %), RSS {idle['rss_mib']:.1f} MiB.",
-        "",
-    ]
-    g = sc["scaling"]
-    big = next(k for k in g if k.isdigit() and k != "1")
-    lines += [
-        f"## {int(big):,} services vs 1",
-        "",
-        f"TCP, {g['connections']} connections; {g['note']}.",
-        "",
-        "| services | req/s | p99 ms |",
-        "|---|---|---|",
-        f"| 1 | {g['1']['rps']:,.0f} | {fmt(g['1']['p99_ms'])} |",
-        f"| {int(big):,} | {g[big]['rps']:,.0f} | {fmt(g[big]['p99_ms'])} |",
-        "",
-        f"Ratio: {g['ratio']:.3f}×.",
-        "",
-    ]
-    h = r["hammer"]
-    lines += [
+    return lines
+
+
+def scale_lines(r: dict[str, Any]) -> list[str]:
+    lines = ["## Start-up and memory", ""]
+    sc = r.get("scale")
+    if sc is not None:
+        lines += [
+            "| services | listening after exec, s | ready after exec, s | "
+            "RSS after ready + 2 s, MiB |",
+            "|---|---|---|---|",
+        ]
+        for n, x in sc["startup"].items():
+            ready = (
+                f"{x['ready_s']:.2f}"
+                if x["services_waiting_at_timeout"] is None
+                else f"not ready at {x['ready_timeout_s']:g} s "
+                f"({x['services_waiting_at_timeout']:,} waiting)"
+            )
+            lines.append(f"| {int(n):,} | {x['listening_s']:.3f} | {ready} | {x['rss_mib']:.1f} |")
+    idle = r.get("idle")
+    if idle is not None:
+        lines += [
+            "",
+            f"Idle broker with {idle['services']} services over {idle['window_s']:.0f} s: "
+            f"{idle['cpu_s']:.2f} s of CPU ({idle['cpu_pct']:.3f} %), "
+            f"RSS {idle['rss_mib']:.1f} MiB.",
+            "",
+        ]
+    if sc is not None:
+        g = sc["scaling"]
+        big = next(k for k in g if k.isdigit() and k != "1")
+        lines += [
+            f"## {int(big):,} services vs 1",
+            "",
+            f"TCP, {g['connections']} connections; {g['note']}.",
+            "",
+            "| services | req/s | p99 ms |",
+            "|---|---|---|",
+            f"| 1 | {g['1']['rps']:,.0f} | {fmt(g['1']['p99_ms'])} |",
+            f"| {int(big):,} | {g[big]['rps']:,.0f} | {fmt(g[big]['p99_ms'])} |",
+            "",
+            f"Ratio: {g['ratio']:.3f}×.",
+            "",
+        ]
+    return lines
+
+
+def hammer_lines(h: dict[str, Any]) -> list[str]:
+    lines = [
         "## Upstream calls under load",
         "",
         f"{h['clients']} keep-alive clients on the Unix socket asking for {h['services']} "
@@ -206,14 +269,18 @@ def render(r: dict[str, Any]) -> str:
     ]
     for name, calls in h["calls_per_service"].items():
         lines.append(f"| {name} | {calls} |")
-    lines += [
+    return [
+        *lines,
         "",
         f"Calls beyond the schedule: {h['max_extra_calls']} at most per service; "
         f"{h['calls_per_service_per_refresh_period']:.2f} calls per token obtained.",
         "",
     ]
-    if MOVED.exists():
-        lines += [MOVED.read_text().rstrip(), ""]
+
+
+def tail_lines(r: dict[str, Any]) -> list[str]:
+    m = r["machine"]
+    lines = [MOVED.read_text().rstrip(), ""] if MOVED.exists() else []
     lines += [
         "## Machine",
         "",
@@ -228,17 +295,19 @@ def render(r: dict[str, Any]) -> str:
         "## Re-running",
         "",
         "```sh",
-        "make bench                  # about 7 minutes; writes latest.json and this page",
-        "BENCH_INSTALL=1 make bench  # also apt-get installs nginx for the static-file reference",
-        "BENCH_QUICK=1 make bench    # short runs, to try changes to the benchmark itself",
+        "make bench                            # about 11 minutes; latest.json and this page",
+        "make bench SECTIONS=throughput,proxy  # some sections; the others kept from the last file",
+        "BENCH_QUICK=1 make bench              # short runs, to try changes to the benchmark",
         "```",
         "",
-        "Knobs: `BENCH_ROUNDS`, `BENCH_DURATION_S`, `BENCH_IDLE_S` (idle CPU window, default 60), "
-        "`BENCH_HAMMER_S`. Absolute figures drift by 5 % or more between runs on shared "
-        "machines; compare the ratios, which are measured in one run.",
+        "Sections: throughput, proxy, storm, scale, hammer, idle (`bench/run.py --only …` too). "
+        "Knobs: `BENCH_ROUNDS`, `BENCH_DURATION_S` (default 5), `BENCH_IDLE_S` (idle CPU "
+        "window, default 60), `BENCH_HAMMER_S`. wrk, h2load and nginx come from Debian's "
+        "packages (`make bench-tools`). Absolute figures drift by 5 % to 3× between runs on "
+        "shared machines; compare the ratios, which are measured in one run.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:

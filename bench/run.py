@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
-from broker.emulator import Emulator
-from broker.emulator import seed as demo
-from broker.emulator import mms as emulator_mms
+import scoring
 from generators import Target, ensure_tools, measure, proc_cpu_s
 
-import scoring
+from broker.emulator import Emulator
+from broker.emulator import mms as emulator_mms
+from broker.emulator import seed as demo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -457,8 +456,14 @@ async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
     ref_port = free_port()
     bare = Reference(
         "aiohttp",
-        [sys.executable, str(ROOT / "bench" / "refserver.py"), str(work / "body.json"),
-         str(ref_port), ref_sock, loop],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "refserver.py"),
+            str(work / "body.json"),
+            str(ref_port),
+            ref_sock,
+            loop,
+        ],
         ref_port,
         ref_sock,
     )
@@ -511,7 +516,9 @@ async def throughput(emu: Emulator, work: Path) -> dict[str, Any]:
                     "vs_aiohttp": b / table[f"aiohttp/token/{cell}"]["rps"],
                     "vs_nginx": b / ngx["rps"] if ngx else None,
                     "vs_front_door_off": (
-                        b / table[f"{FRONT_DOOR_OFF}/token/{cell}"]["rps"] if route == "token" else None
+                        b / table[f"{FRONT_DOOR_OFF}/token/{cell}"]["rps"]
+                        if route == "token"
+                        else None
                     ),
                 }
     return {
@@ -554,7 +561,7 @@ async def proxy_overhead(emu: Emulator, work: Path) -> dict[str, Any]:
     def scoring_uri(request: Any, service: Any) -> str:
         return score_url if service.name == PROXY_SERVICE else original(request, service)
 
-    emulator_mms.scoring_uri = scoring_uri  # type: ignore[assignment]
+    emulator_mms.scoring_uri = scoring_uri
     host = Reference("nginx-scoring", [nginx, "-p", str(pdir), "-c", str(conf)], port, "")
     broker = Broker(emu, [PROXY_SERVICE], LONG_REFRESH)
     broker.config.write_text(broker.config.read_text().replace(str(emu.ca_path), str(bundle)))
@@ -562,21 +569,35 @@ async def proxy_overhead(emu: Emulator, work: Path) -> dict[str, Any]:
     try:
         await host.start_tcp()
         await broker.start()
-        direct = Target("https", f"127.0.0.1:{port}", f"/api/v1/service/{PROXY_SERVICE}/score",
-                        ("Content-Type: application/json",), "POST", scoring.REQUEST_BODY)
-        proxied = Target("tcp", f"127.0.0.1:{broker.port}", f"/v1/proxy/{PROXY_SERVICE}",
-                         (METADATA, "Content-Type: application/json"), "POST", scoring.REQUEST_BODY)
+        direct = Target(
+            "https",
+            f"127.0.0.1:{port}",
+            f"/api/v1/service/{PROXY_SERVICE}/score",
+            ("Content-Type: application/json",),
+            "POST",
+            scoring.REQUEST_BODY,
+        )
+        proxied = Target(
+            "tcp",
+            f"127.0.0.1:{broker.port}",
+            f"/v1/proxy/{PROXY_SERVICE}",
+            (METADATA, "Content-Type: application/json"),
+            "POST",
+            scoring.REQUEST_BODY,
+        )
         for conns in PROXY_CONNECTIONS:
             for rnd in range(ROUNDS):
                 pair = [("direct", direct, host.pids), ("proxied", proxied, broker.pids)]
                 for name, target, pids in pair if rnd % 2 == 0 else pair[::-1]:
                     r = await measure(target, conns, DURATION_S, pids, CLIENT_CPU)
                     runs.setdefault(f"{name}/{conns}", []).append(r)
-                    log(f"proxy {name:8} c={conns:<3} {r['rps']:8.0f} req/s "
+                    log(
+                        f"proxy {name:8} c={conns:<3} {r['rps']:8.0f} req/s "
                         f"p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms "
-                        f"{r['server_cpu_us_per_request']:.1f} µs/req")
+                        f"{r['server_cpu_us_per_request']:.1f} µs/req"
+                    )
     finally:
-        emulator_mms.scoring_uri = original  # type: ignore[assignment]
+        emulator_mms.scoring_uri = original
         await broker.stop()
         await host.stop()
     table = {k: summary(v) for k, v in runs.items()}
@@ -772,7 +793,8 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     tools: dict[str, str | None] = {
-        "load generators": "wrk (TCP, HTTPS), h2load (Unix socket); bench/loadgen.py for the storm, the hammer and the scaling check"
+        "load generators": "wrk (TCP, HTTPS), h2load (Unix socket); "
+        "bench/loadgen.py for the storm, the hammer and the scaling check"
     }
     try:
         import uvloop
@@ -790,7 +812,9 @@ def machine() -> dict[str, Any]:
         found = TOOLS[tool]
         if found:
             v = subprocess.run([found, "--version"], capture_output=True, text=True, check=False)
-            tools[tool] = (v.stdout or v.stderr).strip().splitlines()[0] if (v.stdout or v.stderr) else "?"
+            tools[tool] = (
+                (v.stdout or v.stderr).strip().splitlines()[0] if (v.stdout or v.stderr) else "?"
+            )
         else:
             tools[tool] = None
     return {
@@ -823,23 +847,48 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         for cell in ("tcp/16", "tcp/64", "unix/16", "unix/64"):
             x = ratios.get(f"{route}/{cell}", {})
             v = x.get("vs_nginx")
-            add(f"{route} vs nginx, {cell} conns", ">= 0.5x (stretch 0.8x)", v,
-                None if v is None else v >= 0.5, "x")
+            add(
+                f"{route} vs nginx, {cell} conns",
+                ">= 0.5x (stretch 0.8x)",
+                v,
+                None if v is None else v >= 0.5,
+                "x",
+            )
             v = x.get("vs_aiohttp")
-            add(f"{route} vs bare aiohttp, {cell} conns", ">= 3x", v,
-                None if v is None else v >= 3.0, "x")
+            add(
+                f"{route} vs bare aiohttp, {cell} conns",
+                ">= 3x",
+                v,
+                None if v is None else v >= 3.0,
+                "x",
+            )
     v = r.get("storm", {}).get("p99_ratio")
-    add("p99 during 1,000-service refresh storm vs idle p99", "<= 2x", v,
-        None if v is None else v <= 2.0, "x")
+    add(
+        "p99 during 1,000-service refresh storm vs idle p99",
+        "<= 2x",
+        v,
+        None if v is None else v <= 2.0,
+        "x",
+    )
     proxy = r.get("proxy", {}).get("added", {})
     for conns in ("1", "16"):
         x = proxy.get(conns, {})
         v = x.get("p50_ms")
-        add(f"proxy added latency p50, {conns} conn", "<= 0.3 ms", v,
-            None if v is None else v <= 0.3, "ms")
+        add(
+            f"proxy added latency p50, {conns} conn",
+            "<= 0.3 ms",
+            v,
+            None if v is None else v <= 0.3,
+            "ms",
+        )
         v = x.get("p99_ms")
-        add(f"proxy added latency p99, {conns} conn", "<= 1 ms", v,
-            None if v is None else v <= 1.0, "ms")
+        add(
+            f"proxy added latency p99, {conns} conn",
+            "<= 1 ms",
+            v,
+            None if v is None else v <= 1.0,
+            "ms",
+        )
     idle = r.get("idle", {})
     v = idle.get("rss_mib")
     add("RSS idle, 10 services", "<= 50 MiB", v, None if v is None else v <= 50, "MiB")
@@ -849,8 +898,13 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     if "10" in st:
         big = st[str(BIG)]
         ready = big["services_waiting_at_timeout"] is None
-        add(f"RSS idle, {BIG} services" + ("" if ready else " (start-up unfinished)"),
-            "<= 120 MiB", big["rss_mib"], (big["rss_mib"] <= 120) if ready else None, "MiB")
+        add(
+            f"RSS idle, {BIG} services" + ("" if ready else " (start-up unfinished)"),
+            "<= 120 MiB",
+            big["rss_mib"],
+            (big["rss_mib"] <= 120) if ready else None,
+            "MiB",
+        )
         ratio = r["scale"]["scaling"]["ratio"]
         add(f"req/s with {BIG} services vs 1", "within 10 %", ratio, ratio >= 0.9, "x")
     if "cpu_pct" in idle:
@@ -900,9 +954,7 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tbb-", dir="/tmp"))
     # A partial run keeps the other sections of the last file, each with its own date.
     results: dict[str, Any] = (
-        json.loads(RESULTS.read_text())
-        if len(chosen) < len(SECTIONS) and RESULTS.exists()
-        else {}
+        json.loads(RESULTS.read_text()) if len(chosen) < len(SECTIONS) and RESULTS.exists() else {}
     )
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results.update(
