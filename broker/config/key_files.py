@@ -2,7 +2,9 @@
 configuration file, at least 32 bytes, readable by their owner alone.
 
 The persisted cache's key (`[cache] key_file` / `key_credential`) and the fleet's shared
-key (`[fleet] encryption_key_file` / `encryption_key_credential`) are both read here.
+key (`[fleet] encryption_key_file` / `encryption_key_credential`) are both read here, and
+the fleet's keys being rolled (`previous_encryption_key_files` /
+`previous_encryption_key_credentials`: arrays of the same), under the same rules.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.config.model import SecretBytes
-from broker.config.reader import Sources, Table, systemd_credential
+from broker.config.reader import KeyPath, Sources, Table, quote, systemd_credential
 
 KEY_BYTES = 32
 
@@ -61,7 +63,48 @@ def read_key(table: Table, sources: Sources, keys: KeyKeys) -> tuple[SecretBytes
     return (_key_bytes(table, given[0], path, keys) if path else None), source
 
 
-def _key_bytes(table: Table, key: str, path: Path, keys: KeyKeys) -> SecretBytes | None:
+def read_key_arrays(
+    table: Table, sources: Sources, keys: KeyKeys
+) -> tuple[tuple[SecretBytes, ...], tuple[str, ...]]:
+    """Every key the arrays `keys.file_key` (paths) and `keys.credential_key` (systemd
+    credential names) point at, and where each came from; a key that cannot be used is a
+    problem at its element, and left out."""
+    found: list[tuple[SecretBytes, str]] = []
+    for index, item in enumerate(table.array(keys.file_key, '["/etc/token-broker/old.key"]')):
+        element: KeyPath = (keys.file_key, index)
+        if _named(table, element, item, "the path of a key file"):
+            path = sources.base / str(item)
+            key = _key_bytes(table, element, path, keys)
+            if key is not None:
+                found.append((key, f"file {path}"))
+    for index, item in enumerate(table.array(keys.credential_key, '["fleet-key-old"]')):
+        element = (keys.credential_key, index)
+        if not _named(table, element, item, "the name given to LoadCredential="):
+            continue
+        given = systemd_credential(
+            table,
+            keys.credential_key,
+            str(item),
+            sources.environ,
+            holds="key",
+            file_key=keys.file_key,
+        )
+        key = None if given is None else _key_bytes(table, element, given, keys)
+        if key is not None:
+            found.append((key, f"systemd credential {item}"))
+    return tuple(key for key, _ in found), tuple(source for _, source in found)
+
+
+def _named(table: Table, element: KeyPath, item: object, meaning: str) -> bool:
+    """Whether an array's element is a non-empty string (else a problem at it)."""
+    if isinstance(item, str) and item:
+        return True
+    shown = quote(item) if isinstance(item, str) else type(item).__name__
+    table.problem(element, f"expected {meaning}, got {shown}", f"write {meaning} as a string")
+    return False
+
+
+def _key_bytes(table: Table, key: str | KeyPath, path: Path, keys: KeyKeys) -> SecretBytes | None:
     """The key file's bytes, if it is long enough and only its owner may read it."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.timeout(10)
 
 PASSWORD = "r3dis-PASSWORD-value"
 FLEET_KEY = bytes(range(40))
+OLD_KEY = bytes(range(50, 90))
+OLDER_KEY = bytes(range(100, 140))
 
 BASE = """\
 [cloud]
@@ -40,6 +42,9 @@ def workdir(tmp_path: Path) -> Path:
     """A directory with the files the tables below name: keys, a password, a CA."""
     for name, content, mode in [
         ("fleet.key", FLEET_KEY, 0o600),
+        ("old.key", OLD_KEY, 0o600),
+        ("older.key", OLDER_KEY, 0o600),
+        ("creds/fleet-key-old", OLD_KEY, 0o400),
         ("short.key", b"k" * 31, 0o600),
         ("loose.key", FLEET_KEY, 0o644),
         ("redis-password", (PASSWORD + "\n").encode(), 0o600),
@@ -162,6 +167,35 @@ def test_check_config_shows_where_secrets_are_never_them(workdir: Path) -> None:
         "connect_timeout_s": 2.0,
         "command_timeout_s": 1.0,
     }
+
+
+def test_previous_keys_from_files_and_systemd_credentials(workdir: Path) -> None:
+    """Keys being rolled are read from files and systemd credentials, in order, and
+    check-config shows where each is, never its bytes."""
+    text = ON + (
+        'previous_encryption_key_files = ["old.key", "older.key"]\n'
+        'previous_encryption_key_credentials = ["fleet-key-old"]\n'
+    )
+    config = load(workdir, text)
+    fleet = config.fleet
+    assert [key.reveal() for key in fleet.previous_keys] == [OLD_KEY, OLDER_KEY, OLD_KEY]
+    sources = (
+        f"file {workdir / 'old.key'}",
+        f"file {workdir / 'older.key'}",
+        "systemd credential fleet-key-old",
+    )
+    assert fleet.previous_key_sources == sources
+    rendered = render_effective(config)
+    assert tomllib.loads(rendered)["fleet"]["previous_encryption_keys"] == list(sources)
+    for key in (FLEET_KEY, OLD_KEY, OLDER_KEY):
+        assert key.hex() not in rendered and repr(key) not in repr(config)
+
+
+def test_no_previous_keys_by_default(workdir: Path) -> None:
+    """Without a key being rolled there are none, and check-config shows no such key."""
+    config = load(workdir, ON)
+    assert config.fleet.previous_keys == () == config.fleet.previous_key_sources
+    assert "previous_encryption_keys" not in render_effective(config)
 
 
 def _on(**changes: str) -> str:
@@ -322,6 +356,42 @@ def _on(**changes: str) -> str:
             "fleet.encryption_key_file",
             ["No such file or directory"],
             id="missing-key",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files='["old.key", "short.key"]'),
+            "fleet.previous_encryption_key_files[2]",
+            ["holds 31 bytes; a fleet encryption key needs at least 32", "being rolled"],
+            id="short-previous-key",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files='["loose.key"]'),
+            "fleet.previous_encryption_key_files[1]",
+            ["has mode 0644: other users could read the key", "chmod 600"],
+            id="readable-previous-key",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files='["nope.key"]'),
+            "fleet.previous_encryption_key_files[1]",
+            ["No such file or directory"],
+            id="missing-previous-key",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files='"old.key"'),
+            "fleet.previous_encryption_key_files",
+            ["expected an array, got a string", '["/etc/token-broker/old.key"]'],
+            id="previous-key-not-an-array",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files="[1]"),
+            "fleet.previous_encryption_key_files[1]",
+            ["expected the path of a key file"],
+            id="previous-key-not-a-path",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_credentials='["a/b"]'),
+            "fleet.previous_encryption_key_credentials",
+            ["must be a credential name, not a path"],
+            id="previous-credential-a-path",
         ),
         pytest.param(
             _on(key_prefix='"a b"'),
