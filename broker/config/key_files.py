@@ -9,6 +9,7 @@ the fleet's keys being rolled (`previous_encryption_key_files` /
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,11 +106,12 @@ def _named(table: Table, element: KeyPath, item: object, meaning: str) -> bool:
 
 
 def _key_bytes(table: Table, key: str | KeyPath, path: Path, keys: KeyKeys) -> SecretBytes | None:
-    """The key file's bytes, if it is long enough and only its owner may read it."""
+    """The key file's bytes, if it is long enough and only its owner (or root and the
+    broker's own group, see `_kept_for_the_broker`) may read it."""
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        info: os.stat_result | None = path.stat()
     except (OSError, ValueError):
-        mode = 0  # readable() says why the file cannot be used
+        info = None  # readable() says why the file cannot be used
     content = table.readable(key, path)
     if content is None:
         return None
@@ -120,11 +122,28 @@ def _key_bytes(table: Table, key: str | KeyPath, path: Path, keys: KeyKeys) -> S
             keys.make,
         )
         return None
-    if mode & 0o077:
+    mode = 0 if info is None else stat.S_IMODE(info.st_mode)
+    if mode & 0o077 and not (info is not None and _kept_for_the_broker(info)):
         table.problem(
             key,
             f"{path} has mode {mode:04o}: other users could read the key and {keys.exposes}",
-            f"chmod 600 {path}, owned by the broker's user",
+            f"chmod 600 {path}, owned by the broker's user (or owned by root with the "
+            "broker's group, mode 0440, as a Kubernetes Secret mounted with the pod's fsGroup)",
         )
         return None
     return SecretBytes(content)
+
+
+def _kept_for_the_broker(info: os.stat_result) -> bool:
+    """Whether a key file that its group may read is still the broker's alone: root owns
+    it, its group is the broker's own, and the group may only read (mode 0440 or 0640).
+
+    A Kubernetes Secret volume gives exactly that with the pod's fsGroup (its files are
+    root's, and only the containers that mount it see it), and so does root:token-broker
+    on a host. Not for a broker running as root, whose own group vouches for nobody."""
+    return (
+        os.geteuid() != 0
+        and info.st_uid == 0
+        and info.st_gid == os.getegid()
+        and not stat.S_IMODE(info.st_mode) & 0o037  # no group write or exec, nothing for others
+    )

@@ -3,7 +3,12 @@ value named with its key and fix, and check-config showing where secrets are, ne
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -440,3 +445,101 @@ def test_each_mistake_names_its_key_and_fix(
     for phrase in phrases:
         assert phrase in shown, shown
     assert PASSWORD not in shown
+
+
+BROKER_UID = 10001  # the image's user, and the pod's runAsGroup and fsGroup
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+REPO = Path(__file__).resolve().parents[2]
+SAME_PYTHON = SYSTEM_PYTHON.exists() and subprocess.run(
+    [str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
+    capture_output=True,
+    text=True,
+    check=False,
+).stdout.strip() == str(sys.version_info[:2])
+
+LOAD_AS_BROKER = """
+import sys
+from pathlib import Path
+from broker.config import load_config
+from broker.errors import ConfigError
+try:
+    load_config(Path(sys.argv[1]), environ={"SECRET": "s"})
+except ConfigError as exc:
+    print("; ".join(str(p) for p in exc.problems))
+else:
+    print("loaded")
+"""
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory any user may enter, for a broker run as another user."""
+    path = Path(tempfile.mkdtemp(prefix="tb-keys-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def load_as_broker(directory: Path, owner: int, group: int, mode: int) -> str:
+    """Load a [fleet] whose key file has that owner, group and mode, as the user 10001
+    (group 10001) a container runs the broker as; "loaded" or the problems."""
+    key = directory / "fleet.key"
+    key.write_bytes(FLEET_KEY)
+    os.chown(key, owner, group)
+    key.chmod(mode)
+    config = directory / "broker.toml"
+    config.write_text(BASE + ON)
+    config.chmod(0o644)
+    # The venv's interpreter may live under /root, which another user cannot enter: the
+    # system's Python of the same minor version runs with the venv's packages instead.
+    packages = [p for p in sys.path if p.endswith("site-packages")]
+    return subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", LOAD_AS_BROKER, str(config)],
+        user=BROKER_UID,
+        group=BROKER_UID,
+        extra_groups=[],
+        env={"PYTHONPATH": os.pathsep.join([str(REPO), *packages])},
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+        cwd=directory,
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to root and another group needs root")
+@pytest.mark.skipif(not SAME_PYTHON, reason="needs /usr/bin/python3 of this Python's version")
+@pytest.mark.parametrize(
+    ("owner", "group", "mode", "loaded"),
+    [
+        pytest.param(0, BROKER_UID, 0o440, True, id="kubernetes-secret-0440"),
+        pytest.param(0, BROKER_UID, 0o640, True, id="root-and-the-brokers-group-0640"),
+        pytest.param(BROKER_UID, BROKER_UID, 0o400, True, id="the-brokers-own-0400"),
+        pytest.param(0, BROKER_UID, 0o460, False, id="group-may-write"),
+        pytest.param(0, BROKER_UID + 1, 0o444, False, id="others-may-read"),
+        pytest.param(BROKER_UID + 1, BROKER_UID, 0o440, False, id="another-owner"),
+        pytest.param(BROKER_UID, BROKER_UID, 0o640, False, id="the-brokers-own-0640"),
+    ],
+)
+def test_a_key_only_root_and_the_brokers_group_may_read_is_accepted(
+    shared_dir: Path, owner: int, group: int, mode: int, loaded: bool
+) -> None:
+    """A key file owned by root that only the broker's own group may read besides (what a
+    Kubernetes Secret volume gives with the pod's fsGroup) is the broker's alone; any other
+    access by a group or by others is refused with the mode and the fix."""
+    said = load_as_broker(shared_dir, owner, group, mode)
+    if loaded:
+        assert said == "loaded", said
+    else:
+        assert f"has mode {mode:04o}" in said and "chmod 600" in said and "fsGroup" in said, said
+
+
+def test_a_broker_running_as_root_trusts_no_group(workdir: Path) -> None:
+    """A broker running as root refuses a key its group may read: root's group vouches for
+    nobody (and a key owned by its own user needs no group)."""
+    (workdir / "group.key").write_bytes(FLEET_KEY)
+    (workdir / "group.key").chmod(0o440)
+    problem = only_problem(workdir, _on(encryption_key_file='"group.key"'))
+    assert "has mode 0440" in str(problem)
