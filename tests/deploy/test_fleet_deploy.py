@@ -13,6 +13,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from broker.assembly import new_fleet
-from broker.config import load_config
+from broker.config import Config, load_config
 from broker.models import AccessToken, AuthKind
 from broker.saved_credentials import Saved
 
@@ -184,31 +185,52 @@ def test_the_brokers_configuration_passes_check_config(tmp_path: Path, secrets_d
     assert tomllib.loads(result.stdout)["listen"]["tcp"]["enabled"] is False
 
 
-@pytest.fixture
-def compose_redis(tmp_path: Path, secrets_dir: Path) -> Iterator[int]:
-    """Redis started by fleet.yaml's own entrypoint script, on Debian's redis-server, with
-    its paths under tmp_path and a free port; the port."""
+@contextmanager
+def redis_from(script: str, moves: list[tuple[str, str]]) -> Iterator[int]:
+    """Redis started by a deployment's own start script on Debian's redis-server, each of
+    `moves` (a mounted path, an option) replaced by this test's, on a free port; the port."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is missing: `make test` installs Debian's package")
     port = _free_port()
-    script = shell(services()["redis"]["entrypoint"][-1])
-    for mounted, here in [
-        ("/tmp/users.acl", tmp_path / "users.acl"),
+    for mounted, here in [*moves, ("--port 6379", f"--port {port}")]:
+        assert mounted in script, mounted
+        script = script.replace(mounted, here)
+    process = subprocess.Popen([SH, "-c", script], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(port):
+            assert process.poll() is None, "Redis did not start from the deployment's script"
+            assert time.monotonic() < deadline, "Redis never listened"
+            time.sleep(0.02)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def in_memory(tmp_path: Path, secrets: str, secrets_dir: Path) -> list[tuple[str, str]]:
+    """Where a Redis script's in-memory files and mounted password go in a test."""
+    return [
+        ("/tmp/users.acl", str(tmp_path / "users.acl")),
         ("--dir /tmp", f"--dir {tmp_path}"),
-        (SECRETS_DIR, secrets_dir),
-        ("--port 6379", f"--port {port}"),
-    ]:
-        assert mounted in script
-        script = script.replace(mounted, str(here))
-    process = subprocess.Popen([SH, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not _listening(port):
-        assert process.poll() is None, "Redis did not start from fleet.yaml's script"
-        assert time.monotonic() < deadline, "Redis never listened"
-        time.sleep(0.02)
-    yield port
-    process.terminate()
-    process.wait(10)
+        (secrets, str(secrets_dir)),
+    ]
+
+
+@pytest.fixture
+def compose_redis(tmp_path: Path, secrets_dir: Path) -> Iterator[int]:
+    """Redis as fleet.yaml starts it."""
+    script = shell(services()["redis"]["entrypoint"][-1])
+    with redis_from(script, in_memory(tmp_path, SECRETS_DIR, secrets_dir)) as port:
+        yield port
+
+
+def expected_acl(password: str) -> str:
+    """The README's ACL (less +client|setinfo, which Redis 7.0 lacks and redis-py does
+    without) as the user of a Redis ACL file, after the default user turned off."""
+    user, rules = readme_acl()
+    rules = rules.replace(" +client|setinfo", "")
+    return f"user default off\nuser {user} on >{password} {rules}\n"
 
 
 def test_redis_starts_with_the_readmes_acl_and_passes_its_healthcheck(
@@ -217,13 +239,8 @@ def test_redis_starts_with_the_readmes_acl_and_passes_its_healthcheck(
     """Redis's script writes the README's ACL (less +client|setinfo, which Redis 7.0 lacks
     and redis-py does without), private to Redis, with the default user off; the
     healthcheck passes, and a client without the password gets nothing."""
-    user, rules = readme_acl()
     acl = (tmp_path / "users.acl").read_text()
-    password = (secrets_dir / "redis-password").read_text()
-    assert (
-        acl
-        == f"user default off\nuser {user} on >{password} {rules.replace(' +client|setinfo', '')}\n"
-    )
+    assert acl == expected_acl((secrets_dir / "redis-password").read_text())
     assert (tmp_path / "users.acl").stat().st_mode & 0o077 == 0
     check = shell(services()["redis"]["healthcheck"]["test"][1])
     check = check.replace(SECRETS_DIR, str(secrets_dir)).replace("-p 6379", f"-p {compose_redis}")
@@ -247,6 +264,11 @@ async def test_a_broker_of_the_compose_fleet_shares_under_that_acl(
         brokers_config(tmp_path, secrets_dir, compose_redis),
         environ=services()["broker-1"]["environment"],
     )
+    await shares(config)
+
+
+async def shares(config: Config) -> None:
+    """A broker of `config` takes the lease, writes and reads back its service's entry."""
     fleet = new_fleet(config, config.service_identity)
     assert fleet is not None
     try:
@@ -277,3 +299,186 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# --- Kubernetes ------------------------------------------------------------------------
+
+
+KUBERNETES = DEPLOY / "kubernetes" / "fleet"
+
+
+def objects(directory: Path) -> dict[str, Manifest]:
+    """The objects of a directory's YAML files, by kind (one of each)."""
+    found: dict[str, Manifest] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["kind"] not in found, f"{directory}: two {doc['kind']} objects"
+            found[doc["kind"]] = doc
+    return found
+
+
+def pod_spec(directory: Path) -> Manifest:
+    spec: Manifest = objects(directory)["Deployment"]["spec"]["template"]
+    return spec
+
+
+def container(spec: Manifest, name: str) -> Manifest:
+    every = spec["spec"].get("initContainers", []) + spec["spec"]["containers"]
+    found: list[Manifest] = [c for c in every if c["name"] == name]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def volume_of(spec: Manifest, name: str) -> Manifest:
+    found: list[Manifest] = [v for v in spec["spec"]["volumes"] if v["name"] == name]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def redis_pod() -> Manifest:
+    return pod_spec(KUBERNETES / "redis")
+
+
+def fleet_secret_files() -> dict[str, str]:
+    """The broker's secret files by Secret key: where the pod mounts each."""
+    spec = pod_spec(KUBERNETES)
+    broker = container(spec, "token-broker")
+    [mounted] = [m for m in broker["volumeMounts"] if m["name"] == "token-broker-secrets"]
+    files = {}
+    for source in volume_of(spec, "token-broker-secrets")["projected"]["sources"]:
+        for item in source["secret"]["items"]:
+            files[item["key"]] = f"{mounted['mountPath']}/{item['path']}"
+    return files
+
+
+def configmap_toml() -> str:
+    text: str = objects(KUBERNETES)["ConfigMap"]["data"]["broker.toml"]
+    return text
+
+
+def kubernetes_config(tmp_path: Path, redis_port: int | None = None) -> Path:
+    """The ConfigMap's broker.toml with each secret file it names made under tmp_path (and
+    Redis's address moved to loopback and `redis_port`, when given)."""
+    text = configmap_toml()
+    contents = {
+        "client-secret": b"sp-secret-value\n",
+        "fleet.key": bytes(range(32)),
+        "redis-password": b"k8s-redis-PASSWORD-1",
+    }
+    for key, path in fleet_secret_files().items():
+        here = tmp_path / key
+        here.write_bytes(contents[key])
+        here.chmod(0o600)
+        assert f'"{path}"' in text, path
+        text = text.replace(f'"{path}"', f'"{here}"')
+    if redis_port is not None:
+        text = text.replace("token-broker-redis:6379", f"127.0.0.1:{redis_port}")
+    config = tmp_path / "broker.toml"
+    config.write_text(text)
+    return config
+
+
+def test_the_configmap_passes_check_config_on_the_redis_service(tmp_path: Path) -> None:
+    """The ConfigMap's broker.toml passes `token-broker check-config` with its secret files
+    where the pod mounts them, in fleet mode on the Redis Service's name and port as the
+    user Redis's ACL defines, the secrets shown by where they are, never their bytes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "check-config", "-c", str(kubernetes_config(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    fleet = tomllib.loads(result.stdout)["fleet"]
+    service = objects(KUBERNETES / "redis")["Service"]
+    [port] = service["spec"]["ports"]
+    assert fleet["redis_url"] == f"redis://{service['metadata']['name']}:{port['port']}/0"
+    [redis] = redis_pod()["spec"]["containers"]
+    [container_port] = redis["ports"]
+    assert port["targetPort"] == container_port["name"]
+    assert f"--port {container_port['containerPort']}" in redis["command"][-1]
+    assert f"user {fleet['username']} on " in redis["command"][-1]
+    assert fleet["password"] == f"file {tmp_path / 'redis-password'}"
+    assert fleet["encryption_key"] == f"file {tmp_path / 'fleet.key'}"
+    assert "k8s-redis-PASSWORD-1" not in result.stdout + result.stderr
+
+
+def test_the_fleets_secrets_reach_the_broker_alone() -> None:
+    """The key and the password are the Secret token-broker-fleet, mounted read-only into
+    the broker's container only, root's with the pod's group (0440, which the broker accepts
+    for a key); Redis mounts the password alone, never the key."""
+    spec = pod_spec(KUBERNETES)
+    projected = volume_of(spec, "token-broker-secrets")["projected"]
+    assert projected["defaultMode"] == 0o440
+    by_secret = {s["secret"]["name"]: s["secret"]["items"] for s in projected["sources"]}
+    assert {i["key"] for i in by_secret["token-broker-fleet"]} == {"fleet.key", "redis-password"}
+    broker = container(spec, "token-broker")
+    assert broker["securityContext"]["runAsGroup"] == spec["spec"]["securityContext"]["fsGroup"]
+    [mounted] = [m for m in broker["volumeMounts"] if m["name"] == "token-broker-secrets"]
+    assert mounted["readOnly"] is True
+    for app in spec["spec"]["containers"]:
+        assert all(m["name"] != "token-broker-secrets" for m in app["volumeMounts"])
+    redis_secret = volume_of(redis_pod(), "redis-password")["secret"]
+    assert redis_secret["secretName"] == "token-broker-fleet"
+    assert [item["key"] for item in redis_secret["items"]] == ["redis-password"]
+
+
+def test_redis_is_a_locked_down_service_only_the_fleet_reaches() -> None:
+    """Redis runs unprivileged on a read-only root with its files in memory; its Service
+    selects its pod, and its NetworkPolicy admits the app's pods alone, on its port."""
+    redis_objects = objects(KUBERNETES / "redis")
+    labels = redis_pod()["metadata"]["labels"]
+    selector = redis_objects["Service"]["spec"]["selector"]
+    assert selector.items() <= labels.items()
+    policy = redis_objects["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    app_labels = pod_spec(KUBERNETES)["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"].items() <= app_labels.items()
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    spec = redis_pod()["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    [redis] = spec["containers"]
+    context = redis["securityContext"]
+    assert context["runAsNonRoot"] is True and context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert volume_of(redis_pod(), "tmp")["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.fixture
+def kubernetes_redis(tmp_path: Path) -> Iterator[int]:
+    """Redis as the Redis Deployment starts it, with the ConfigMap's secret files made."""
+    kubernetes_config(tmp_path)
+    [redis] = redis_pod()["spec"]["containers"]
+    script = shell(redis["command"][-1])
+    moves = [*in_memory(tmp_path, "/run/secrets/redis", tmp_path)]
+    moves.append(("--bind 0.0.0.0", "--bind 127.0.0.1"))
+    with redis_from(script, moves) as port:
+        yield port
+
+
+def test_kubernetes_redis_starts_with_the_readmes_acl(
+    tmp_path: Path, kubernetes_redis: int
+) -> None:
+    """The Redis Deployment's own script writes the README's ACL, and its readiness probe,
+    logged in as that user, passes."""
+    acl = (tmp_path / "users.acl").read_text()
+    assert acl == expected_acl((tmp_path / "redis-password").read_text())
+    [redis] = redis_pod()["spec"]["containers"]
+    probe = redis["readinessProbe"]["exec"]["command"][-1]  # probes are not expanded
+    probe = probe.replace("/run/secrets/redis", str(tmp_path))
+    probe = probe.replace("-p 6379", f"-p {kubernetes_redis}")
+    assert subprocess.run([SH, "-c", probe], timeout=10, check=False).returncode == 0
+
+
+async def test_a_broker_of_the_configmap_shares_under_that_acl(
+    tmp_path: Path, kubernetes_redis: int
+) -> None:
+    """A broker of the ConfigMap's [fleet] leases, writes and reads back an entry on the
+    Redis Deployment's Redis, as the user its ACL defines."""
+    config = load_config(kubernetes_config(tmp_path, kubernetes_redis), environ={})
+    await shares(config)
