@@ -203,6 +203,8 @@ class FleetConfig:
     lease_s: float = 30.0  # a refresh lease not renewed lapses after this (its holder died)
     connect_timeout_s: float = 2.0
     command_timeout_s: float = 1.0
+    previous_keys: tuple[SecretBytes, ...] = ()  # keys being rolled: read with, never written
+    previous_key_sources: tuple[str, ...] = ()  # where each came from, for check-config
 
     def __post_init__(self) -> None:
         if not 0 < self.command_timeout_s < self.lease_s:
