@@ -232,7 +232,14 @@ def scale_lines(r: dict[str, Any]) -> list[str]:
             "",
             f"Idle broker with {idle['services']} services over {idle['window_s']:.0f} s: "
             f"{idle['cpu_s']:.2f} s of CPU ({idle['cpu_pct']:.3f} %), "
-            f"RSS {idle['rss_mib']:.1f} MiB.",
+            f"RSS {idle['rss_mib']:.1f} MiB"
+            + (
+                f"; the same broker without `rich` (brought here by the development tools, "
+                f"absent from a plain `pip install token-broker`) "
+                f"{idle['rss_mib_without_dev_tools']:.1f} MiB."
+                if idle.get("rss_mib_without_dev_tools")
+                else "."
+            ),
             "",
         ]
     if sc is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -892,6 +893,14 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     idle = r.get("idle", {})
     v = idle.get("rss_mib")
     add("RSS idle, 10 services", "<= 50 MiB", v, None if v is None else v <= 50, "MiB")
+    v = idle.get("rss_mib_without_dev_tools")
+    add(
+        "RSS idle, 10 services, without the dev tools' rich (a plain install)",
+        "<= 50 MiB",
+        v,
+        None if v is None else v <= 50,
+        "MiB",
+    )
     st = r.get("scale", {}).get("startup", {})
     v = st.get("10", {}).get("listening_s", idle.get("listening_s"))
     add("listening after exec (10 services)", "<= 0.5 s", v, None if v is None else v <= 0.5, "s")
@@ -920,6 +929,19 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             "calls",
         )
     return out
+
+
+async def plain_install_broker(emu: Emulator, work: Path) -> Broker | None:
+    """The idle broker as `pip install token-broker` has it: without `rich`, which the
+    development tools bring into this environment and structlog imports whenever it can
+    (about 5 MiB). A `rich` that cannot be imported stands in for its absence."""
+    if importlib.util.find_spec("rich") is None:
+        return None
+    stub = work / "without-rich"
+    (stub / "rich").mkdir(parents=True, exist_ok=True)
+    (stub / "rich" / "__init__.py").write_text('raise ImportError("not in a plain install")\n')
+    names = [bench_name(i) for i in range(10)]
+    return await Broker(emu, names, LONG_REFRESH, {"PYTHONPATH": str(stub)}).start()
 
 
 SECTIONS = ("throughput", "proxy", "storm", "scale", "hammer", "idle")
@@ -978,9 +1000,11 @@ async def main() -> None:
     try:
         async with Emulator(state=state, ca_dir=work) as emu:
             idle: Broker | None = None
+            plain: Broker | None = None
             if "idle" in chosen:
                 # The idle broker waits through the other phases; its CPU time is its own.
                 idle = await Broker(emu, [bench_name(i) for i in range(10)], LONG_REFRESH).start()
+                plain = await plain_install_broker(emu, work)
                 await asyncio.sleep(1.0)
                 idle_cpu0, idle_t0 = proc_cpu_s(idle.pid), time.perf_counter()
             for name in chosen:
@@ -1001,9 +1025,14 @@ async def main() -> None:
                     "cpu_pct": 100 * (proc_cpu_s(idle.pid) - idle_cpu0) / idle_wall,
                     "rss_mib": proc_rss_mib(idle.pid),
                     "listening_s": idle.listening_s,
+                    "rss_mib_without_dev_tools": (
+                        proc_rss_mib(plain.pid) if plain is not None else None
+                    ),
                 }
                 dates["idle"] = now
                 await idle.stop()
+                if plain is not None:
+                    await plain.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["elapsed_s"] = time.time() - started
