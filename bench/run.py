@@ -725,13 +725,15 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
         one = Broker(emu, [bench_name(0)], LONG_REFRESH)
         await one.start()
         assert big is not None
-        # Only services already fetched can be asked for if start-up has not finished.
+        # Only services already fetched can be asked for if start-up has not finished;
+        # one path, so wrk (TCP) measures it like the throughput phase.
         paths_big = [f"/v1/token/{bench_name(0)}"]
         runs: dict[str, list[dict[str, Any]]] = {"1": [], str(BIG): []}
         for rnd in range(ROUNDS):
             pair = [("1", one, [f"/v1/token/{bench_name(0)}"]), (str(BIG), big, paths_big)]
             for key, b, paths in pair if rnd % 2 == 0 else pair[::-1]:
-                r = await load(("tcp", f"127.0.0.1:{b.port}"), 16, DURATION_S, paths, b.pid)
+                target = Target("tcp", f"127.0.0.1:{b.port}", paths[0], (METADATA,))
+                r = await measure(target, 16, DURATION_S, b.pids, CLIENT_CPU)
                 runs[key].append(r)
                 log(f"{key:>5} services: {r['rps']:.0f} req/s")
         scaling: dict[str, Any] = {k: summary(v) for k, v in runs.items()}
