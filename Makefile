@@ -77,7 +77,7 @@ image-tools:
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -m fuzz -p no:cacheprovider --hypothesis-show-statistics
 
-# Throughput, latency, memory and start-up against the emulator (about 11 minutes), with wrk,
+# Throughput, latency, memory and start-up against the emulator (about 12 minutes), with wrk,
 # h2load and nginx from Debian's packages (installed as root when one is missing, services
 # left stopped); writes bench/results/latest.json, docs/benchmarks.md and docs/benchmarks-rps.png.
 # SECTIONS=throughput,proxy,storm,scale,hammer,idle runs some of them (the others are kept

@@ -47,6 +47,10 @@ def fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def times(v: float | None) -> str:
+    return "—" if v is None else f"{fmt(v)}×"
+
+
 def render(r: dict[str, Any]) -> str:
     t, s = r.get("throughput"), r["settings"]
     lines = [
@@ -138,8 +142,8 @@ def throughput_lines(t: dict[str, Any], s: dict[str, Any]) -> list[str]:
     ]
     for key, v in t["ratios"].items():
         lines.append(
-            f"| {key} | {fmt(v['vs_nginx'])}× | {fmt(v['vs_aiohttp'])}× | "
-            f"{fmt(v.get('vs_front_door_off'))}× |"
+            f"| {key} | {times(v['vs_nginx'])} | {times(v['vs_aiohttp'])} | "
+            f"{times(v.get('vs_front_door_off'))} |"
         )
     lines += ["", f"![req/s by connections]({PLOT.name})", ""]
     return lines
@@ -302,7 +306,7 @@ def tail_lines(r: dict[str, Any]) -> list[str]:
         "## Re-running",
         "",
         "```sh",
-        "make bench                            # about 11 minutes; latest.json and this page",
+        "make bench                            # about 12 minutes; latest.json and this page",
         "make bench SECTIONS=throughput,proxy  # some sections; the others kept from the last file",
         "BENCH_QUICK=1 make bench              # short runs, to try changes to the benchmark",
         "```",
