@@ -24,10 +24,11 @@ from broker.config import (
     WebServiceConfig,
 )
 from broker.credentials import ServicePrincipalCredential
-from broker.fleet import Fleet, FleetObserver
+from broker.fleet import Fleet, FleetFacts, FleetObserver, HoldBacks
 from broker.models import Clock, Sleep, system_sleep
 from broker.providers import (
     EntraProvider,
+    Facts,
     OnlineEndpointProvider,
     Throttles,
     TokenProvider,
@@ -120,6 +121,7 @@ class Sources:
         self.clock = clock
         self.workspaces = Workspaces()
         self.throttles = Throttles(clock)
+        self.facts = Facts()
         self.credentials: dict[str, ServicePrincipalCredential] = {}
         self._observer = observer
         self._background: set[asyncio.Task[None]] = set()
@@ -166,15 +168,28 @@ class Sources:
                     self.upstream,
                     self.workspaces,
                     self.throttles,
+                    self.facts,
                 )
             case OnlineEndpointConfig():
                 return OnlineEndpointProvider(
-                    service, self.config.cloud, credential, self.upstream, self.throttles
+                    service,
+                    self.config.cloud,
+                    credential,
+                    self.upstream,
+                    self.throttles,
+                    self.facts,
                 )
             case EntraScopeConfig():
-                return EntraProvider(service, credential)
+                return EntraProvider(service, credential, self.throttles)
             case _:
                 assert_never(service)
+
+    def join(self, fleet: Fleet | None) -> None:
+        """Share with `fleet` what the providers keep of Azure beside the credentials: a
+        429's hold-back, workspace discovery and describe results (None: keep them to this
+        broker again)."""
+        self.throttles.share(None if fleet is None else HoldBacks(fleet))
+        self.facts.share(None if fleet is None else FleetFacts(fleet))
 
     def configure(self, refresh: RefreshConfig) -> None:
         """Bound the calls made from now on by a reloaded `[refresh]`."""

@@ -93,6 +93,7 @@ class Daemon:
             self.metrics.disable_fleet()
         self.fleet = new_fleet(config, self._service_identity, observer=self.metrics)
         self.store.share(self.fleet)
+        self.sources.join(self.fleet)
 
     def _service_identity(self, name: str) -> str | None:
         return self.config.service_identity(name)  # the configuration of now, after a reload

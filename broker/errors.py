@@ -22,7 +22,8 @@
         │   ├── UpstreamUnreachableError  502: a proxied call got no usable answer
         │   └── UpstreamTimeoutError      504: a proxied call got no answer in time
         ├── PayloadTooLargeError    413: a proxied request's body is over the limit
-        └── NoScoringUriError       409: a proxied service has no scoring URI
+        ├── NoScoringUriError       409: a proxied service has no scoring URI
+        └── LeaseBusyError          409: another broker of the fleet holds the service's lease
 
 Foreign exceptions (aiohttp, requests, MSAL, redis-py) are translated into these where
 they enter, in `broker.credentials`, `broker.providers` and `broker.fleet`; nothing above
@@ -226,3 +227,11 @@ class NoScoringUriError(LocalRequestError):
 
     status = 409
     code = "no_scoring_uri"
+
+
+class LeaseBusyError(LocalRequestError):
+    """Raised when an operation that must be the fleet's only one (a key rotation) cannot
+    take the service's lease: another broker holds it, rotating or refreshing."""
+
+    status = 409
+    code = "lease_busy"

@@ -258,7 +258,10 @@ class Store:
 
         For clients whose call was refused with the token they had. A crowd of them
         asking at once shares one fetch, and asking again inside the window only
-        returns what the last fetch produced, so clients cannot stampede Azure.
+        returns what the last fetch produced, so clients cannot stampede Azure. In fleet
+        mode the window is the fleet's: a credential another broker fetched since is
+        adopted, one fetched anywhere within the window is kept, and the refresh itself
+        is made under the service's lease.
         """
         entry = self.entry(service)
         last = entry.last_attempt_at
@@ -266,7 +269,7 @@ class Store:
             last is None or self.clock() - last >= self.client_refresh_window_s
         ):
             log.info("token.refresh_requested", service=service)
-            self.fetch(service)
+            self.fetch(service, requested=True)
         return await self._await_usable(entry)
 
     async def credential(self, service: str) -> Entry:
@@ -286,22 +289,40 @@ class Store:
             return entry
         raise self._not_ready(entry)
 
-    def fetch(self, service: str) -> asyncio.Task[AccessToken]:
-        """Start a fetch, or join the one in flight; the task's outcome is recorded."""
+    def fetch(
+        self, service: str, *, requested: bool = False, leased: bool = False
+    ) -> asyncio.Task[AccessToken]:
+        """Start a fetch, or join the one in flight; the task's outcome is recorded.
+
+        `requested`: a client asked for it (`refresh_now`), and in fleet mode the fleet's
+        window applies. `leased`: the caller holds the service's fleet lease (a key
+        rotation): fetch from Azure and share, adopting nothing."""
         entry = self.entry(service)
         if entry.inflight is None:
             entry.last_attempt_at = self.clock()
-            entry.inflight = asyncio.create_task(self._fetch(entry), name=f"fetch:{service}")
+            entry.inflight = asyncio.create_task(
+                self._fetch(entry, requested, leased), name=f"fetch:{service}"
+            )
             entry.inflight.add_done_callback(_consume)
         return entry.inflight
 
-    async def _fetch(self, entry: Entry) -> AccessToken:
+    async def _fetch(
+        self, entry: Entry, requested: bool = False, leased: bool = False
+    ) -> AccessToken:
         try:
-            await self._pace(entry)
-            if self.shared is None:
-                got, origin = Saved(await self._from_azure(entry), self.clock()), AZURE
+            answered = None
+            if requested and self.shared is not None:
+                answered = await self._answered_by_fleet(entry, self.shared)
+            if answered is not None:
+                got, origin = answered
             else:
-                got, origin = await self._through_fleet(entry, self.shared)
+                await self._pace(entry)
+                if self.shared is None:
+                    got, origin = Saved(await self._from_azure(entry), self.clock()), AZURE
+                elif leased:
+                    got, origin = await self._fetch_and_share(entry, self.shared), AZURE
+                else:
+                    got, origin = await self._through_fleet(entry, self.shared)
         except UpstreamError as exc:
             self._record_failure(entry, exc)
             raise
@@ -312,7 +333,8 @@ class Store:
             raise error from None
         finally:
             entry.inflight = None
-        self._record_success(entry, got, origin)
+        if got.token is not entry.token:  # else the fleet's window kept what is served
+            self._record_success(entry, got, origin)
         return got.token
 
     async def _from_azure(self, entry: Entry) -> AccessToken:
@@ -350,6 +372,42 @@ class Store:
             if lease is not None:
                 await lease.release()
         return fresh, AZURE
+
+    async def _answered_by_fleet(
+        self, entry: Entry, shared: SharedCredentials
+    ) -> tuple[Saved, str] | None:
+        """For a client's refresh in fleet mode: the fleet's credential when another broker
+        fetched a newer one, or the one in place when it was fetched (anywhere) within the
+        client refresh window; None to refresh under the lease."""
+        try:
+            found = await self._adoptable(entry, shared)
+        except FleetUnavailableError:
+            return None  # refresh alone: the broker's own window applied
+        if found is not None and not self._due(found):
+            return found, FLEET
+        current = entry.saved()
+        if current is None or not self.usable(entry):
+            return None
+        # The credential's obtained_at is the fetching broker's clock: hosts' clocks that
+        # differ move the fleet's window by as much, never more.
+        age = self.clock() - current.obtained_at
+        if age >= self.client_refresh_window_s:
+            return None
+        log.info(
+            "token.refresh_within_window",
+            service=entry.service,
+            refreshed_s_ago=round(age, 1),
+            window_s=self.client_refresh_window_s,
+            note="refreshed in the fleet within the window: serving that credential",
+        )
+        return current, entry.origin or FLEET
+
+    async def _fetch_and_share(self, entry: Entry, shared: SharedCredentials) -> Saved:
+        """Fetch from Azure under a lease the caller holds, and share what came."""
+        token = await self._from_azure(entry)
+        fresh = Saved(token, self.clock(), entry.provider.scoring_uri)
+        await shared.write(entry.service, fresh, self._shared_for(fresh))
+        return fresh
 
     async def _lease_or_adoption(
         self, entry: Entry, shared: SharedCredentials

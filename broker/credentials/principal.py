@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +23,13 @@ import requests
 
 from broker.config import CloudProfile, IdentityConfig
 from broker.credentials.jwt_claims import jwt_times
-from broker.errors import SignInError, UnavailableError, UnusableCredentialError, UpstreamError
+from broker.errors import (
+    SignInError,
+    ThrottledError,
+    UnavailableError,
+    UnusableCredentialError,
+    UpstreamError,
+)
 from broker.log import get_logger, register_secret, scrub
 from broker.models import AccessToken, AuthKind, Clock, system_clock, wall_clock
 
@@ -32,6 +39,7 @@ _AADSTS = re.compile(r"\b(AADSTS\d+)\b")
 # AADSTS codes that a retry can heal (throttling, service trouble, clock skew).
 _TRANSIENT_AADSTS = frozenset({"AADSTS50196", "AADSTS90033", "AADSTS50058", "AADSTS500133"})
 _MSAL_EXPIRY_BUFFER_S = 300  # MSAL treats a cached token this close to expiry as expired
+_MSAL_THROTTLE_S, _MSAL_THROTTLE_MAX_S = 5.0, 3600.0  # how long MSAL replays a 429 itself
 
 
 class Credential(Protocol):
@@ -55,10 +63,26 @@ class _BoundedSession(requests.Session):
     def __init__(self, timeout_s: float) -> None:
         super().__init__()
         self.timeout_s = timeout_s
+        # When Entra's last 429 asked us to wait until (monotonic): MSAL answers the same
+        # 429 from its own cache until then, without calling, and without saying it was one.
+        self.throttled_until: float | None = None
+        self.retry_after_s: float | None = None
 
     def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs["timeout"] = self.timeout_s  # ours, so that a reload can change it
-        return super().request(method, url, **kwargs)
+        response = super().request(method, url, **kwargs)
+        if response.status_code == 429:
+            self.retry_after_s = _seconds(response.headers.get("Retry-After"))
+            wait = self.retry_after_s if self.retry_after_s is not None else _MSAL_THROTTLE_S
+            self.throttled_until = time.monotonic() + min(wait, _MSAL_THROTTLE_MAX_S)
+        elif method in ("POST", b"POST"):
+            self.throttled_until = None  # Entra answered a sign-in otherwise since
+        return response
+
+    def throttled(self) -> bool:
+        """Whether Entra's last 429 still stands (MSAL would answer it again)."""
+        until = self.throttled_until
+        return until is not None and time.monotonic() <= until
 
 
 def http_session(cloud: CloudProfile, timeout_s: float = 30.0) -> requests.Session:
@@ -214,6 +238,15 @@ class ServicePrincipalCredential:
             f"(client {self.identity.client_id}, tenant {self.identity.tenant_id}) "
             f"for scope {scope} failed: {result.get('error', 'error')}: {first_line}"
         )
+        session = self._session
+        if isinstance(session, _BoundedSession) and session.throttled():
+            return ThrottledError(
+                f"{message} (HTTP 429)",
+                status=429,
+                aad_code=code,
+                retry_after=_remaining(session.throttled_until, session.retry_after_s),
+                route="entra.token",
+            )
         if code in _TRANSIENT_AADSTS:
             return UnavailableError(message, aad_code=code, route="entra.token")
         return SignInError(message + _sign_in_hint(code), aad_code=code, route="entra.token")
@@ -225,6 +258,20 @@ class ServicePrincipalCredential:
             f"{self.identity.name!r}: {detail}",
             route="entra.token",
         )
+
+
+def _seconds(value: str | None) -> float | None:
+    """A `Retry-After` in seconds, the only form Entra sends; None when absent or other."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
+
+
+def _remaining(until: float | None, retry_after_s: float | None) -> float | None:
+    """What is left of Entra's Retry-After (None when it named none)."""
+    if until is None or retry_after_s is None:
+        return None
+    return max(until - time.monotonic(), 0.0)
 
 
 def _moved(when: float | None, offset: float | None) -> float | None:

@@ -13,6 +13,9 @@ The scripts are the only commands that change shared state:
     extend    renew the lease only while it still holds our random value
     write     set the entry only when its stamp is newer than the stored one (or the stored
               one is the unreadable value the caller saw), with a TTL, and publish a notice
+    hold      set a hold-back with a TTL of its Retry-After, unless a longer one is there
+
+Facts (`facts.py`) are plain GET and SET with a TTL: the last broker to learn one wins.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ redis.call('PUBLISH', ARGV[5], ARGV[2])
 return 1
 """
 
+_HOLD = """
+if redis.call('PTTL', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+return 1
+"""
+
 Observer = Callable[[str, float, bool], None]  # operation, seconds, whether it succeeded
 
 
@@ -85,6 +94,7 @@ class Connection:
         self._release = self._client.register_script(_RELEASE)
         self._extend = self._client.register_script(_EXTEND)
         self._write = self._client.register_script(_WRITE)
+        self._hold = self._client.register_script(_HOLD)
 
     def __repr__(self) -> str:
         return f"Connection({_where(self._config.redis_url)})"
@@ -121,6 +131,27 @@ class Connection:
         async with self._command("write"):
             written = await self._write(keys=[keys.credential], args=args)
         return bool(written)
+
+    async def held_ms(self, key: str) -> int | None:
+        """The milliseconds left of the hold-back at `key`, or None when there is none."""
+        async with self._command("holdback.read"):
+            left = await self._client.pttl(key)
+        return left if isinstance(left, int) and left > 0 else None
+
+    async def hold(self, key: str, hold_s: float, value: str) -> bool:
+        """Hold back for `hold_s` at `key` unless a longer hold is there; True when set."""
+        async with self._command("holdback.write"):
+            held = await self._hold(keys=[key], args=[_ms(hold_s), value])
+        return bool(held)
+
+    async def get_fact(self, key: str) -> bytes | None:
+        async with self._command("fact.read"):
+            value = await self._client.get(key)
+        return value if isinstance(value, bytes) else None
+
+    async def set_fact(self, key: str, value: bytes, ttl_s: float) -> None:
+        async with self._command("fact.write"):
+            await self._client.set(key, value, px=_ms(ttl_s))
 
     @asynccontextmanager
     async def notices(self, channels: Iterable[str]) -> AsyncIterator[PubSubReader]:

@@ -14,6 +14,12 @@ identity, which is checked too.
 
 The AES key is derived with HKDF-SHA256 from the operator's fleet key, under an info
 string of its own: the same bytes used as a cache key give an unrelated AES key.
+
+Facts (what the providers learnt of Azure: workspace discovery, describe results) are
+sealed the same way, with no stamp: `b"TBFACT1:" | nonce | AES-256-GCM(JSON object)`, the
+associated data binding the header and the key name. They hold no secret, but a broker
+sends its ARM token to the MMS a fact names, and proxies clients to its scoring URI: what
+it reads must be what a broker of the fleet wrote.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.saved_credentials import Saved, UntrustedRecord, from_record, to_record
 
@@ -36,6 +42,7 @@ _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _HKDF_INFO = b"token-broker fleet entry v1"
 _HEADER = re.compile(rb"TBFLEET(\d{1,4}):(\d{1,20}):")
+FACT_MAGIC = b"TBFACT%d:" % VERSION
 
 
 class UnreadableEntry(Exception):
@@ -86,6 +93,32 @@ class Sealer:
         if saved.stamp != stamp:
             raise UnreadableEntry("its stamp does not match the credential inside")
         return saved
+
+    def seal_fact(self, key_name: str, fact: dict[str, Any]) -> bytes:
+        """The Redis value of `fact`, to be written under `key_name`."""
+        plaintext = json.dumps(fact, separators=(",", ":"), sort_keys=True).encode()
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aeads[0].encrypt(nonce, plaintext, _bound(FACT_MAGIC, key_name))
+        return FACT_MAGIC + nonce + sealed
+
+    def open_fact(self, key_name: str, value: bytes) -> dict[str, Any]:
+        """The fact in `value`, read from `key_name`; `UnreadableEntry` when it cannot be
+        trusted."""
+        if len(value) > MAX_ENTRY_BYTES:
+            raise UnreadableEntry(f"{len(value)} bytes is too large for a fleet fact")
+        if not value.startswith(FACT_MAGIC):
+            raise UnreadableEntry("not a token-broker fleet fact of this version")
+        body = value[len(FACT_MAGIC) :]
+        if len(body) < _NONCE_BYTES + _TAG_BYTES:
+            raise UnreadableEntry("truncated")
+        plaintext = self._decrypt(body, _bound(FACT_MAGIC, key_name))
+        try:
+            fact = json.loads(plaintext.decode("utf-8"))
+        except ValueError:
+            raise UnreadableEntry("the decrypted fact is not JSON") from None
+        if not isinstance(fact, dict):
+            raise UnreadableEntry("the decrypted fact is not a JSON object")
+        return fact
 
     def _decrypt(self, body: bytes, bound: bytes) -> bytes:
         from cryptography.exceptions import InvalidTag

@@ -100,6 +100,25 @@ class Fleet:
         """`up`, `down`, or `unknown` before Redis first answered or failed."""
         return {None: "unknown", True: "up", False: "down"}[self.healthy]
 
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def sealer(self) -> Sealer:
+        """The fleet's keys, for the other state it seals (`broker.fleet.facts`)."""
+        return self._sealer
+
+    @property
+    def connection(self) -> Connection:
+        """The fleet's Redis, for the other state it shares (`broker.fleet.holdbacks`)."""
+        return self._connection
+
+    async def command(self, operation: Awaitable[_T]) -> _T:
+        """Await one of `connection`'s commands, keeping the fleet's health and saying
+        once when Redis fails (`FleetUnavailableError`) or answers again."""
+        return await self._call(operation)
+
     def keys(self, service: str) -> ServiceKeys | None:
         identity = self._identity(service)
         return None if identity is None else ServiceKeys.of(self._prefix, identity)

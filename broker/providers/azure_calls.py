@@ -1,8 +1,9 @@
 """One service's calls to ARM or Azure ML, with what every such call needs.
 
 Throttle hold-back before the call (and a 429 recorded for the principal and
-subscription), a 403 turned into what the principal lacks and where, and Azure's
-clock read from each answer's `Date` so deadlines can be moved onto ours.
+subscription, Entra's at sign-in as ARM's), a 403 turned into what the principal lacks
+and where, and Azure's clock read from each answer's `Date` so deadlines can be moved
+onto ours.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Callable
 
+from broker.credentials import Credential
 from broker.errors import PermissionDeniedError, ThrottledError
 from broker.log import get_logger
+from broker.models import AccessToken
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
 
@@ -52,13 +55,13 @@ class AzureCalls:
         what: str = "",
         json_body: object = None,
     ) -> Reply:
-        self._throttles.check(self._throttle_key, route)
+        await self._throttles.check(self._throttle_key, route)
         try:
             reply = await self._upstream.call(
                 method, url, route=route, bearer=bearer, what=what, json_body=json_body
             )
         except ThrottledError as exc:
-            self._throttles.note(self._throttle_key, exc.retry_after)
+            await self._throttles.note(self._throttle_key, exc.retry_after)
             raise
         except PermissionDeniedError as exc:
             raise PermissionDeniedError(
@@ -68,6 +71,16 @@ class AzureCalls:
             ) from None
         self._note_skew(reply)
         return reply
+
+    async def sign_in(self, credential: Credential, scope: str) -> AccessToken:
+        """The principal's Entra token for `scope`, held back like any call: Entra's 429
+        holds back the principal on this subscription too."""
+        await self._throttles.check(self._throttle_key, "entra.token")
+        try:
+            return await credential.get_token(scope)
+        except ThrottledError as exc:
+            await self._throttles.note(self._throttle_key, exc.retry_after)
+            raise
 
     def skew_to_apply(self) -> float:
         """The skew to move Azure's times by: none while within what `Date` can tell."""

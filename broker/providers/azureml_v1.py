@@ -2,8 +2,9 @@
 
 First contact finds the workspace's regional Model Management Service (from the
 configured region, or through ARM and the workspace's discovery URL) and describes
-the service to learn its compute type and auth modes; both are cached. Then each
-fetch is one `POST …/token` or `POST …/listkeys` with the principal's ARM token.
+the service to learn its compute type and auth modes; both are cached, and shared with
+the fleet in fleet mode (`broker.providers.facts`). Then each fetch is one
+`POST …/token` or `POST …/listkeys` with the principal's ARM token.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from broker.log import get_logger, register_secret
 from broker.models import AccessToken, AuthKind
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.base import KeyName
+from broker.providers.facts import Fact, FactName, Facts, text
 from broker.providers.long_running import wait_for_regeneration
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
@@ -125,12 +127,15 @@ class WebServiceProvider:
         upstream: Upstream,
         workspaces: Workspaces | None = None,
         throttles: Throttles | None = None,
+        facts: Facts | None = None,
     ) -> None:
         self._config = config
         self._cloud = cloud
         self._credential = credential
         self._upstream = upstream
         self._workspaces = workspaces or Workspaces()
+        self._facts = facts or Facts()
+        self._recall = True  # take the fleet's description, until Azure says it is stale
         self._calls = AzureCalls(
             config.name,
             upstream,
@@ -171,15 +176,44 @@ class WebServiceProvider:
 
     async def _auth(self, arm_token: str) -> AuthKind:
         if self.auth is None:
-            self._description = await self._describe(arm_token)
-            self.auth = choose_auth(self._config, self._description)
+            source = "fleet"
+            description = await self._recalled_description() if self._recall else None
+            if description is None:
+                source = "azure"
+                description = await self._describe(arm_token)
+                await self._facts.remember(self._fact_name("webservice"), _fact_of(description))
+            self._description = description
+            self.auth = choose_auth(self._config, description)
             log.info(
                 "service.described",
                 service=self.service,
-                compute_type=self._description.compute_type,
+                compute_type=description.compute_type,
                 auth=self.auth.value,
+                source=source,
             )
         return self.auth
+
+    async def _recalled_description(self) -> Description | None:
+        fact = await self._facts.recall(self._fact_name("webservice"))
+        if fact is None:
+            return None
+        try:
+            return Description.parse(fact, self.service)
+        except MalformedResponseError:
+            return None  # not what this broker would have written: describe it ourselves
+
+    def _fact_name(self, kind: str) -> FactName:
+        """What a shared fact is about: this service ("webservice") or its workspace."""
+        c = self._config
+        parts: tuple[str, ...] = (
+            self._cloud.resource_manager,
+            c.subscription_id,
+            c.resource_group,
+            c.workspace,
+        )
+        if kind == "webservice":
+            parts = (*parts, c.web_service)
+        return (kind, *(part.lower() for part in parts))
 
     def _workspace_path(self) -> str:
         c = self._config
@@ -198,6 +232,10 @@ class WebServiceProvider:
     async def _find_mms(self, arm_token: str) -> str:
         if self._config.region:
             return self._cloud.region_base(self._config.region)
+        recalled = text(await self._facts.recall(self._fact_name("workspace")), "mms")
+        if recalled is not None and recalled.startswith("https://"):
+            log.info("workspace.discovered", service=self.service, mms=recalled, source="fleet")
+            return recalled
         url = (
             f"{self._cloud.resource_manager.rstrip('/')}{self._workspace_path()}"
             f"?api-version={API_VERSION}"
@@ -206,7 +244,8 @@ class WebServiceProvider:
         discovery_url = _field(workspace.body, ("properties", "discoveryUrl"), "arm.workspace")
         discovery = await self._call("GET", discovery_url, "discovery", None)
         base = _field(discovery.body, ("modelmanagement",), "discovery").rstrip("/")
-        log.info("workspace.discovered", service=self.service, mms=base)
+        log.info("workspace.discovered", service=self.service, mms=base, source="azure")
+        await self._facts.remember(self._fact_name("workspace"), {"mms": base})
         return base
 
     async def _describe(self, arm_token: str) -> Description:
@@ -254,7 +293,7 @@ class WebServiceProvider:
         )
 
     async def _arm_bearer(self) -> str:
-        return (await self._credential.get_token(self._cloud.arm_scope)).value
+        return (await self._calls.sign_in(self._credential, self._cloud.arm_scope)).value
 
     @property
     def clock_skew_s(self) -> float | None:
@@ -274,13 +313,26 @@ class WebServiceProvider:
             )
         except UpstreamError as exc:
             if self._description is not None and exc.status == 404:
-                self.auth = None  # the service may have been redeployed: describe again
+                self.auth = None  # the service may have been redeployed: describe again,
+                self._recall = False  # from Azure (the fleet's description may be as stale)
             raise
 
     def _role_hint(self, route: str) -> str:
         if route.startswith("mms.") or route == "arm.workspace":
             return f"service {self.service!r}"
         return ""
+
+
+def _fact_of(description: Description) -> Fact:
+    """A description as the fleet shares it: in Azure's own fields, parsed the same way."""
+    fact: Fact = {
+        "computeType": description.compute_type,
+        "authEnabled": description.auth_enabled,
+        "aadAuthEnabled": description.aad_auth_enabled,
+    }
+    if description.scoring_uri is not None:
+        fact["scoringUri"] = description.scoring_uri
+    return fact
 
 
 def parse_keys(body: Any, which: KeyName, *, route: str) -> AccessToken:

@@ -1,6 +1,7 @@
 """Azure ML v2 managed online endpoints: tokens, keys or Entra tokens, through ARM.
 
-The endpoint is described once to learn its `authMode` and `scoringUri`; then each
+The endpoint is described once to learn its `authMode` and `scoringUri` (shared with the
+fleet in fleet mode, `broker.providers.facts`); then each
 fetch is `POST …/token` (`AMLToken`), `POST …/listKeys` (`Key`), or the principal's own
 Entra token for `https://ml.azure.com/.default` (`AADToken`). Unlike v1, Reader is not
 enough: a 403 names the action the principal lacks.
@@ -16,6 +17,7 @@ from broker.models import AccessToken
 from broker.providers.azure_calls import AzureCalls
 from broker.providers.azureml_v1 import API_VERSION, parse_keys, parse_token
 from broker.providers.base import KeyName
+from broker.providers.facts import FactName, Facts, text
 from broker.providers.long_running import wait_for_regeneration
 from broker.providers.throttle import Throttles
 from broker.providers.upstream import Reply, Upstream
@@ -23,6 +25,7 @@ from broker.providers.upstream import Reply, Upstream
 log = get_logger("broker.providers.azureml_v2")
 
 ML_SCOPE = "https://ml.azure.com/.default"
+_AUTH_MODES = ("AMLToken", "Key", "AADToken")
 _ENDPOINTS = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
 _ACTIONS = {
     "arm.endpoint": f"{_ENDPOINTS}/read",
@@ -45,10 +48,12 @@ class OnlineEndpointProvider:
         credential: Credential,
         upstream: Upstream,
         throttles: Throttles | None = None,
+        facts: Facts | None = None,
     ) -> None:
         self._config = config
         self._cloud = cloud
         self._credential = credential
+        self._facts = facts or Facts()
         self._calls = AzureCalls(
             config.name,
             upstream,
@@ -91,7 +96,7 @@ class OnlineEndpointProvider:
         if self.auth_mode is None:
             await self._describe(arm_token)
         if self.auth_mode == "AADToken":
-            return await self._credential.get_token(ML_SCOPE)
+            return await self._calls.sign_in(self._credential, ML_SCOPE)
         if self.auth_mode == "AMLToken":
             reply = await self._call("POST", self._url("/token"), "arm.endpoint_token", arm_token)
             return parse_token(
@@ -139,20 +144,33 @@ class OnlineEndpointProvider:
         )
 
     async def _describe(self, arm_token: str) -> None:
+        fact = await self._facts.recall(self._fact_name())
+        mode = text(fact, "authMode")
+        if mode in _AUTH_MODES:
+            self.auth_mode, self.scoring_uri = mode, text(fact, "scoringUri")
+            log.info("endpoint.described", service=self.service, auth_mode=mode, source="fleet")
+            return
         reply = await self._call("GET", self._url(), "arm.endpoint", arm_token)
         properties = reply.body.get("properties") if isinstance(reply.body, dict) else None
         mode = properties.get("authMode") if isinstance(properties, dict) else None
-        if mode not in ("AMLToken", "Key", "AADToken"):
+        if mode not in _AUTH_MODES:
             raise MalformedResponseError(
                 f"arm.endpoint: endpoint {self._config.endpoint!r} has no known authMode",
                 route="arm.endpoint",
             )
         uri = properties.get("scoringUri") if isinstance(properties, dict) else None
         self.auth_mode, self.scoring_uri = mode, uri if isinstance(uri, str) else None
-        log.info("endpoint.described", service=self.service, auth_mode=mode)
+        log.info("endpoint.described", service=self.service, auth_mode=mode, source="azure")
+        shared = {"authMode": mode, **({"scoringUri": uri} if isinstance(uri, str) else {})}
+        await self._facts.remember(self._fact_name(), shared)
+
+    def _fact_name(self) -> FactName:
+        c = self._config
+        parts = (self._cloud.resource_manager, c.subscription_id, c.resource_group, c.workspace)
+        return ("endpoint", *(part.lower() for part in (*parts, c.endpoint)))
 
     async def _arm_bearer(self) -> str:
-        return (await self._credential.get_token(self._cloud.arm_scope)).value
+        return (await self._calls.sign_in(self._credential, self._cloud.arm_scope)).value
 
     async def _call(self, method: str, url: str, route: str, bearer: str) -> Reply:
         return await self._calls.call(method, url, route, bearer)

@@ -171,10 +171,13 @@ async def start_broker(
     in one fleet; every one is killed after the test."""
     started: list[Broker] = []
 
-    async def start(key_file: Path = fleet_key, *, table: str | None = None) -> Broker:
+    async def start(
+        key_file: Path = fleet_key, *, table: str | None = None, services: str = ""
+    ) -> Broker:
+        """A broker of `SERVICES` and the `[[service]]` tables in `services`."""
         directory = short_dir / f"b{len(started)}"
         directory.mkdir()
-        text = config_text(emulator, directory, services=SERVICES)
+        text = config_text(emulator, directory, services=SERVICES) + services
         text += fleet_table(redis.unix_url, key_file) if table is None else table
         (directory / "broker.toml").write_text(text)
         proc = await asyncio.create_subprocess_exec(
@@ -249,6 +252,71 @@ async def test_a_fleet_makes_one_token_call_per_lifetime(
     assert 'token_broker_fleet_credentials_total{origin="fleet",service="fraud"}' in metrics
     status, service = await joining.get("/v1/services/fraud")
     assert (service["source"], service["fleet"]) == ("fleet", "up")
+
+
+async def test_a_429_to_one_broker_holds_the_fleet_back(
+    start_broker: StartBroker, emulator: Emulator
+) -> None:
+    """Azure answers one broker's token call 429 with a Retry-After: no broker of the fleet
+    calls that route again until it has passed (the emulator's call times), the others say
+    the fleet held them back, and every broker keeps serving a valid token."""
+    hold_s = 5.0
+    brokers = await start_fleet(start_broker, 3)
+    called: list[float] = []
+    emulator.state.listen(
+        lambda what, route: called.append(time.monotonic()) if route == "mms.token" else None
+    )
+    emulator.state.fail("mms.token", status=429, retry_after=hold_s, times=1)
+    deadline = time.monotonic() + 3 * REFRESH_AFTER_S + hold_s
+    while len(called) < 2:  # the call answered 429, then the next one
+        assert time.monotonic() < deadline, called
+        for broker in brokers:
+            assert (await broker.token())["expires_on"] > time.time()
+        await asyncio.sleep(0.1)
+    assert called[1] - called[0] >= hold_s - 0.2, called
+    throttled = [b for b in brokers if b.named("upstream.throttled")]
+    assert len(throttled) == 1
+    held = [b for b in brokers if b.named("upstream.held_back_by_fleet")]
+    assert held and throttled[0] not in held
+    assert len(await converged(brokers)) == 1
+
+
+ENDPOINTS = "".join(
+    f'\n[[service]]\nname = "{name}"\nkind = "azureml-online-endpoint"\n'
+    f'subscription_id = "{demo.SUBSCRIPTION_ID}"\nresource_group = "{demo.RESOURCE_GROUP}"\n'
+    f'workspace = "{demo.WORKSPACE}"\nendpoint = "{endpoint}"\n'
+    for name, endpoint in {"v2-token": demo.ENDPOINT_TOKEN, "v2-key": demo.ENDPOINT_KEY}.items()
+)
+METADATA_ROUTES = ("arm.workspace", "discovery", "mms.describe", "arm.endpoint")
+
+
+async def test_a_broker_that_must_fetch_takes_discovery_and_describes_from_the_fleet(
+    start_broker: StartBroker, emulator: Emulator, redis: RedisServer
+) -> None:
+    """A broker started after the fleet's only broker died and its credentials were evicted
+    fetches each service itself, but makes no workspace discovery and no describe call:
+    the fleet has them."""
+    first = await start_broker(services=ENDPOINTS)
+    await first.ready()
+    learnt = {route: emulator.state.count(route) for route in METADATA_ROUTES}
+    assert all(learnt.values()), learnt
+    first.proc.kill()
+    await first.proc.wait()
+    for key in redis.command("KEYS", "token-broker:*:credential").split():
+        redis.command("DEL", key)
+    fetched = emulator.state.count("mms.token") + emulator.state.count("arm.endpoint_token")
+    second = await start_broker(services=ENDPOINTS)
+    await second.ready()
+    assert {route: emulator.state.count(route) for route in METADATA_ROUTES} == learnt
+    refetched = emulator.state.count("mms.token") + emulator.state.count("arm.endpoint_token")
+    assert refetched > fetched  # the credentials were fetched again, by someone
+    described = second.named("service.described") + second.named("endpoint.described")
+    assert len(described) == 4 and {e["source"] for e in described} == {"fleet"}, described
+    assert {e["source"] for e in second.named("workspace.discovered")} <= {"fleet"}
+    for name in ("fraud", "churn", "v2-token", "v2-key"):
+        assert (await second.token(name))["access_token"]
+    status, detail = await second.get("/v1/services/v2-token")
+    assert status == 200 and detail["scoring_uri"], detail
 
 
 async def test_redis_stopped_then_started(

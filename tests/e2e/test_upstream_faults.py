@@ -90,6 +90,27 @@ async def test_429_retry_after_is_honoured_and_holds_back_the_subscription(
     assert (await broker.client().get("/v1/token/churn")).status == 200  # still served
 
 
+async def test_entra_429_at_sign_in_holds_back_the_principal(
+    start_broker: StartBroker, emulator: Emulator
+) -> None:
+    """Entra's 429 at sign-in is a throttle like ARM's: each service of the principal fails
+    with its Retry-After, no second sign-in is tried meanwhile, and all recover after it."""
+    emulator.state.fail("entra.token", status=429, retry_after=3, times=1)
+    broker = await start_broker(refresh=FAST_RETRIES)
+    await broker.settled()
+    store = broker.daemon.store
+    for service in ("fraud", "churn"):
+        error = store.entry(service).last_error
+        assert isinstance(error, ThrottledError) and error.status == 429, error
+        assert error.retry_after is not None and 2.0 <= error.retry_after <= 3.0
+        attempt_at = store.entry(service).next_attempt_at
+        assert attempt_at is not None and attempt_at - time.time() >= 1.5
+    assert emulator.state.count("entra.token") == 1
+    await until_fresh(broker, "fraud")
+    await until_fresh(broker, "churn")
+    assert emulator.state.count("entra.token") == 2
+
+
 async def test_error_only_an_operator_can_fix_backs_off_long(
     start_broker: StartBroker, emulator: Emulator
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from broker.config import FleetConfig, Secret, SecretBytes
 from broker.errors import FleetUnavailableError
-from broker.fleet import Fleet
+from broker.fleet import Fleet, HoldBacks
 from broker.models import AccessToken, AuthKind, fingerprint
 from broker.saved_credentials import Saved
 from tests.conftest import RedisServer
@@ -262,24 +262,35 @@ async def test_a_frozen_redis_costs_one_bounded_wait(
 
 
 async def test_an_acl_user_with_a_password(make_fleet: MakeFleet, redis: RedisServer) -> None:
-    """An ACL user limited to the prefix and the commands the broker needs can do its work;
+    """An ACL user limited to the prefix and the commands the broker needs can do its work
+    (the scripts' commands included: Redis checks them too), with the fleet up throughout;
     a wrong password is refused with a message that says where to look."""
     # the README's ACL, less +client|setinfo, which Debian's Redis 7.0 does not know
     assert redis.command(
         "ACL", "SETUSER", "broker", "on", ">broker-PASSWORD-1", "resetkeys",
         "~token-broker:*", "resetchannels", "&token-broker:*", "-@all",
-        "+get", "+set", "+evalsha", "+script|load", "+publish", "+subscribe",
-        "+unsubscribe", "+ping", "+client|setname",
+        "+get", "+set", "+del", "+pexpire", "+pttl", "+evalsha", "+script|load",
+        "+publish", "+subscribe", "+unsubscribe", "+ping", "+client|setname",
     ).strip() == b"OK"  # fmt: skip
     try:
-        fleet = make_fleet(username="broker", password=Secret("broker-PASSWORD-1"))
+        user = {"username": "broker", "password": Secret("broker-PASSWORD-1")}
+        fleet = make_fleet(lease_s=0.6, command_timeout_s=0.2, **user)
         fleet.watch(["fraud"])
         lease = await fleet.lease("fraud")
         assert lease is not None
+        await asyncio.sleep(0.5)  # renewed (compare-and-extend) at least once
+        assert lease.held
         assert await fleet.write("fraud", saved(), 600)
-        await lease.release()
+        await lease.release()  # compare-and-delete: the lease is free at once
+        retaken = await make_fleet(**user).lease("fraud")
+        assert retaken is not None
+        await retaken.release()
         assert await fleet.read("fraud") is not None
+        holds = HoldBacks(fleet)
+        await holds.hold(("client", "subscription"), 30.0)
+        assert await holds.held_for(("client", "subscription")) is not None
         await _subscribed(fleet)
+        assert fleet.health == "up"
         wrong = make_fleet(username="broker", password=Secret("wrong-PASSWORD-2"))
         with pytest.raises(FleetUnavailableError) as caught:
             await wrong.read("fraud")

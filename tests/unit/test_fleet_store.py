@@ -268,3 +268,38 @@ async def test_a_lease_taken_just_after_another_shared_adopts_instead(
     assert isinstance(got, Saved) and got.token.value == "tok-2"
     assert await one.fleet.lease("svc") is not None  # the lease was given back
     assert late.provider.calls == 0
+
+
+async def _until_serving(broker: Broker, value: str) -> None:
+    """Wait until the broker serves `value` (a notice's adoption runs on its own)."""
+    for _ in range(200):
+        token = broker.store.entry("svc").token
+        if token is not None and token.value == value:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the broker never served {value}")
+
+
+async def test_a_client_refresh_window_is_the_fleets(
+    make_broker: MakeBroker, clock: FakeClock, logs: io.StringIO
+) -> None:
+    """A client's refresh on one broker refreshes for the fleet: within the window another
+    broker's client refresh adopts or keeps that credential with no Azure call; past the
+    window it refreshes."""
+    fetcher, adopter, keeper = make_broker(), make_broker(notices=False), make_broker()
+    fetcher.provider.outcomes.append(token(clock, "tok-1"))
+    for broker in (fetcher, adopter, keeper):
+        await broker.store.credential("svc")
+    clock.now += 11  # past every broker's own window (10 s)
+    fetcher.provider.outcomes.append(token(clock, "tok-2"))
+    assert (await fetcher.store.refresh_now("svc")).token.value == "tok-2"  # type: ignore[union-attr]
+    await _until_serving(keeper, "tok-2")  # by the notice
+    clock.now += 2
+    assert (await adopter.store.refresh_now("svc")).token.value == "tok-2"  # type: ignore[union-attr]
+    assert (await keeper.store.refresh_now("svc")).token.value == "tok-2"  # type: ignore[union-attr]
+    assert (fetcher.provider.calls, adopter.provider.calls, keeper.provider.calls) == (2, 0, 0)
+    assert events(logs, "token.refresh_within_window")
+    clock.now += 10  # past the fleet's window
+    keeper.provider.outcomes.append(token(clock, "tok-3"))
+    assert (await keeper.store.refresh_now("svc")).token.value == "tok-3"  # type: ignore[union-attr]
+    assert keeper.provider.calls == 1
