@@ -26,7 +26,7 @@ from broker.saved_credentials import Saved
 if TYPE_CHECKING:
     # redis-py (and the cryptography it imports) costs about 5 MiB of RSS: loaded only
     # when a Fleet is built, so a broker without [fleet] never pays for it.
-    from broker.fleet.connection import Notice
+    from broker.fleet.connection import Connection, Notice
 
 log = get_logger("broker.fleet")
 
