@@ -78,13 +78,29 @@ fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -m fuzz -p no:cacheprovider --hypothesis-show-statistics
 
 # Throughput, latency, memory and start-up against the emulator, and fleet mode with a
-# redis-server (about 20 minutes; BENCH_ONLY=fleet runs one section alone, keeping the
-# others' figures); writes bench/results/latest.json, docs/benchmarks.md and
-# docs/benchmarks-rps.png.
-bench: $(STAMP)
+# redis-server (about 20 minutes), with wrk, h2load and nginx from Debian's packages
+# (installed as root when one is missing, services left stopped); writes
+# bench/results/latest.json, docs/benchmarks.md and docs/benchmarks-rps.png.
+# SECTIONS=throughput,proxy,storm,scale,hammer,idle,fleet runs some of them (the others are
+# kept from the last file, each with its date).
+bench: $(STAMP) bench-tools
 	@$(BIN)/python -m pip install -qq -e '.[dev,emulator,bench]'
-	$(BIN)/python bench/run.py
+	SECTIONS=$(SECTIONS) $(BIN)/python bench/run.py
 	$(BIN)/python bench/report.py
+
+.PHONY: bench-tools
+bench-tools:
+	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null \
+	    || { ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; }; then \
+	  set -e; policy=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$policy ]; then \
+	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
+	  fi; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    wrk nghttp2-client nginx; \
+	  if [ -d /run/systemd/system ]; then systemctl disable -q nginx; fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build/wheelhouse build/dockerd.log

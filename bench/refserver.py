@@ -3,7 +3,9 @@
 It serialises a dict per request with `web.json_response`, as performance.md's reference
 does, and listens on loopback TCP and a Unix socket like the broker.
 
-    python bench/refserver.py BODY.json PORT SOCKET_PATH
+    python bench/refserver.py BODY.json PORT SOCKET_PATH [uvloop|asyncio]
+
+The last argument is the event loop, the broker's own in the same run (default asyncio).
 """
 
 from __future__ import annotations
@@ -31,4 +33,11 @@ async def serve(body: dict[str, object], port: int, sock: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]), sys.argv[3]))
+    main = serve(json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]), sys.argv[3])
+    if sys.argv[4:5] == ["uvloop"]:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+    else:
+        asyncio.run(main)

@@ -99,7 +99,11 @@ def new_fleet(
     fleet = config.fleet
     if not fleet.enabled or fleet.encryption_key is None:
         return None
-    return Fleet(fleet, identity, observer=observer)
+    # Entries sealed with a key being rolled are opened too; new ones are sealed with the
+    # current key only.
+    current = fleet.encryption_key.reveal()
+    older = dict.fromkeys(k.reveal() for k in fleet.previous_keys if k.reveal() != current)
+    return Fleet(fleet, identity, observer=observer, older_keys=older)
 
 
 class Sources:

@@ -4,7 +4,9 @@ Off by default; while `enabled` is false the other keys wait unchecked, as the c
 The Redis password is a secret like the client secret (a file, an environment variable or
 a systemd credential; inline only in a private file) and never part of `redis_url`; the
 encryption key is a key like the cache's (a file or a systemd credential, 32 bytes or
-more, readable by its owner alone), the same on every broker of the fleet.
+more, readable by its owner alone), the same on every broker of the fleet. Keys being
+rolled (`previous_encryption_key_files` / `_credentials`) are read under the same rules:
+entries sealed with them are opened, and nothing is sealed with them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
 from broker.config.identity import SecretKeys, read_secret, refuse_exposed_inline
-from broker.config.key_files import KeyKeys, read_key
+from broker.config.key_files import KeyKeys, read_key, read_key_arrays
 from broker.config.model import FleetConfig, Secret
 from broker.config.reader import Sources, Table, quote
 
@@ -37,6 +39,15 @@ _ENCRYPTION_KEY = KeyKeys(
     "chmod 600 /etc/token-broker/fleet.key, give every broker of the fleet the same file, "
     'then set encryption_key_file = "/etc/token-broker/fleet.key"',
 )
+_PREVIOUS_KEYS = KeyKeys(
+    "previous_encryption_key_files",
+    "previous_encryption_key_credentials",
+    missing="",  # the arrays are optional
+    what="a fleet encryption key",
+    exposes="decrypt the credentials the fleet shares in Redis",
+    make="a previous key is the fleet's key being rolled, as its own file of 32 bytes or "
+    "more: point at that file, or remove the element",
+)
 _HINTS = {
     "encryption_key": "the broker never reads the fleet's encryption key from its "
     "configuration file: put it in a file (encryption_key_file) or a systemd credential "
@@ -54,6 +65,7 @@ def fleet(root: Table, sources: Sources) -> FleetConfig:
         *PASSWORD_KEYS,
         "key_prefix",
         *_ENCRYPTION_KEY.keys,
+        *_PREVIOUS_KEYS.keys,
         "lease_s",
         "connect_timeout_s",
         "command_timeout_s",
@@ -64,6 +76,7 @@ def fleet(root: Table, sources: Sources) -> FleetConfig:
     url = _redis_url(table)
     password, password_source = _password(table, sources)
     key, key_source = read_key(table, sources, _ENCRYPTION_KEY)
+    previous, previous_sources = read_key_arrays(table, sources, _PREVIOUS_KEYS)
     lease, command = _timeouts(table)
     defaults = FleetConfig()
     return FleetConfig(
@@ -79,6 +92,8 @@ def fleet(root: Table, sources: Sources) -> FleetConfig:
         lease,
         table.positive("connect_timeout_s", defaults.connect_timeout_s),
         command,
+        previous,
+        previous_sources,
     )
 
 

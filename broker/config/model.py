@@ -101,6 +101,9 @@ class ListenConfig:
     tcp_share: float = 0.5
     uid_share: float = 0.25
     watch_heartbeat_s: float = 15.0  # a comment line on a quiet stream, for idle-cutting proxies
+    # Token, health and readiness requests answered by the broker's own httptools parser
+    # from bytes rendered once per credential; off, aiohttp answers every request.
+    front_door: bool = True
 
     def cap(self, share: float, of: int) -> int:
         """`share` of `of` places, rounded down but never below one."""
@@ -200,6 +203,8 @@ class FleetConfig:
     lease_s: float = 30.0  # a refresh lease not renewed lapses after this (its holder died)
     connect_timeout_s: float = 2.0
     command_timeout_s: float = 1.0
+    previous_keys: tuple[SecretBytes, ...] = ()  # keys being rolled: read with, never written
+    previous_key_sources: tuple[str, ...] = ()  # where each came from, for check-config
 
     def __post_init__(self) -> None:
         if not 0 < self.command_timeout_s < self.lease_s:

@@ -422,9 +422,11 @@ class Table:
             return default
         return base / value
 
-    def readable(self, key: str, path: Path) -> bytes | None:
-        """The content of the file `key` names; None, with a problem, when it is unreadable."""
-        self.problems.files_read.setdefault(path, (*self.path, key))
+    def readable(self, key: str | KeyPath, path: Path) -> bytes | None:
+        """The content of the file `key` (or an element of it) names; None, with a problem,
+        when it is unreadable."""
+        below = (key,) if isinstance(key, str) else key
+        self.problems.files_read.setdefault(path, (*self.path, *below))
         try:
             return read_file(path)
         except Unreadable as exc:

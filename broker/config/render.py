@@ -117,6 +117,8 @@ def _fleet_values(fleet: FleetConfig) -> dict[str, _Value]:
         values["password"] = fleet.password_source  # where it is, never the password
     values["key_prefix"] = fleet.key_prefix
     values["encryption_key"] = fleet.key_source
+    if fleet.previous_key_sources:
+        values["previous_encryption_keys"] = fleet.previous_key_sources  # where, never what
     for key in ("lease_s", "connect_timeout_s", "command_timeout_s"):
         values[key] = getattr(fleet, key)
     return values

@@ -76,6 +76,7 @@ LISTEN_LIMITS = (
     "watch_heartbeat_s",
     "tcp_share",
     "uid_share",
+    "front_door",
 )
 CUSTOM_HOSTS = ("authority_host", "resource_manager", "region_api")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -214,6 +215,7 @@ def _listen(table: Table, sources: Sources) -> ListenConfig:
         _share(table, "tcp_share", defaults.tcp_share, "the TCP listener's clients together"),
         _share(table, "uid_share", defaults.uid_share, "one user on the Unix socket"),
         watch_heartbeat_s=_seconds(table, "watch_heartbeat_s", defaults.watch_heartbeat_s),
+        front_door=table.flag("front_door", defaults.front_door),
     )
 
 

@@ -14,15 +14,19 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from broker.config import FleetConfig
 from broker.errors import FleetUnavailableError
-from broker.fleet.connection import Connection, Notice
 from broker.fleet.naming import ServiceKeys
 from broker.fleet.sealing import Sealer, UnreadableEntry
 from broker.log import get_logger, register_secret
 from broker.saved_credentials import Saved
+
+if TYPE_CHECKING:
+    # redis-py (and the cryptography it imports) costs about 5 MiB of RSS: loaded only
+    # when a Fleet is built, so a broker without [fleet] never pays for it.
+    from broker.fleet.connection import Connection, Notice
 
 log = get_logger("broker.fleet")
 
@@ -73,6 +77,8 @@ class Fleet:
         self.poll_s = max(0.05, min(1.0, config.lease_s / 10))
         self._identity = identity
         self._observer = observer or _Unobserved()
+        from broker.fleet.connection import Connection
+
         self._connection = Connection(config, self._observer.fleet_command)
         self._sealer = Sealer(config.encryption_key.reveal(), *older_keys)
         self._prefix = config.key_prefix

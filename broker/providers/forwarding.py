@@ -84,18 +84,27 @@ class Answer:
 
 
 class Forwarder:
-    """The pooled session to scoring hosts, opened on start-up and closed on clean-up."""
+    """The pooled session to scoring hosts, opened on start-up and closed on clean-up.
+
+    The session and its TLS context (the system's CA store, about 1-2 MiB of resident
+    memory) are made by the first forwarded call, so that a broker whose proxy is never
+    called does not hold them."""
 
     def __init__(self, config: ProxyConfig, cloud: CloudProfile) -> None:
         self.config = config
-        self._tls = ssl_context(cloud)
+        self._cloud = cloud
+        self._opened = False
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
+        self._opened = True
+
+    def _pool(self) -> aiohttp.ClientSession:
+        assert self._opened, "the forwarder is opened at start-up"
         if self._session is not None:
-            return
+            return self._session
         config = self.config
-        connector = aiohttp.TCPConnector(ssl=self._tls, limit=config.max_connections)
+        connector = aiohttp.TCPConnector(ssl=ssl_context(self._cloud), limit=config.max_connections)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
@@ -108,22 +117,24 @@ class Forwarder:
             max_field_size=config.max_header_bytes,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
+        return self._session
 
     async def close(self) -> None:
+        self._opened = False
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def send(self, outgoing: Outgoing, credential: AccessToken) -> Answer:
         """Send `outgoing` with `credential`; the answer once its headers have come."""
-        assert self._session is not None, "the forwarder's session is opened at start-up"
+        session = self._pool()
         headers = outgoing.headers.copy()
         headers[hdrs.AUTHORIZATION] = f"{credential.token_type} {credential.value}"
         length = outgoing.body.streamed_length
         if length is not None:
             headers[hdrs.CONTENT_LENGTH] = str(length)
         try:
-            response = await self._session.request(
+            response = await session.request(
                 outgoing.method,
                 outgoing.url,
                 headers=headers,

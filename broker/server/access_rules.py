@@ -13,33 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import socket
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-from aiohttp import web
 
 from broker.config import Config
 from broker.errors import ForbiddenError
 from broker.log import get_logger
-from broker.server.guards import is_unix
+from broker.server.guards import RequestView, header
+from broker.server.peers import Peer
 
 log = get_logger("broker.access")
 
 API_KEY_HEADER = "X-Token-Broker-Key"
-_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux ≥ 4.13
-_MAX_GROUPS = 256
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """The process at the other end of a Unix socket connection, as the kernel saw it."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]
+_API_KEY_NAME = API_KEY_HEADER.lower().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,22 +87,22 @@ class AccessRules:
             name for name, p in self._policies.items() if not (p.restricts_peers or p.keys)
         )
 
-    def authorize(self, request: web.Request, service: str) -> None:
+    def authorize(self, request: RequestView, service: str) -> None:
         """Return when the caller may fetch `service`; raise `ForbiddenError` otherwise."""
         if service in self._open:
             return
         policy = self._policies.get(service)
         if policy is None or not (policy.restricts_peers or policy.keys):
             return
-        if is_unix(request):
+        if request.unix:
             self._authorize_peer(request, service, policy)
         else:
             self._authorize_key(request, service, policy)
 
-    def _authorize_peer(self, request: web.Request, service: str, policy: ServiceAccess) -> None:
+    def _authorize_peer(self, request: RequestView, service: str, policy: ServiceAccess) -> None:
         if not policy.restricts_peers:
             return  # API keys guard TCP; on the socket, its file mode does
-        peer = peer_of(request)
+        peer = request.peer
         if _peer_allowed(policy, peer):
             return
         caller: dict[str, object] = (
@@ -124,7 +110,7 @@ class AccessRules:
         )
         _deny(request, service, "unix", caller)
 
-    def _authorize_key(self, request: web.Request, service: str, policy: ServiceAccess) -> None:
+    def _authorize_key(self, request: RequestView, service: str, policy: ServiceAccess) -> None:
         digest = presented_digest(request)
         if digest is not None and policy.keys:
             if _matching(policy, digest):
@@ -134,13 +120,12 @@ class AccessRules:
         _deny(request, service, "tcp", {"key": reason}, socket_only=not policy.keys)
 
 
-def presented_digest(request: web.Request) -> bytes | None:
+def presented_digest(request: RequestView) -> bytes | None:
     """The SHA-256 of the API key the request presents, if any: all the broker keeps of it."""
-    presented = request.headers.get(API_KEY_HEADER)
+    presented = header(request.raw_headers, _API_KEY_NAME)
     if presented is None:
         return None
-    # aiohttp keeps undecodable bytes as surrogates: hashed as sent, never an error.
-    return hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+    return hashlib.sha256(presented).digest()  # the bytes as sent, whatever they are
 
 
 def _matching(policy: ServiceAccess, digest: bytes) -> list[str]:
@@ -154,34 +139,8 @@ def _peer_allowed(policy: ServiceAccess, peer: Peer | None) -> bool:
     )
 
 
-def peer_of(request: web.Request) -> Peer | None:
-    """The connecting process's identity, from the kernel; None off a Unix socket."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    return peer_of_socket(sock)
-
-
-def peer_of_socket(sock: socket.socket | None) -> Peer | None:
-    """The identity of the process at the other end of `sock`; None for other sockets."""
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
-    except OSError:
-        return None
-    return Peer(pid, uid, gid, _groups(sock))
-
-
-def _groups(sock: socket.socket) -> frozenset[int]:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_GROUPS)
-    except OSError:
-        return frozenset()
-    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
-
-
 def _deny(
-    request: web.Request,
+    request: RequestView,
     service: str,
     listener: str,
     caller: dict[str, object],

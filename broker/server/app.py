@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -27,6 +26,8 @@ from broker.server.managed_identity_routes import (
     imds,
 )
 from broker.server.proxy_routes import Proxy, install
+from broker.server.refusals import error_json, retry_after
+from broker.server.request_view import AppRequest
 from broker.server.streams import Streams
 
 log = get_logger("broker.server")
@@ -36,8 +37,9 @@ Count = Callable[[web.Request, int], None]
 
 
 def error_body(status: int, code: str, message: str) -> web.Response:
-    body = json.dumps({"error": code, "message": message}).encode()
-    return web.Response(status=status, body=body, content_type="application/json")
+    return web.Response(
+        status=status, body=error_json(code, message), content_type="application/json"
+    )
 
 
 def guard_answer_and_count(count: Count | None = None) -> Middleware:
@@ -54,12 +56,12 @@ def guard_answer_and_count(count: Count | None = None) -> Middleware:
             connection.busy += 1
         try:
             try:
-                guards.check(request)
+                guards.check(AppRequest(request))
                 response = await handler(request)
             except LocalRequestError as exc:
                 response = error_body(exc.status, exc.code, exc.message)
                 if exc.retry_after is not None:
-                    response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+                    response.headers["Retry-After"] = retry_after(exc.retry_after)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     if count is not None:

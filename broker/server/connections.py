@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from broker.config import ListenConfig
+from broker.server.peers import Peer
 
 ListenerName = Literal["unix", "tcp"]
 LISTENER_NAMES: tuple[ListenerName, ...] = ("unix", "tcp")
@@ -57,6 +58,8 @@ class Connection:
     awaiting_body: bool = False  # a request's headers came and its body has not
     streaming: bool = False
     on_lost: Callable[[], None] | None = None  # a stream's: told at once when the client leaves
+    peer: Peer | None = None  # the socket peer's credentials, read from the kernel at admission
+    front_door: bool = False  # answered by the front door, not (yet) handed to aiohttp
 
     @property
     def quiet(self) -> bool:

@@ -15,19 +15,20 @@
                    broker decodes no body, and the proxy forwards them as they came
 
 `/healthz`, `/readyz` and `/metrics` need no Metadata header; the other guards hold on
-every route. Who may fetch which service is `access.py`'s business.
+every route. The front door (front_door.py) and aiohttp's middleware (app.py) both call
+`check` on a `RequestView` of the same bytes, so they refuse the same requests with the
+same errors. Who may fetch which service is `access_rules.py`'s business.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import socket
-
-from aiohttp import web
-from multidict import CIMultiDictProxy
+from collections.abc import Sequence
+from typing import Protocol
 
 from broker.errors import BadRequestError, ForbiddenError
+from broker.server.peers import Peer
 
 METADATA_HEADER = "Metadata"
 PROXY_PREFIX = "/v1/proxy/"
@@ -49,27 +50,55 @@ SINGLE_HEADERS = (METADATA_HEADER, "X-Token-Broker-Key", "X-IDENTITY-HEADER")
 _METADATA_PATHS = ("/v1/", "/metadata/")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
 
-
-def is_unix(request: web.Request) -> bool:
-    """Whether the request came over the Unix socket.
-
-    A Unix socket's address is its path (`str`, or `bytes` in the abstract namespace), a
-    TCP socket's a tuple: asking the transport for it is a dictionary lookup, where the
-    socket's `family` builds an enum on every request."""
-    transport = request.transport
-    if transport is None:
-        return False
-    address = transport.get_extra_info("sockname")
-    if address is None:  # getsockname() failed when the connection was made
-        sock = transport.get_extra_info("socket")
-        return sock is not None and sock.family == socket.AF_UNIX
-    return isinstance(address, str | bytes)
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
-def check(request: web.Request) -> None:
+class RequestView(Protocol):
+    """A request as the guards and the access rules read it, whichever parser read it:
+    the front door's own record of it, or aiohttp's request behind an adapter
+    (`request_view.py`). Both give the same bytes, so both get the same decisions."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def raw_path(self) -> str:
+        """The request target as sent (UTF-8, undecodable bytes as surrogates)."""
+
+    @property
+    def path(self) -> str:
+        """The target's path, percent-decoded."""
+
+    @property
+    def raw_headers(self) -> RawHeaders:
+        """Every header in order, as sent, each value without the whitespace after it."""
+
+    @property
+    def body_exists(self) -> bool: ...
+
+    @property
+    def unix(self) -> bool:
+        """Whether the request came over the Unix socket."""
+
+    @property
+    def peer(self) -> Peer | None:
+        """The peer's credentials on the Unix socket, read once per connection."""
+
+
+def header(headers: RawHeaders, lower_name: bytes) -> bytes | None:
+    """The first value of a header, as sent; None when it is absent."""
+    for name, value in headers:
+        if name.lower() == lower_name:
+            return value
+    return None
+
+
+def check(request: RequestView) -> None:
     """Raise the refusal for a request that fails a guard."""
     suspect = encoded = False
     seen = 0
+    host: bytes | None = None
+    metadata = b""
     for name, value in request.raw_headers:
         lower = name.lower()
         kind = _WATCHED.get(lower)
@@ -80,16 +109,20 @@ def check(request: web.Request) -> None:
             suspect = True
         elif kind == _ENCODING:
             encoded = encoded or value.strip().lower() != b"identity"
+        elif kind == _HOST_HEADER:
+            if host is None:  # a second Host never gets this far: both parsers refuse it
+                host = value
         elif seen & kind:
             raise _duplicate(name)
         else:
             seen |= kind
+            if kind == _METADATA:
+                metadata = value
     if suspect:
         _check_all(request)  # the rare request that may be refused for its headers
     elif not request.raw_path.startswith("/"):
         raise _absolute_form()
-    else:
-        _check_host_and_metadata(request, request.headers)
+    _check_host_and_metadata(request, host or b"", metadata)
     if encoded and request.body_exists and not request.path.startswith(PROXY_PREFIX):
         raise BadRequestError(
             "the broker's own routes take no encoded body: send it without Content-Encoding "
@@ -105,8 +138,9 @@ def _forwarded(lower: bytes) -> bool:
 
 
 # What a lowercased header name means to `check`: a header that can get a request refused
-# by its mere presence, one that may come once (a bit each), or Content-Encoding.
-_SUSPECT, _ENCODING = 0, 1 << 8
+# by its mere presence, one that may come once (a bit each), Content-Encoding, or Host.
+_SUSPECT, _ENCODING, _HOST_HEADER = 0, 1 << 8, 1 << 9
+_METADATA = 1 << SINGLE_HEADERS.index(METADATA_HEADER)
 _FORWARDED = frozenset(name.lower().encode() for name in FORWARDING_HEADERS)
 _WATCHED: dict[bytes, int] = {
     **{name: _SUSPECT for name in _FORWARDED},
@@ -114,6 +148,7 @@ _WATCHED: dict[bytes, int] = {
     b"access-control-request-method": _SUSPECT,
     **{name.lower().encode(): 1 << i for i, name in enumerate(SINGLE_HEADERS)},
     b"content-encoding": _ENCODING,
+    b"host": _HOST_HEADER,
 }
 
 
@@ -131,9 +166,9 @@ def _absolute_form() -> BadRequestError:
     )
 
 
-def _check_all(request: web.Request) -> None:
-    headers = request.headers
-    for name, _ in request.raw_headers:
+def _check_all(request: RequestView) -> None:
+    headers = request.raw_headers
+    for name, _ in headers:
         if _forwarded(name.lower()):
             raise BadRequestError(
                 f"forwarded requests are refused ({name.decode('latin-1')[:60]} header "
@@ -143,26 +178,28 @@ def _check_all(request: web.Request) -> None:
             )
     if not request.raw_path.startswith("/"):
         raise _absolute_form()
-    if "Origin" in headers or (
-        request.method == "OPTIONS" and "Access-Control-Request-Method" in headers
+    names = {name.lower() for name, _ in headers}
+    if b"origin" in names or (
+        request.method == "OPTIONS" and b"access-control-request-method" in names
     ):
         raise ForbiddenError(
             "requests from web browsers are refused (Origin header or CORS preflight present)",
             code="browser_request",
         )
-    _check_host_and_metadata(request, headers)
 
 
-def _check_host_and_metadata(request: web.Request, headers: CIMultiDictProxy[str]) -> None:
-    if not is_unix(request) and not loopback_host(headers.get("Host", "")):
-        raise ForbiddenError(
-            f"Host {headers.get('Host', '')[:100]!r} is not a loopback name; the broker answers "
-            "only to localhost, 127.0.0.1 or [::1]",
-            code="host_not_allowed",
-        )
+def _check_host_and_metadata(request: RequestView, host: bytes, metadata: bytes) -> None:
+    if not request.unix:
+        name = host.decode("utf-8", "surrogateescape")
+        if not loopback_host(name):
+            raise ForbiddenError(
+                f"Host {name[:100]!r} is not a loopback name; the broker answers "
+                "only to localhost, 127.0.0.1 or [::1]",
+                code="host_not_allowed",
+            )
     if (
         request.path.startswith(_METADATA_PATHS)
-        and headers.get(METADATA_HEADER, "").lower() != "true"
+        and metadata.decode("utf-8", "surrogateescape").lower() != "true"
     ):
         raise BadRequestError(
             f"send the header '{METADATA_HEADER}: true' with every request to /v1/ routes",

@@ -1,4 +1,5 @@
-"""The Unix socket and the loopback TCP listener, bound by us, served by aiohttp.
+"""The Unix socket and the loopback TCP listener, bound by us, served by the front door
+(front_door.py) and, behind it, by aiohttp.
 
 We bind the Unix socket ourselves: aiohttp's UnixSite would create it with the
 umask's mode and asyncio would silently replace a live broker's socket file. Here
@@ -12,21 +13,19 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
-import json
 import os
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import cast
 
-import httptools
 from aiohttp import web
 
 from broker.config import ListenConfig
 from broker.errors import BrokerError
 from broker.log import get_logger
-from broker.server.access_rules import peer_of_socket
-from broker.server.connections import Connection, Connections, ListenerName
+from broker.server.connections import Connections, ListenerName
+from broker.server.front_answers import Answers
+from broker.server.front_door import DoorLimits, FrontDoor
 from broker.server.keys import CONNECTIONS
 from broker.server.routes import STREAMS
 
@@ -42,6 +41,7 @@ _LIVE = (
     "watch_heartbeat_s",
     "tcp_share",
     "uid_share",
+    "front_door",  # for connections opened from then on
 )
 
 
@@ -132,196 +132,9 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _json_refusal(status: str, code: str, message: str) -> bytes:
-    body = json.dumps({"error": code, "message": message}).encode()
-    return (
-        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
-_FULL = {
-    "max_connections": "the broker has too many open connections ([listen] max_connections)",
-    "listener_share": "this listener's clients hold their share of the broker's connections "
-    "([listen] tcp_share)",
-    "uid_share": "this user holds its share of the broker's connections ([listen] uid_share)",
-}
-_TOO_MANY = {
-    reason: _json_refusal("503 Service Unavailable", "too_many_connections", message).replace(
-        b"Connection: close\r\n", b"Connection: close\r\nRetry-After: 1\r\n"
-    )
-    for reason, message in _FULL.items()
-}
-_BAD_METHOD = _json_refusal(
-    "405 Method Not Allowed", "method_not_allowed", "CONNECT is not served here"
-)
-_NO_VERSION = _json_refusal(
-    "400 Bad Request",
-    "bad_request_line",
-    "a request line ends with its HTTP version (GET /path HTTP/1.1); HTTP/0.9 is not served",
-)
-
-
-class _RequestLines:
-    """Follows a connection's requests with llhttp (httptools), as aiohttp's own parser
-    reads them, to find a request line to refuse: CONNECT as a method, or no HTTP version.
-
-    Only request lines count: a body's bytes are a body whatever they hold. When llhttp
-    finds the bytes malformed it stops following, and the bytes go to aiohttp, whose
-    parser (llhttp too, as strict) refuses the same bytes and closes the connection.
-    """
-
-    __slots__ = ("_parser", "_refusal", "awaiting_body")
-
-    def __init__(self) -> None:
-        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self._refusal: bytes | None = None
-        # Between a request's headers and the end of its message: its body is still to come.
-        self.awaiting_body = False
-
-    def on_headers_complete(self) -> None:
-        self.awaiting_body = True
-
-    def on_message_complete(self) -> None:
-        self.awaiting_body = False
-        assert self._parser is not None
-        if self._parser.get_http_version() == "0.9":
-            self._refusal = _NO_VERSION
-
-    def refusal(self, data: bytes) -> bytes | None:
-        """Read the connection's next bytes: the answer that refuses them, or None."""
-        parser = self._parser
-        if parser is None:
-            return None
-        while data:
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserUpgrade as upgrade:
-                # aiohttp declines every upgrade and reads what follows as requests again.
-                offset = upgrade.args[0] if upgrade.args else 0
-                if parser.get_method() != b"CONNECT" and 0 < offset < len(data):
-                    data = data[offset:]
-                    continue
-            except httptools.HttpParserError:
-                self._parser = None
-                self.awaiting_body = False  # aiohttp refuses the same bytes and closes
-            break
-        # The method of the request being read (an earlier one's until a method is read,
-        # and never CONNECT then: a CONNECT ends the connection).
-        if parser.get_method() == b"CONNECT":
-            return _BAD_METHOD
-        return self._refusal
-
-
-class _Guarded(asyncio.Protocol):
-    """One connection, admitted or refused before aiohttp sees it; its request lines
-    checked before aiohttp parses them; a body that stalls cut.
-
-    Admission (connections.py): a connection beyond its uid's share, its listener's share
-    or `max_connections` takes the place of the quietest one there, or is answered 503.
-
-    aiohttp's server fails on a CONNECT request line with no target: the connection's
-    task dies without answering or closing, and the connection holds one of the
-    `max_connections` places until the client leaves — a way for any local process to
-    shut everyone else out. The broker serves no CONNECT, so it is refused up front; and
-    a request line with no version would be served as HTTP/0.9, which no client needs.
-
-    aiohttp's keep-alive timer closes a connection that trickles its headers, but once the
-    headers are in, a handler waits for the body as long as the client likes. Here a body
-    whose bytes stop for `idle_timeout_s` while the broker is reading is cut: the handler
-    sees the connection reset, the place is free.
-    """
-
-    def __init__(
-        self,
-        make_inner: Callable[[], asyncio.Protocol],
-        connections: Connections,
-        listener: ListenerName,
-    ) -> None:
-        self._make_inner = make_inner
-        self._inner: asyncio.Protocol | None = None
-        self._connections = connections
-        self._listener: ListenerName = listener
-        self._lines = _RequestLines()
-        self._transport: asyncio.Transport | None = None
-        self._connection: Connection | None = None
-        self._loop = asyncio.get_running_loop()
-        self._stall: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        uid = None
-        if self._listener == "unix":
-            peer = peer_of_socket(transport.get_extra_info("socket"))
-            uid = None if peer is None else peer.uid
-        admitted = self._connections.admit(self._listener, transport, uid, self._loop.time())
-        if isinstance(admitted, str):
-            self._transport.write(_TOO_MANY[admitted])
-            self._transport.close()
-            return
-        self._connection = admitted
-        self._inner = inner = self._make_inner()
-        inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        # No method swapped in at admission: uvloop binds data_received before connection_made.
-        connection, inner = self._connection, self._inner
-        if connection is None or inner is None or self._transport is None:
-            return  # a refused connection's bytes: nothing reads them
-        connection.last_active = self._loop.time()
-        lines = self._lines
-        refusal = lines.refusal(data)
-        if refusal is not None:
-            self._transport.write(refusal)
-            self._transport.close()
-            return
-        inner.data_received(data)
-        connection.awaiting_body = lines.awaiting_body
-        if lines.awaiting_body and self._stall is None:
-            self._watch_body(connection.last_active)
-
-    def _watch_body(self, since: float) -> None:
-        deadline = since + self._connections.config.idle_timeout_s
-        self._stall = self._loop.call_at(deadline, self._body_check)
-
-    def _body_check(self) -> None:
-        self._stall = None
-        connection, transport = self._connection, self._transport
-        if connection is None or transport is None or not connection.awaiting_body:
-            return
-        now = self._loop.time()
-        if not transport.is_reading():
-            # aiohttp paused reading (its buffer is full): the wait is ours, not the client's.
-            connection.last_active = now
-        if now < connection.last_active + self._connections.config.idle_timeout_s:
-            self._watch_body(connection.last_active)
-            return
-        log.debug("listeners.body_stalled", listener=self._listener)
-        self._connections.cut(connection, "stalled_body")
-
-    def eof_received(self) -> bool | None:
-        return None if self._inner is None else self._inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-        if self._transport is not None:
-            self._connections.lost(self._transport)
-        if self._inner is not None:
-            self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
-
-
 class _CappedSite(web.SockSite):
-    """A site whose connections are admitted, checked and cut by `_Guarded`."""
+    """A site whose connections are admitted, answered or handed to aiohttp, and cut by
+    the front door."""
 
     def __init__(
         self,
@@ -329,24 +142,41 @@ class _CappedSite(web.SockSite):
         sock: socket.socket,
         connections: Connections,
         listener: ListenerName,
+        answers: Callable[[], Answers | None],
+        limits: DoorLimits,
     ) -> None:
         super().__init__(runner, sock, backlog=_BACKLOG)
         self._connections = connections
         self._listener: ListenerName = listener
+        self._answers = answers
+        self._limits = limits
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        connections, listener = self._connections, self._listener
+        connections, listener, answers, limits = (
+            self._connections,
+            self._listener,
+            self._answers,
+            self._limits,
+        )
 
         def protocol() -> asyncio.Protocol:
-            return _Guarded(server, connections, listener)
+            return FrontDoor(server, connections, listener, answers(), limits)
 
         factory: Callable[[], asyncio.Protocol] = protocol
         self._server = await asyncio.get_running_loop().create_server(
             factory, sock=self._sock, backlog=_BACKLOG
         )
+
+    async def stop(self) -> None:
+        """Stop accepting, and close the connections the front door holds: it answers as
+        bytes come, so none is in the middle of an answer (aiohttp's get its grace)."""
+        await super().stop()
+        for connection in self._connections:
+            if connection.listener == self._listener and connection.front_door:
+                connection.transport.close()
 
 
 class Listeners:
@@ -374,6 +204,8 @@ class Listeners:
             auto_decompress=False,
         )
         self._config = config
+        self._door = Answers(app)
+        self._limits = DoorLimits.of(config)  # aiohttp's limits, as it is started with
         self._connections = app[CONNECTIONS]
         self._connections.configure(config)
         self._streams = app[STREAMS]
@@ -420,7 +252,19 @@ class Listeners:
     async def _serve(self, sock: socket.socket, listener: ListenerName) -> None:
         sock.setblocking(False)
         self._connections.served.add(listener)
-        await _CappedSite(self._runner, sock, self._connections, listener).start()
+        site = _CappedSite(
+            self._runner, sock, self._connections, listener, self._door_answers, self._limits
+        )
+        await site.start()
+
+    @property
+    def connections(self) -> Connections:
+        """Every open connection of both listeners."""
+        return self._connections
+
+    def _door_answers(self) -> Answers | None:
+        """What a new connection's front door answers, or None when it is turned off."""
+        return self._door if self._config.front_door else None
 
     def reconfigure(self, config: ListenConfig) -> bool:
         """Apply a reloaded `[listen]`: its limits at once (open streams are judged again

@@ -56,6 +56,7 @@ from broker.providers.forwarding import Answer, AnswerCutError, Forwarder, Outgo
 from broker.server.access_rules import API_KEY_HEADER
 from broker.server.guards import METADATA_HEADER, PROXY_PREFIX
 from broker.server.keys import ACCESS, STORE
+from broker.server.request_view import AppRequest
 
 log = get_logger("broker.proxy")
 
@@ -149,7 +150,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
     store = request.app[STORE]
     service = request.match_info["service"]
-    request.app[ACCESS].authorize(request, service)
+    request.app[ACCESS].authorize(AppRequest(request), service)
     if not store.entry(service).provider.has_scoring_host:
         raise NoScoringUriError(
             f'service {service!r} is an Entra scope (kind = "entra"): it has no scoring URI '

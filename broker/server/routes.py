@@ -18,8 +18,8 @@ from broker import __version__
 from broker.cache import Entry, Rendered, Store
 from broker.errors import BadRequestError, ForbiddenError
 from broker.log import get_logger
-from broker.server.access_rules import peer_of
 from broker.server.keys import ACCESS, ROTATIONS, STORE
+from broker.server.request_view import AppRequest, peer_of
 from broker.server.streams import Stream, Streams
 
 log = get_logger("broker.server")
@@ -49,10 +49,12 @@ RENDERED = web.AppKey("rendered", dict[str, Rendered])
 
 
 def _render(request: web.Request, store: Store, entry: Entry) -> Rendered:
-    return _rendered(request.app[RENDERED], store, entry)
+    return rendered(request.app[RENDERED], store, entry)
 
 
-def _rendered(cache: dict[str, Rendered], store: Store, entry: Entry) -> Rendered:
+def rendered(cache: dict[str, Rendered], store: Store, entry: Entry) -> Rendered:
+    """The entry's rendered credential, rendered again only when it has changed (the front
+    door and the token route share the cache, so they hand out the same bytes)."""
     cached = cache.get(entry.service)
     if cached is None or cached.generation != entry.generation:
         cached = cache[entry.service] = Rendered(store, entry)
@@ -67,11 +69,11 @@ async def token(request: web.Request) -> web.StreamResponse:
         return await _token_with_options(request, store, service)
     # The hot path, with no query string: what the general one does without parsing one,
     # and without a coroutine when the credential is servable.
-    app[ACCESS].authorize(request, service)
+    app[ACCESS].authorize(AppRequest(request), service)
     entry = store.entry(service)
     if not store.usable(entry):
         entry = await store.credential(service)
-    return web.Response(body=_rendered(app[RENDERED], store, entry).json, content_type=_JSON)
+    return web.Response(body=rendered(app[RENDERED], store, entry).json, content_type=_JSON)
 
 
 async def _token_with_options(
@@ -80,7 +82,7 @@ async def _token_with_options(
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "header"):
         raise BadRequestError(f"format must be json or header, not {fmt[:40]!r}")
-    request.app[ACCESS].authorize(request, service)
+    request.app[ACCESS].authorize(AppRequest(request), service)
     if request.query.get("watch") == "true":
         return await _watch(request, store, service)
     entry = await store.credential(service)
@@ -154,7 +156,7 @@ async def refresh(request: web.Request) -> web.Response:
     """Refresh now (at most once per service per window), then answer like `token`."""
     store = request.app[STORE]
     service = request.match_info["service"]
-    request.app[ACCESS].authorize(request, service)
+    request.app[ACCESS].authorize(AppRequest(request), service)
     entry = await store.refresh_now(service)
     return web.Response(body=_render(request, store, entry).json, content_type=_JSON)
 
@@ -191,17 +193,33 @@ async def service(request: web.Request) -> web.Response:
     return web.json_response(service_status(store, store.entry(request.match_info["service"])))
 
 
+def health_body() -> bytes:
+    """`/healthz`'s answer, the same whoever gives it."""
+    return json.dumps({"status": "ok", "version": __version__}).encode()
+
+
+def readiness(store: Store) -> tuple[int, bytes, str | None]:
+    """`/readyz`'s status, body and Retry-After: 200 only when every service has a usable
+    credential (the front door answers from this too)."""
+    waiting = [e.service for e in store.entries if not store.usable(e)]
+    if waiting:
+        return 503, json.dumps({"status": "not_ready", "waiting_for": waiting}).encode(), "1"
+    return 200, _READY, None
+
+
+_READY = json.dumps({"status": "ready"}).encode()
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    return web.Response(body=health_body(), content_type=_JSON, charset="utf-8")
 
 
 async def readyz(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    waiting = [e.service for e in store.entries if not store.usable(e)]
-    if waiting:
-        body = {"status": "not_ready", "waiting_for": waiting}
-        return web.json_response(body, status=503, headers={"Retry-After": "1"})
-    return web.json_response({"status": "ready"})
+    status, body, wait = readiness(request.app[STORE])
+    response = web.Response(status=status, body=body, content_type=_JSON, charset="utf-8")
+    if wait is not None:
+        response.headers["Retry-After"] = wait
+    return response
 
 
 def service_status(store: Store, entry: Entry) -> dict[str, Any]:

@@ -21,9 +21,10 @@ from aiohttp import web
 from broker.cache import Entry, Store
 from broker.errors import LocalRequestError
 from broker.log import get_logger
-from broker.server.access_rules import AccessRules, Peer, peer_of, presented_digest
+from broker.server.access_rules import AccessRules, presented_digest
 from broker.server.connections import Connection, Connections, ListenerName
-from broker.server.guards import is_unix
+from broker.server.peers import Peer
+from broker.server.request_view import AppRequest
 
 log = get_logger("broker.watch")
 
@@ -107,12 +108,13 @@ class Streams:
                     f"{_FULL[full]}; try again later, or fetch the token without watch=true",
                     retry_after=1,
                 )
-        unix = is_unix(request)
+        caller = AppRequest(request)
+        unix = caller.unix
         stream = Stream(
             service,
             "unix" if unix else "tcp",
-            peer_of(request) if unix else None,
-            None if unix else presented_digest(request),
+            caller.peer if unix else None,
+            None if unix else presented_digest(caller),
             self._store.clock(),
             connection,
             asyncio.current_task(),

@@ -35,7 +35,7 @@ DEPLOY = REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
-VARIANTS = ("workload-identity", "client-secret")
+VARIANTS = ("workload-identity", "client-secret", "fleet")
 # 1.29 is the first release with sidecar containers (restartPolicy: Always) on by default.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 IMAGE_UID = 10001

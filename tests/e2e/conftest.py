@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -99,7 +100,19 @@ StartBroker = Callable[..., Awaitable[Broker]]
 
 
 @pytest.fixture
-async def start_broker(emulator: Emulator, short_dir: Path) -> AsyncIterator[StartBroker]:
+def front_door() -> bool:
+    """Whether brokers from `start_broker` answer through the front door, as configured by
+    default; a module overrides this fixture to run its tests on both paths."""
+    return True
+
+
+PATHS = [pytest.param(True, id="front_door"), pytest.param(False, id="aiohttp")]
+
+
+@pytest.fixture
+async def start_broker(
+    emulator: Emulator, short_dir: Path, front_door: bool
+) -> AsyncIterator[StartBroker]:
     """Start a broker against the emulator; it and its clients stop after the test."""
     started: list[Broker] = []
 
@@ -107,7 +120,11 @@ async def start_broker(emulator: Emulator, short_dir: Path) -> AsyncIterator[Sta
         path = short_dir / "broker.toml"
         path.write_text(text or config_text(emulator, short_dir, **config_kwargs))
         clock = OffsetClock()
-        daemon = Daemon(load_config(path), clock=clock)
+        config = load_config(path)
+        if config.listen.front_door != front_door:
+            listen = dataclasses.replace(config.listen, front_door=front_door)
+            config = dataclasses.replace(config, listen=listen)
+        daemon = Daemon(config, clock=clock)
         await daemon.start()
         clients = {}
         if daemon.unix_path is not None:

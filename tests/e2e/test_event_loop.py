@@ -21,14 +21,19 @@ from tests.conftest import config_text
 pytestmark = pytest.mark.timeout(60)
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+_TOKEN_AND_CLOSE = (
+    b"GET /v1/token/fraud HTTP/1.1\r\nHost: localhost\r\nMetadata: true\r\n"
+    b"Connection: close\r\n\r\n"
+)
 
 
 @pytest.mark.parametrize("uvloop_setting", ["1", "0"])
 async def test_the_daemon_serves_on_either_event_loop(
     emulator: Emulator, short_dir: Path, uvloop_setting: str
 ) -> None:
-    """Tokens on the socket and on TCP, a foreign Host refused, the peer's uid seen and a clean
-    SIGTERM exit, on uvloop when it is installed and allowed, else on asyncio's loop."""
+    """Tokens on the socket and on TCP (answered by the front door once the credential is
+    in), a foreign Host refused, the peer's uid seen and a clean SIGTERM exit, on uvloop
+    when it is installed and allowed, else on asyncio's loop."""
     path = short_dir / "broker.toml"
     path.write_text(config_text(emulator, short_dir, services={"fraud": demo.TOKEN_SERVICE}))
     proc = await asyncio.create_subprocess_exec(
@@ -60,6 +65,17 @@ async def test_the_daemon_serves_on_either_event_loop(
             async with session.get(f"{base}/v1/token/fraud", headers=foreign) as resp:
                 assert resp.status == 403
                 assert (await resp.json())["error"] == "host_not_allowed"
+        host, port = started["tcp"].rsplit(":", 1)
+        for opened in (
+            asyncio.open_unix_connection(str(short_dir / "broker.sock")),
+            asyncio.open_connection(host, int(port)),
+        ):
+            reader, writer = await opened
+            writer.write(_TOKEN_AND_CLOSE)
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            # aiohttp names itself in a Server header; the front door does not.
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nServer: " not in answer
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:

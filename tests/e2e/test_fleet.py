@@ -781,3 +781,38 @@ async def _is(value: Coroutine[Any, Any, str], expected: str) -> bool:
 
 async def _now(value: bool) -> bool:
     return value
+
+
+async def test_rolling_the_key_costs_no_upstream_call(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    redis: RedisServer,
+    short_dir: Path,
+    fleet_key: Path,
+) -> None:
+    """Mid-roll, a broker still writing with the old key (the new one listed as previous)
+    and one already writing with the new key (the old one listed) read each other's
+    entries: the second is ready with no upstream call, both serve one token, and neither
+    ignores an entry."""
+    new_key = write_key(short_dir / "new.key", OTHER_KEY)
+
+    def table(current: Path, previous: Path) -> str:
+        return fleet_table(
+            redis.unix_url, current, f'previous_encryption_key_files = ["{previous}"]\n'
+        )
+
+    first_step = await start_broker(table=table(fleet_key, new_key))
+    await first_step.ready()
+    before = upstream_calls(emulator)
+    second_step = await start_broker(table=table(new_key, fleet_key))
+    await second_step.ready()
+    assert upstream_calls(emulator) == before
+    assert {e["source"] for e in second_step.named("token.refreshed")} == {"fleet"}
+    calls = emulator.state.count("mms.token", demo.TOKEN_SERVICE)
+    await eventually(  # two refresh cycles, whoever refreshes: each adopts the other's
+        lambda: _now(emulator.state.count("mms.token", demo.TOKEN_SERVICE) >= calls + 2),
+        "no refresh",
+    )
+    assert len(await converged([first_step, second_step])) == 1
+    assert not first_step.named("fleet.entry_ignored")
+    assert not second_step.named("fleet.entry_ignored")

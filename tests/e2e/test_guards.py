@@ -1,4 +1,5 @@
-"""Every guard on the local API, over the listener it defends, and the caller it refuses."""
+"""Every guard on the local API, over the listener it defends, and the caller it refuses,
+on the front door and on aiohttp's path alike."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ import pytest
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from tests.conftest import config_text
-from tests.e2e.conftest import LISTENERS, StartBroker
+from tests.e2e.conftest import LISTENERS, PATHS, StartBroker
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(params=PATHS)
+def front_door(request: pytest.FixtureRequest) -> bool:
+    """Every guard test runs on the front door and on aiohttp's path behind it."""
+    return bool(request.param)
+
 
 NOBODY = 65534
 API_KEY = "tbk_test-key-for-the-scorer-0123456789"

@@ -59,8 +59,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 class BrokerThread:
     """The emulator and a daemon on an event loop of their own, in a daemon thread."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, front_door: bool = True) -> None:
         self._directory = directory
+        self._front_door = front_door
         self._ready: concurrent.futures.Future[Target] = concurrent.futures.Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -95,7 +96,11 @@ class BrokerThread:
         async with Emulator(state=state, ca_dir=self._directory) as emulator:
             path = self._directory / "broker.toml"
             text = config_text(emulator, self._directory, services=SERVICES)
-            listen = f"[listen]\nidle_timeout_s = {IDLE_TIMEOUT_S}\n\n[listen.unix]\n"
+            door = "true" if self._front_door else "false"
+            listen = (
+                f"[listen]\nidle_timeout_s = {IDLE_TIMEOUT_S}\nfront_door = {door}\n\n"
+                "[listen.unix]\n"
+            )
             path.write_text(text.replace("[listen.unix]\n", listen, 1))
             async with Daemon(load_config(path)) as daemon:
                 self._ready.set_result(await _settled(daemon, path))
@@ -128,11 +133,15 @@ def logs() -> Iterator[io.StringIO]:
     log.reset()
 
 
-@pytest.fixture(scope="module")
-def broker(logs: io.StringIO) -> Iterator[Target]:
-    """A broker serving three services from the emulator, up for the whole module."""
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(True, id="front_door"), pytest.param(False, id="aiohttp")],
+)
+def broker(logs: io.StringIO, request: pytest.FixtureRequest) -> Iterator[Target]:
+    """A broker serving three services from the emulator, up for the whole module: once
+    answering through the front door, once with it turned off (aiohttp answers all)."""
     directory = Path(tempfile.mkdtemp(prefix="tbf-", dir="/tmp"))
-    running = BrokerThread(directory)
+    running = BrokerThread(directory, front_door=bool(request.param))
     try:
         yield running.start()
     finally:

@@ -332,6 +332,7 @@ def test_rendered_configuration_parses_back_without_secrets(workdir: Path) -> No
         "watch_heartbeat_s": 15.0,
         "tcp_share": 0.5,
         "uid_share": 0.25,
+        "front_door": True,
     }
     assert parsed["api_key"] == {
         "scorer": {"sha256": "********"},

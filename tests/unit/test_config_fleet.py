@@ -3,7 +3,12 @@ value named with its key and fix, and check-config showing where secrets are, ne
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,8 @@ pytestmark = pytest.mark.timeout(10)
 
 PASSWORD = "r3dis-PASSWORD-value"
 FLEET_KEY = bytes(range(40))
+OLD_KEY = bytes(range(50, 90))
+OLDER_KEY = bytes(range(100, 140))
 
 BASE = """\
 [cloud]
@@ -40,6 +47,9 @@ def workdir(tmp_path: Path) -> Path:
     """A directory with the files the tables below name: keys, a password, a CA."""
     for name, content, mode in [
         ("fleet.key", FLEET_KEY, 0o600),
+        ("old.key", OLD_KEY, 0o600),
+        ("older.key", OLDER_KEY, 0o600),
+        ("creds/fleet-key-old", OLD_KEY, 0o400),
         ("short.key", b"k" * 31, 0o600),
         ("loose.key", FLEET_KEY, 0o644),
         ("redis-password", (PASSWORD + "\n").encode(), 0o600),
@@ -162,6 +172,35 @@ def test_check_config_shows_where_secrets_are_never_them(workdir: Path) -> None:
         "connect_timeout_s": 2.0,
         "command_timeout_s": 1.0,
     }
+
+
+def test_previous_keys_from_files_and_systemd_credentials(workdir: Path) -> None:
+    """Keys being rolled are read from files and systemd credentials, in order, and
+    check-config shows where each is, never its bytes."""
+    text = ON + (
+        'previous_encryption_key_files = ["old.key", "older.key"]\n'
+        'previous_encryption_key_credentials = ["fleet-key-old"]\n'
+    )
+    config = load(workdir, text)
+    fleet = config.fleet
+    assert [key.reveal() for key in fleet.previous_keys] == [OLD_KEY, OLDER_KEY, OLD_KEY]
+    sources = (
+        f"file {workdir / 'old.key'}",
+        f"file {workdir / 'older.key'}",
+        "systemd credential fleet-key-old",
+    )
+    assert fleet.previous_key_sources == sources
+    rendered = render_effective(config)
+    assert tomllib.loads(rendered)["fleet"]["previous_encryption_keys"] == list(sources)
+    for key in (FLEET_KEY, OLD_KEY, OLDER_KEY):
+        assert key.hex() not in rendered and repr(key) not in repr(config)
+
+
+def test_no_previous_keys_by_default(workdir: Path) -> None:
+    """Without a key being rolled there are none, and check-config shows no such key."""
+    config = load(workdir, ON)
+    assert config.fleet.previous_keys == () == config.fleet.previous_key_sources
+    assert "previous_encryption_keys" not in render_effective(config)
 
 
 def _on(**changes: str) -> str:
@@ -324,6 +363,42 @@ def _on(**changes: str) -> str:
             id="missing-key",
         ),
         pytest.param(
+            _on(previous_encryption_key_files='["old.key", "short.key"]'),
+            "fleet.previous_encryption_key_files[2]",
+            ["holds 31 bytes; a fleet encryption key needs at least 32", "being rolled"],
+            id="short-previous-key",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files='["loose.key"]'),
+            "fleet.previous_encryption_key_files[1]",
+            ["has mode 0644: other users could read the key", "chmod 600"],
+            id="readable-previous-key",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files='["nope.key"]'),
+            "fleet.previous_encryption_key_files[1]",
+            ["No such file or directory"],
+            id="missing-previous-key",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files='"old.key"'),
+            "fleet.previous_encryption_key_files",
+            ["expected an array, got a string", '["/etc/token-broker/old.key"]'],
+            id="previous-key-not-an-array",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_files="[1]"),
+            "fleet.previous_encryption_key_files[1]",
+            ["expected the path of a key file"],
+            id="previous-key-not-a-path",
+        ),
+        pytest.param(
+            _on(previous_encryption_key_credentials='["a/b"]'),
+            "fleet.previous_encryption_key_credentials",
+            ["must be a credential name, not a path"],
+            id="previous-credential-a-path",
+        ),
+        pytest.param(
             _on(key_prefix='"a b"'),
             "fleet.key_prefix",
             ["printable ASCII characters without spaces or braces"],
@@ -370,3 +445,101 @@ def test_each_mistake_names_its_key_and_fix(
     for phrase in phrases:
         assert phrase in shown, shown
     assert PASSWORD not in shown
+
+
+BROKER_UID = 10001  # the image's user, and the pod's runAsGroup and fsGroup
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+REPO = Path(__file__).resolve().parents[2]
+SAME_PYTHON = SYSTEM_PYTHON.exists() and subprocess.run(
+    [str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
+    capture_output=True,
+    text=True,
+    check=False,
+).stdout.strip() == str(sys.version_info[:2])
+
+LOAD_AS_BROKER = """
+import sys
+from pathlib import Path
+from broker.config import load_config
+from broker.errors import ConfigError
+try:
+    load_config(Path(sys.argv[1]), environ={"SECRET": "s"})
+except ConfigError as exc:
+    print("; ".join(str(p) for p in exc.problems))
+else:
+    print("loaded")
+"""
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory any user may enter, for a broker run as another user."""
+    path = Path(tempfile.mkdtemp(prefix="tb-keys-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def load_as_broker(directory: Path, owner: int, group: int, mode: int) -> str:
+    """Load a [fleet] whose key file has that owner, group and mode, as the user 10001
+    (group 10001) a container runs the broker as; "loaded" or the problems."""
+    key = directory / "fleet.key"
+    key.write_bytes(FLEET_KEY)
+    os.chown(key, owner, group)
+    key.chmod(mode)
+    config = directory / "broker.toml"
+    config.write_text(BASE + ON)
+    config.chmod(0o644)
+    # The venv's interpreter may live under /root, which another user cannot enter: the
+    # system's Python of the same minor version runs with the venv's packages instead.
+    packages = [p for p in sys.path if p.endswith("site-packages")]
+    return subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", LOAD_AS_BROKER, str(config)],
+        user=BROKER_UID,
+        group=BROKER_UID,
+        extra_groups=[],
+        env={"PYTHONPATH": os.pathsep.join([str(REPO), *packages])},
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+        cwd=directory,
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to root and another group needs root")
+@pytest.mark.skipif(not SAME_PYTHON, reason="needs /usr/bin/python3 of this Python's version")
+@pytest.mark.parametrize(
+    ("owner", "group", "mode", "loaded"),
+    [
+        pytest.param(0, BROKER_UID, 0o440, True, id="kubernetes-secret-0440"),
+        pytest.param(0, BROKER_UID, 0o640, True, id="root-and-the-brokers-group-0640"),
+        pytest.param(BROKER_UID, BROKER_UID, 0o400, True, id="the-brokers-own-0400"),
+        pytest.param(0, BROKER_UID, 0o460, False, id="group-may-write"),
+        pytest.param(0, BROKER_UID + 1, 0o444, False, id="others-may-read"),
+        pytest.param(BROKER_UID + 1, BROKER_UID, 0o440, False, id="another-owner"),
+        pytest.param(BROKER_UID, BROKER_UID, 0o640, False, id="the-brokers-own-0640"),
+    ],
+)
+def test_a_key_only_root_and_the_brokers_group_may_read_is_accepted(
+    shared_dir: Path, owner: int, group: int, mode: int, loaded: bool
+) -> None:
+    """A key file owned by root that only the broker's own group may read besides (what a
+    Kubernetes Secret volume gives with the pod's fsGroup) is the broker's alone; any other
+    access by a group or by others is refused with the mode and the fix."""
+    said = load_as_broker(shared_dir, owner, group, mode)
+    if loaded:
+        assert said == "loaded", said
+    else:
+        assert f"has mode {mode:04o}" in said and "chmod 600" in said and "fsGroup" in said, said
+
+
+def test_a_broker_running_as_root_trusts_no_group(workdir: Path) -> None:
+    """A broker running as root refuses a key its group may read: root's group vouches for
+    nobody (and a key owned by its own user needs no group)."""
+    (workdir / "group.key").write_bytes(FLEET_KEY)
+    (workdir / "group.key").chmod(0o440)
+    problem = only_problem(workdir, _on(encryption_key_file='"group.key"'))
+    assert "has mode 0440" in str(problem)

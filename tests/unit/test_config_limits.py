@@ -21,6 +21,14 @@ def test_limits_have_defaults_that_leave_room_for_plain_requests(workdir: Path) 
     assert listen.watch_heartbeat_s == 15.0
 
 
+def test_the_front_door_is_on_unless_turned_off(workdir: Path) -> None:
+    """`front_door` defaults to true, `false` turns it off, and a non-boolean is explained."""
+    assert load(workdir, MINIMAL).listen.front_door is True
+    assert load(workdir, "[listen]\nfront_door = false\n" + MINIMAL).listen.front_door is False
+    problem = only_problem(workdir, '[listen]\nfront_door = "no"\n' + MINIMAL)
+    assert problem.key == "listen.front_door" and "boolean" in problem.message
+
+
 def test_limits_are_read(workdir: Path) -> None:
     """Each key is taken as written."""
     text = (
