@@ -3,7 +3,9 @@ value named with its key and fix, and check-config showing where secrets are, ne
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -495,6 +497,29 @@ def load_as_broker(directory: Path, owner: int, group: int, mode: int) -> str:
     # The venv's interpreter may live under /root, which another user cannot enter: the
     # system's Python of the same minor version runs with the venv's packages instead.
     packages = [p for p in sys.path if p.endswith("site-packages")]
+    with _traversable(REPO, *map(Path, packages)):
+        return _run_as_broker(config, packages, directory)
+
+
+@contextlib.contextmanager
+def _traversable(*places: Path) -> Iterator[None]:
+    """Let others pass through (never list) the directories above `places` for the test's
+    length, as a clone in a private temporary directory would not; restored after."""
+    changed: list[tuple[Path, int]] = []
+    for place in places:
+        for directory in (place, *place.parents):
+            mode = directory.stat().st_mode
+            if not mode & stat.S_IXOTH and directory not in dict(changed):
+                changed.append((directory, stat.S_IMODE(mode)))
+                directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+    try:
+        yield
+    finally:
+        for directory, mode in changed:
+            directory.chmod(mode)
+
+
+def _run_as_broker(config: Path, packages: list[str], directory: Path) -> str:
     return subprocess.run(
         [str(SYSTEM_PYTHON), "-c", LOAD_AS_BROKER, str(config)],
         user=BROKER_UID,
