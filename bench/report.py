@@ -378,6 +378,15 @@ def fleet_lines(f: dict[str, Any]) -> list[str]:
     joined = f["joining"]
     lines += [
         "",
+        "Start-up of the light brokers spans more than one refresh period (the ramp, then "
+        "waiting for every broker), so their fleet makes a second round of token calls in "
+        "it, one per token, and each broker that takes a lease for the first time signs in "
+        "(Entra); the describe and discovery calls are made once. Redis's commands grow "
+        "with N: each broker reads the entry when another's notice arrives, and a broker "
+        "whose own refresh time falls while the holder fetches reads, tries the lease and "
+        "reads again (with jitter of 2 s here; the default 10 s spreads them five times "
+        "wider).",
+        "",
         f"At {largest:,} brokers the fleet makes {fmt(f['fewer_calls_at_largest'], 0)}× fewer "
         "token calls than the brokers alone.",
         "",
