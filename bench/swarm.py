@@ -13,13 +13,16 @@ The instances start one after another over `--ramp-s` seconds, as a rolling upda
 pods up (all at once in one process would be a thousand brokers' start-up on one CPU).
 Prints one JSON line once every instance has a usable credential for every service
 (`{"ready_s": …, "instances": …}`), or when the timeout passes (`"waiting"`: how many
-instances are not ready), then runs until SIGTERM or SIGINT and stops every instance.
+instances are not ready), then runs until SIGTERM or SIGINT, looking every half second for
+instances without a usable credential for some service, and stops every instance; a last
+JSON line says what it saw (`{"samples": …, "unready_samples": …, "most_unready": …}`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -33,6 +36,8 @@ from broker.cache import Refresher, Store
 from broker.config import Config, load_config
 from broker.fleet import Fleet
 from broker.models import system_clock
+
+_SAMPLE_S = 0.5  # how often the running instances are looked at
 
 
 @dataclass
@@ -86,7 +91,16 @@ async def run(config_path: Path, count: int, ramp_s: float, ready_timeout_s: flo
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    samples = unready_samples = most_unready = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _SAMPLE_S)
+        unready = sum(not i.ready() for i in instances)
+        samples += 1
+        unready_samples += unready > 0
+        most_unready = max(most_unready, unready)
+    seen = {"samples": samples, "unready_samples": unready_samples, "most_unready": most_unready}
+    print(json.dumps(seen), flush=True)
     await asyncio.gather(*(instance.stop() for instance in instances))
 
 
