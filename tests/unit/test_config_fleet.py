@@ -503,15 +503,17 @@ def load_as_broker(directory: Path, owner: int, group: int, mode: int) -> str:
 
 @contextlib.contextmanager
 def _traversable(*places: Path) -> Iterator[None]:
-    """Let others pass through (never list) the directories above `places` for the test's
-    length, as a clone in a private temporary directory would not; restored after."""
+    """Let others read `places` (Python's importer lists a path entry) and pass through the
+    directories above them for the test's length, as a clone in a private temporary
+    directory would not; restored after."""
     changed: list[tuple[Path, int]] = []
     for place in places:
         for directory in (place, *place.parents):
-            mode = directory.stat().st_mode
-            if not mode & stat.S_IXOTH and directory not in dict(changed):
-                changed.append((directory, stat.S_IMODE(mode)))
-                directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            wanted = stat.S_IXOTH | (stat.S_IROTH if directory == place else 0)
+            mode = stat.S_IMODE(directory.stat().st_mode)
+            if mode & wanted != wanted and directory not in dict(changed):
+                changed.append((directory, mode))
+                directory.chmod(mode | wanted)
     try:
         yield
     finally:
