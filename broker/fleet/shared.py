@@ -218,6 +218,7 @@ class Fleet:
                         if notice is not None:
                             self._noticed(notice)
             except FleetUnavailableError as exc:
+                _unless_cancelled()
                 self._down(exc)
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RECONNECT_MAX_S)
@@ -280,6 +281,7 @@ class FleetLease:
                     fleet._connection.extend_lease(self._keys, self._holder, fleet.lease_s)
                 )
             except FleetUnavailableError:
+                _unless_cancelled()
                 continue  # Redis down: nobody else can take it either; try again
             if not kept:
                 self.held = False
@@ -300,3 +302,12 @@ class FleetLease:
         self.held = False
         with contextlib.suppress(FleetUnavailableError):
             await self._fleet._call(self._fleet._connection.release_lease(self._keys, self._holder))
+
+
+def _unless_cancelled() -> None:
+    """Raise `CancelledError` when the running task was asked to stop. A cancellation that
+    reaches redis-py mid-command can come out as a connection error; a loop that retried it
+    would outlive its `cancel()` and hang whoever awaits it (a lease's release, a stop)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

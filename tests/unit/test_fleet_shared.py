@@ -15,6 +15,7 @@ import pytest
 from broker.config import FleetConfig, Secret, SecretBytes
 from broker.errors import FleetUnavailableError
 from broker.fleet import Fleet, HoldBacks
+from broker.fleet.shared import _unless_cancelled
 from broker.models import AccessToken, AuthKind, fingerprint
 from broker.saved_credentials import Saved
 from tests.conftest import RedisServer
@@ -298,3 +299,28 @@ async def test_an_acl_user_with_a_password(make_fleet: MakeFleet, redis: RedisSe
         assert "wrong-PASSWORD-2" not in caught.value.message
     finally:
         redis.command("ACL", "DELUSER", "broker")
+
+
+async def test_a_cancelled_loop_stops_even_when_redis_py_turns_the_cancel_into_an_error() -> None:
+    """A retry loop of the fleet whose cancellation comes out of redis-py as a connection
+    error stops at once instead of retrying, so a lease's release or a stop never hangs."""
+    retries = 0
+
+    async def retrying() -> None:
+        nonlocal retries
+        while True:
+            try:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    raise FleetUnavailableError("lost", operation="extend") from None
+            except FleetUnavailableError:
+                _unless_cancelled()
+                retries += 1
+
+    task = asyncio.get_running_loop().create_task(retrying())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    assert retries == 0
