@@ -24,6 +24,7 @@ from broker.config import load_config
 from broker.daemon import Daemon
 from broker.emulator import Emulator
 from broker.emulator import seed as demo
+from broker.models import wall_clock
 
 _REFRESH_WAIT_S = 60.0
 
@@ -177,12 +178,12 @@ async def _walkthrough(emu: Emulator, daemon: Daemon) -> bool:
         _say("waiting", f"for the broker to refresh before {_clock(first['refresh_by'])}")
         await asyncio.wait_for(refreshed.wait(), _REFRESH_WAIT_S)
         second = await _get(unix, "http://localhost/v1/token/fraud")
-        before = time.time() < first["refresh_by"]
+        before = wall_clock() < first["refresh_by"]
         new = second["access_token"] != first["access_token"]
         _say(
             "refreshed",
             f"{_fingerprint(second['access_token'])} new={new} "
-            f"at {_clock(time.time())}, before refresh_by={before}",
+            f"at {_clock(wall_clock())}, before refresh_by={before}",
         )
         rescored = await _score(emu, described["scoring_uri"], second["access_token"])
         _say("scoring call with the new token", f"HTTP {rescored['status']}")

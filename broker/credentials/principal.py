@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,8 +62,9 @@ class _BoundedSession(requests.Session):
     def __init__(self, timeout_s: float) -> None:
         super().__init__()
         self.timeout_s = timeout_s
-        # When Entra's last 429 asked us to wait until (monotonic): MSAL answers the same
-        # 429 from its own cache until then, without calling, and without saying it was one.
+        # When Entra's last 429 asked us to wait until, on the wall clock MSAL's own throttle
+        # cache keeps: MSAL answers the same 429 from it until then, without calling, and
+        # without saying it was one.
         self.throttled_until: float | None = None
         self.retry_after_s: float | None = None
 
@@ -74,7 +74,7 @@ class _BoundedSession(requests.Session):
         if response.status_code == 429:
             self.retry_after_s = _seconds(response.headers.get("Retry-After"))
             wait = self.retry_after_s if self.retry_after_s is not None else _MSAL_THROTTLE_S
-            self.throttled_until = time.monotonic() + min(wait, _MSAL_THROTTLE_MAX_S)
+            self.throttled_until = wall_clock() + min(wait, _MSAL_THROTTLE_MAX_S)
         elif method in ("POST", b"POST"):
             self.throttled_until = None  # Entra answered a sign-in otherwise since
         return response
@@ -82,7 +82,7 @@ class _BoundedSession(requests.Session):
     def throttled(self) -> bool:
         """Whether Entra's last 429 still stands (MSAL would answer it again)."""
         until = self.throttled_until
-        return until is not None and time.monotonic() <= until
+        return until is not None and wall_clock() <= until
 
 
 def http_session(cloud: CloudProfile, timeout_s: float = 30.0) -> requests.Session:
@@ -271,7 +271,7 @@ def _remaining(until: float | None, retry_after_s: float | None) -> float | None
     """What is left of Entra's Retry-After (None when it named none)."""
     if until is None or retry_after_s is None:
         return None
-    return max(until - time.monotonic(), 0.0)
+    return max(until - wall_clock(), 0.0)
 
 
 def _moved(when: float | None, offset: float | None) -> float | None:

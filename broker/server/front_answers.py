@@ -15,7 +15,6 @@ is answered with the same JSON body. Each answer is counted in the same request 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from email.utils import formatdate
 from enum import Enum
@@ -27,6 +26,7 @@ from aiohttp import web
 
 from broker.errors import LocalRequestError
 from broker.metrics import Metrics
+from broker.models import wall_clock
 from broker.server import guards, routes
 from broker.server.guards import RawHeaders
 from broker.server.keys import ACCESS, STORE
@@ -215,8 +215,9 @@ class Answers:
         )
 
     def _now(self) -> bytes:
-        """The Date header's value, formatted once a second."""
-        now = time.time()
+        """The Date header's value, formatted once a second: the host's own time, as
+        aiohttp's answers give it (HTTP dates are never on the broker's corrected clock)."""
+        now = wall_clock()
         second = int(now)
         if second != self._second:
             self._second = second
