@@ -155,11 +155,14 @@ class Connection:
 
     @asynccontextmanager
     async def notices(self, channels: Iterable[str]) -> AsyncIterator[PubSubReader]:
-        """A subscription to `channels`; closed on leaving."""
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        """A subscription to `channels`, confirmed by Redis (a notice published from then on
+        is heard); closed on leaving."""
+        wanted = sorted(set(channels))
+        pubsub = self._client.pubsub()
         try:
             async with self._command("subscribe"):
-                await pubsub.subscribe(*channels)
+                await pubsub.subscribe(*wanted)
+                await _confirmed(pubsub, len(wanted))
             yield PubSubReader(pubsub, self)
         finally:
             with _translated("unsubscribe"):
@@ -180,6 +183,15 @@ class Connection:
             ok = True
         finally:
             self._observe(operation, perf_counter() - started, ok)
+
+
+async def _confirmed(pubsub: PubSub, count: int) -> None:
+    """Return once Redis has confirmed `count` subscriptions (within the caller's bound)."""
+    confirmed = 0
+    while confirmed < count:
+        message = await pubsub.get_message(timeout=None)
+        if isinstance(message, dict) and message.get("type") == "subscribe":
+            confirmed += 1
 
 
 class PubSubReader:

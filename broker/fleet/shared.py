@@ -84,6 +84,7 @@ class Fleet:
         self._prefix = config.key_prefix
         self._holder = secrets.token_hex(8)  # this broker, in its lease values
         self.healthy: bool | None = None  # None until Redis first answers or fails
+        self.listening = asyncio.Event()  # set while Redis has confirmed the notices' channels
         self.problem: str | None = None  # why Redis cannot be used, while it cannot
         self._changed: dict[str, asyncio.Event] = {}
         self._unreadable: dict[str, bytes] = {}  # the last bad value seen, to replace it
@@ -195,8 +196,9 @@ class Fleet:
         self._channels = channels
         if self._subscriber is not None:
             self._subscriber.cancel()
+        self.listening = asyncio.Event()  # the new subscription's; the old one's is dropped
         self._subscriber = asyncio.get_running_loop().create_task(
-            self._subscribe(), name="fleet-notices"
+            self._subscribe(self.listening), name="fleet-notices"
         )
 
     async def close(self) -> None:
@@ -206,17 +208,21 @@ class Fleet:
                 await self._subscriber
         await self._connection.close()
 
-    async def _subscribe(self) -> None:
+    async def _subscribe(self, listening: asyncio.Event) -> None:
         pause = _RECONNECT_MIN_S
         while True:
             try:
                 async with self._connection.notices(list(self._channels)) as reader:
                     self._up()
                     pause = _RECONNECT_MIN_S
-                    while True:
-                        notice = await reader.next(_NOTICE_READ_S)
-                        if notice is not None:
-                            self._noticed(notice)
+                    listening.set()
+                    try:
+                        while True:
+                            notice = await reader.next(_NOTICE_READ_S)
+                            if notice is not None:
+                                self._noticed(notice)
+                    finally:
+                        listening.clear()
             except FleetUnavailableError as exc:
                 _unless_cancelled()
                 self._down(exc)

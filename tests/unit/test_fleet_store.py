@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from broker.cache import Policy, Refresher, Store
+from broker.cache import Entry, Policy, Refresher, Store
 from broker.config import FleetConfig, RefreshConfig, SecretBytes
 from broker.errors import UnavailableError
 from broker.fleet import Fleet
@@ -164,15 +164,18 @@ async def test_a_notice_brings_every_broker_the_new_credential(
     one.provider.outcomes.append(token(clock, "tok-1"))
     await one.store.fetch("svc")
     await other.store.credential("svc")
-    await asyncio.sleep(0.2)  # both subscribed
+    await asyncio.wait_for(other.fleet.listening.wait(), 10)
+    adopted: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+
+    def result(entry: Entry) -> None:
+        if not adopted.done():
+            adopted.set_result(entry)
+
+    other.store.on_result(result)
     clock.now += 45
     one.provider.outcomes.append(token(clock, "tok-2"))
     await one.store.fetch("svc")
-    for _ in range(100):
-        entry = other.store.entry("svc")
-        if entry.token is not None and entry.token.value == "tok-2":
-            break
-        await asyncio.sleep(0.02)
+    await asyncio.wait_for(adopted, 10)
     assert other.store.entry("svc").token is not None
     assert other.store.entry("svc").token.value == "tok-2"  # type: ignore[union-attr]
     assert other.provider.calls == 0

@@ -46,12 +46,8 @@ async def test_brokers_share_over_tls_with_the_servers_ca(make_fleet: MakeFleet)
     heard: list[str] = []
     reader.on_notice(heard.append)
     reader.watch(["fraud"])
-    for _ in range(200):
-        if reader.healthy:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(reader.listening.wait(), 10)  # Redis confirmed the subscription
     assert reader.health == "up"
-    await asyncio.sleep(0.05)  # the subscription is made once healthy
     credential = saved()
     assert await writer.write("fraud", credential, 600.0)
     assert await reader.read("fraud") == credential
