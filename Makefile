@@ -29,6 +29,19 @@ unit: $(STAMP) tools
 
 test: lint typecheck unit
 
+# $(call apt_install,PACKAGES,UNITS): Debian's PACKAGES installed as root, in a subshell. A
+# policy-rc.d (unless one exists already) refuses the services they would start, and UNITS are
+# left disabled: the tests and benchmarks start their own.
+define apt_install
+( set -e; policy=/usr/sbin/policy-rc.d; \
+  if [ ! -e $$policy ]; then \
+    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
+  fi; \
+  apt-get update -qq; \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1); \
+  if [ -d /run/systemd/system ]; then systemctl disable -q $(2); fi )
+endef
+
 # promtool and prometheus, for the tests of deploy/prometheus/ and deploy/grafana/, and
 # redis-server, for the tests of fleet mode: Debian's packages, installed as root when one is
 # missing. A policy-rc.d (unless one exists already) refuses the services the packages would
@@ -37,14 +50,7 @@ test: lint typecheck unit
 tools:
 	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null \
 	    || ! command -v redis-server >/dev/null; then \
-	  set -e; policy=/usr/sbin/policy-rc.d; \
-	  if [ ! -e $$policy ]; then \
-	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
-	  fi; \
-	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus redis-server; \
-	  if [ -d /run/systemd/system ]; then systemctl disable -q prometheus redis-server; fi; \
+	  $(call apt_install,prometheus redis-server,prometheus redis-server); \
 	fi
 
 # The container image, token-broker:VERSION, built from deploy/Dockerfile with no network: a
@@ -64,13 +70,7 @@ image-test: $(STAMP) image-tools
 .PHONY: image-tools
 image-tools:
 	@if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then \
-	  set -e; policy=/usr/sbin/policy-rc.d; \
-	  if [ ! -e $$policy ]; then \
-	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
-	  fi; \
-	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; \
-	  if [ -d /run/systemd/system ]; then systemctl disable -q docker.service docker.socket; fi; \
+	  $(call apt_install,docker.io debootstrap,docker.service docker.socket); \
 	fi
 
 # The property-based tests of hostile input with a large budget (make test runs a small one).
@@ -92,14 +92,7 @@ bench: $(STAMP) bench-tools
 bench-tools:
 	@if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null \
 	    || { ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; }; then \
-	  set -e; policy=/usr/sbin/policy-rc.d; \
-	  if [ ! -e $$policy ]; then \
-	    printf '#!/bin/sh\nexit 101\n' >$$policy; chmod 755 $$policy; trap "rm -f $$policy" EXIT; \
-	  fi; \
-	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    wrk nghttp2-client nginx; \
-	  if [ -d /run/systemd/system ]; then systemctl disable -q nginx; fi; \
+	  $(call apt_install,wrk nghttp2-client nginx,nginx); \
 	fi
 
 clean:
