@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -71,6 +74,12 @@ def logs() -> Iterator[io.StringIO]:
     log.configure("json", "debug", stream=stream)
     yield stream
     log.reset()
+
+
+def logged(logs: io.StringIO, name: str) -> list[dict[str, Any]]:
+    """The JSON log records of event `name` among `logs`, in order."""
+    lines = (json.loads(line) for line in logs.getvalue().splitlines() if line.strip())
+    return [line for line in lines if line.get("event") == name]
 
 
 @pytest.fixture
@@ -349,15 +358,24 @@ def tls_redis() -> Iterator[TlsRedis]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """One redis-server for the whole test run, stopped after it."""
+@contextlib.contextmanager
+def started_redis() -> Iterator[RedisServer]:
+    """A redis-server of its own on a Unix socket in a fresh directory, stopped after."""
     directory = Path(tempfile.mkdtemp(prefix="tb-redis-", dir="/tmp"))
     server = RedisServer(directory)
     server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the whole test run, stopped after it."""
+    with started_redis() as server:
+        yield server
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from broker.emulator import Emulator
 from broker.emulator import seed as demo
 from broker.fleet import Sealer, ServiceKeys, UnreadableEntry
 from broker.saved_credentials import Saved
-from tests.conftest import CLIENT_SECRET, RedisServer, TlsRedis, config_text
+from tests.conftest import CLIENT_SECRET, RedisServer, TlsRedis, config_text, started_redis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -702,12 +700,8 @@ async def test_brokers_share_over_tls_as_an_acl_user(
 @pytest.fixture
 def other_redis() -> Iterator[RedisServer]:
     """A second redis-server, for a fleet moved to another Redis."""
-    directory = Path(tempfile.mkdtemp(prefix="tb-redis-", dir="/tmp"))
-    server = RedisServer(directory)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    with started_redis() as server:
+        yield server
 
 
 async def eventually(check: Callable[[], Coroutine[Any, Any, bool]], what: str) -> None:

@@ -4,11 +4,9 @@ Redis: sealed like credentials, bound to their key, bounded when Redis is down."
 from __future__ import annotations
 
 import io
-import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 
@@ -17,7 +15,7 @@ from broker.fleet import Fleet, FleetFacts
 from broker.fleet.facts import FACT_TTL_S
 from broker.fleet.naming import fact_key
 from broker.models import fingerprint
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, logged
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -49,11 +47,6 @@ async def make_facts(redis: RedisServer) -> AsyncIterator[MakeFacts]:
     yield make
     for fleet in fleets:
         await fleet.close()
-
-
-def events(logs: io.StringIO, name: str) -> list[dict[str, Any]]:
-    lines = (json.loads(line) for line in logs.getvalue().splitlines() if line.strip())
-    return [line for line in lines if line.get("event") == name]
 
 
 async def test_a_fact_one_broker_learnt_is_recalled_by_another(
@@ -93,7 +86,7 @@ async def test_a_fact_that_does_not_open_is_ignored_once_and_replaced(
         _set_raw(redis, key, value)
     assert await one.recall(WORKSPACE) is None
     assert await one.recall(WORKSPACE) is None
-    assert len(events(logs, "fleet.fact_ignored")) == 1
+    assert len(logged(logs, "fleet.fact_ignored")) == 1
     await one.remember(WORKSPACE, {"mms": MMS})
     assert await one.recall(WORKSPACE) == {"mms": MMS}
 

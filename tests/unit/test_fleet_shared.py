@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +17,7 @@ from broker.fleet import Fleet, HoldBacks
 from broker.fleet.shared import _unless_cancelled
 from broker.models import AccessToken, AuthKind, fingerprint
 from broker.saved_credentials import Saved
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, logged
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,11 +64,6 @@ async def make_fleet(redis: RedisServer) -> AsyncIterator[MakeFleet]:
     yield make
     for fleet in made:
         await fleet.close()
-
-
-def events(logs: io.StringIO, name: str) -> list[dict[str, Any]]:
-    lines = (json.loads(line) for line in logs.getvalue().splitlines() if line.strip())
-    return [line for line in lines if line.get("event") == name]
 
 
 async def test_a_written_entry_is_read_by_another_broker(
@@ -147,7 +141,7 @@ async def test_a_lease_taken_away_is_noticed_as_lost(
     assert keys is not None
     redis.command("SET", keys.lease, "another-broker")
     await asyncio.sleep(0.5)
-    assert not lease.held and events(logs, "fleet.lease_lost")
+    assert not lease.held and logged(logs, "fleet.lease_lost")
     await lease.release()
 
 
@@ -195,7 +189,7 @@ async def test_untrustworthy_entries_are_ignored_then_replaced(
         _set_raw(redis, fraud.credential, value)
     assert await one.read("fraud") is None
     assert await one.read("fraud") is None
-    ignored = events(logs, "fleet.entry_ignored")
+    ignored = logged(logs, "fleet.entry_ignored")
     assert len(ignored) == 1 and ignored[0]["service"] == "fraud"
     good = saved("good-token-0001")
     assert await one.write("fraud", good, 600)
@@ -233,10 +227,10 @@ async def test_redis_stopped_fails_fast_says_so_once_and_recovers(
         assert time.monotonic() - started < 1.5
     assert caught.value.operation == "read" and "did not answer" in caught.value.message
     assert not await fleet.write("fraud", saved(), 600)  # never raises
-    assert fleet.health == "down" and len(events(logs, "fleet.unavailable")) == 1
+    assert fleet.health == "down" and len(logged(logs, "fleet.unavailable")) == 1
     redis.start()
     assert await fleet.read("fraud") is None  # a restarted Redis has lost its entries
-    assert fleet.health == "up" and len(events(logs, "fleet.recovered")) == 1
+    assert fleet.health == "up" and len(logged(logs, "fleet.recovered")) == 1
 
 
 async def test_a_frozen_redis_costs_one_bounded_wait(

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -19,7 +17,7 @@ from broker.errors import UnavailableError
 from broker.fleet import Fleet
 from broker.models import AccessToken, AuthKind, fingerprint
 from broker.saved_credentials import Saved
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, logged
 from tests.unit.fakes import FakeClock, FakeProvider
 
 pytestmark = pytest.mark.timeout(30)
@@ -94,11 +92,6 @@ async def refresh_if_due(broker: Broker, clock: FakeClock) -> None:
     refresh_by = broker.store.refresh_by(broker.store.entry("svc"))
     if refresh_by is None or refresh_by <= clock.now:
         await broker.store.fetch("svc")
-
-
-def events(logs: io.StringIO, name: str) -> list[dict[str, Any]]:
-    lines = (json.loads(line) for line in logs.getvalue().splitlines() if line.strip())
-    return [line for line in lines if line.get("event") == name]
 
 
 async def test_a_starting_broker_adopts_the_fleets_credential(
@@ -193,7 +186,7 @@ async def test_an_unusable_shared_credential_is_not_adopted(
     other.provider.outcomes.append(token(clock, "tok-2"))
     await other.store.fetch("svc")
     assert other.provider.calls == 1 and other.store.entry("svc").origin == "azure"
-    assert events(logs, "fleet.entry_unusable")
+    assert logged(logs, "fleet.entry_unusable")
 
 
 async def test_a_due_shared_credential_is_served_while_the_fleet_refreshes(
@@ -225,13 +218,13 @@ async def test_redis_down_refreshes_alone_within_the_bound(
     await broker.store.fetch("svc")
     assert time.monotonic() - started < 1.0
     assert broker.store.entry("svc").origin == "azure" and broker.provider.calls == 1
-    assert len(events(logs, "fleet.unavailable")) == 1
+    assert len(logged(logs, "fleet.unavailable")) == 1
     redis.start()
     await broker.store.fetch("svc")
     other = make_broker(redis.url)
     await other.store.fetch("svc")
     assert other.provider.calls == 0 and other.store.entry("svc").token.value == "tok-2"  # type: ignore[union-attr]
-    assert events(logs, "fleet.recovered")
+    assert logged(logs, "fleet.recovered")
 
 
 async def test_a_holder_slower_than_the_wait_leaves_the_others_to_refresh_alone(
@@ -244,7 +237,7 @@ async def test_a_holder_slower_than_the_wait_leaves_the_others_to_refresh_alone(
     await fetch_started(holder)
     waiter.provider.outcomes.append(token(clock, "tok-2", life=120))
     await waiter.store.fetch("svc")
-    assert waiter.provider.calls == 1 and events(logs, "fleet.lease_wait_over")
+    assert waiter.provider.calls == 1 and logged(logs, "fleet.lease_wait_over")
     holder.provider.gate.set()
     await fetching
     shared = await waiter.fleet.read("svc")
@@ -301,7 +294,7 @@ async def test_a_client_refresh_window_is_the_fleets(
     assert (await adopter.store.refresh_now("svc")).token.value == "tok-2"  # type: ignore[union-attr]
     assert (await keeper.store.refresh_now("svc")).token.value == "tok-2"  # type: ignore[union-attr]
     assert (fetcher.provider.calls, adopter.provider.calls, keeper.provider.calls) == (2, 0, 0)
-    assert events(logs, "token.refresh_within_window")
+    assert logged(logs, "token.refresh_within_window")
     clock.now += 10  # past the fleet's window
     keeper.provider.outcomes.append(token(clock, "tok-3"))
     assert (await keeper.store.refresh_now("svc")).token.value == "tok-3"  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from broker import log
 from broker.cache.persist import MAGIC, MAGIC_V1, PersistedCache
 from broker.models import AccessToken, AuthKind, fingerprint
 from broker.saved_credentials import Saved
+from tests.conftest import logged
 from tests.unit.fakes import FakeClock
 
 pytestmark = pytest.mark.timeout(5)
@@ -62,11 +63,6 @@ def credentials() -> dict[str, tuple[str, Saved]]:
     return {"fraud": (FRAUD, Saved(token, NOW - 60)), "churn": (CHURN, Saved(key, NOW - 5))}
 
 
-def events(logs: io.StringIO, name: str) -> list[dict[str, Any]]:
-    records = [json.loads(line) for line in logs.getvalue().splitlines()]
-    return [record for record in records if record["event"] == name]
-
-
 def seal(plaintext: bytes, key: bytes = KEY, header: bytes = MAGIC) -> bytes:
     """A file in the documented format around any plaintext: HKDF key, AES-GCM, header as AAD."""
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"token-broker cache v1")
@@ -104,7 +100,7 @@ def test_round_trip_restores_what_was_saved(cache: PersistedCache, logs: io.Stri
     cache.save(saved)
 
     assert cache.load(FINGERPRINTS) == {name: pair[1] for name, pair in saved.items()}
-    (restored,) = events(logs, "cache.restored")
+    (restored,) = logged(logs, "cache.restored")
     assert (restored["restored"], restored["expired"], restored["dropped"]) == (2, 0, 0)
 
 
@@ -149,7 +145,7 @@ def test_expired_tokens_are_dropped_and_keys_kept(
     clock.now = NOW + 3600
 
     assert list(cache.load(FINGERPRINTS)) == ["churn"]
-    (restored,) = events(logs, "cache.restored")
+    (restored,) = logged(logs, "cache.restored")
     assert (restored["restored"], restored["expired"], restored["dropped"]) == (1, 1, 0)
     assert log.scrub(TOKEN_VALUE) == TOKEN_VALUE  # an expired value is not registered
 
@@ -170,7 +166,7 @@ def test_services_whose_definition_changed_are_dropped(
     cache.save(credentials())
 
     assert list(cache.load(fingerprints)) == ["churn"]
-    (restored,) = events(logs, "cache.restored")
+    (restored,) = logged(logs, "cache.restored")
     assert (restored["restored"], restored["dropped"]) == (1, 1)
 
 
@@ -179,7 +175,7 @@ def test_missing_file_is_an_empty_cache_without_warning(
 ) -> None:
     """No file yet, as on a first start, restores nothing and warns about nothing."""
     assert cache.load(FINGERPRINTS) == {}
-    assert events(logs, "cache.absent")
+    assert logged(logs, "cache.absent")
     assert '"warning"' not in logs.getvalue()
 
 
@@ -202,10 +198,10 @@ def test_short_key_material_is_refused(path: Path) -> None:
 def ignored_reason(cache: PersistedCache, logs: io.StringIO) -> str:
     """Load, expect nothing restored, and return the one `cache.ignored` reason logged."""
     assert cache.load(FINGERPRINTS) == {}
-    (ignored,) = events(logs, "cache.ignored")
+    (ignored,) = logged(logs, "cache.ignored")
     assert ignored["level"] == "warning"
     assert ignored["path"] == str(cache.path)
-    assert not events(logs, "cache.restored")
+    assert not logged(logs, "cache.restored")
     return str(ignored["reason"])
 
 
@@ -399,7 +395,7 @@ def test_save_to_an_unwritable_path_logs_and_returns(
 
     PersistedCache(target, KEY, clock=clock).save(credentials())
 
-    (failed,) = events(logs, "cache.save_failed")
+    (failed,) = logged(logs, "cache.save_failed")
     assert failed["level"] == "warning"
     assert (failed["path"], failed["reason"]) == (str(target), "Not a directory")
 
@@ -412,7 +408,7 @@ def test_failed_replace_leaves_no_temporary_file(
 
     cache.save(credentials())
 
-    assert events(logs, "cache.save_failed")
+    assert logged(logs, "cache.save_failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.bin"]
     assert [p.name for p in path.iterdir()] == ["occupied"]
 

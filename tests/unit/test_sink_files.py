@@ -29,6 +29,7 @@ from broker.delivery.file_sinks import (
 from broker.delivery.file_sinks import write_file as write_atomically
 from broker.log import MASK, register_secret
 from broker.models import AccessToken, AuthKind
+from tests.conftest import logged
 from tests.unit.fakes import FakeClock, FakeProvider
 
 pytestmark = pytest.mark.timeout(10)
@@ -87,11 +88,6 @@ def runner() -> FakeRunner:
 async def fetched(store: Store, provider: FakeProvider, outcome: AccessToken | Exception) -> None:
     provider.outcomes.append(outcome)
     await asyncio.gather(store.fetch(provider.service), return_exceptions=True)
-
-
-def events(logs: io.StringIO, name: str) -> list[dict[str, object]]:
-    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
-    return [line for line in lines if line["event"] == name]
 
 
 @pytest.fixture
@@ -269,7 +265,7 @@ async def test_a_failed_write_is_logged_and_retried_at_the_next_fetch(
     sinks.start()
     await fetched(store, provider, token("tok-secret-1"))
     await sinks.idle()
-    [failure] = events(logs, "sink.write_failed")
+    [failure] = logged(logs, "sink.write_failed")
     assert failure["service"] == "svc" and failure["path"] == str(path)
     assert failure["error"] == "No such file or directory" and "directory exists" in str(
         failure["fix"]
@@ -316,19 +312,19 @@ async def test_a_failed_write_is_retried_without_waiting_for_a_fetch(
     await fetched(store, provider, token("tok-1"))
     assert [await asyncio.wait_for(attempts.get(), 5) for _ in range(3)] == [False] * 3
     for _ in range(1000):  # the third failure's line follows its attempt on the loop
-        if len(events(logs, "sink.write_failed")) >= 3:
+        if len(logged(logs, "sink.write_failed")) >= 3:
             break
         await asyncio.sleep(0)
-    delays = [e["retry_in_s"] for e in events(logs, "sink.write_failed")]
+    delays = [e["retry_in_s"] for e in logged(logs, "sink.write_failed")]
     assert delays[:3] == [0.01, 0.02, 0.04]
     (tmp_path / "later").mkdir()
     while not await asyncio.wait_for(attempts.get(), 5):
         pass  # a retry already under way may still fail
     await sinks.idle()
     assert path.read_text() == "tok-1" and len(runner.runs) == 1
-    failed = len(events(logs, "sink.write_failed"))
+    failed = len(logged(logs, "sink.write_failed"))
     await sinks.close(1.0)
-    assert len(events(logs, "sink.write_failed")) == failed
+    assert len(logged(logs, "sink.write_failed")) == failed
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -366,7 +362,7 @@ async def test_command_output_is_logged_with_every_recent_credential_masked(
     runner.output = b"reloaded with first-credential-1 and second-credential-2\n"
     await fetched(store, provider, token("second-credential-2"))
     await sinks.idle()
-    finished = events(logs, "sink.command_finished")
+    finished = logged(logs, "sink.command_finished")
     assert finished[-1]["output"] == f"reloaded with {MASK} and {MASK}"
     assert finished[-1]["exit_status"] == 0
     assert "credential-1" not in logs.getvalue() and "credential-2" not in logs.getvalue()
