@@ -23,8 +23,14 @@ rm -rf "$out.new"
 mkdir -p "$out.new"
 # A fixed date for the wheel's entries: unchanged sources give the same bytes, so Docker's
 # build cache keeps the installed layer.
+#
+# pip resolves the dependencies' markers for this host's Python, not the image's: a host on a
+# later 3.11 release than Debian 12's 3.11.2 leaves out what only older releases need. redis-py
+# wants async-timeout below 3.11.3, so it is added here by name (pip in the image installs it
+# only where the marker asks for it).
+for_older_311='async-timeout>=4.0.3'
 SOURCE_DATE_EPOCH=315532800 "$python" -m pip wheel --quiet --disable-pip-version-check \
-    --only-binary=:all: --wheel-dir "$out.new" "${src}[$extras]"
+    --only-binary=:all: --wheel-dir "$out.new" "${src}[$extras]" $for_older_311
 rm -rf "$out"
 mv "$out.new" "$out"
 echo "wheelhouse.sh: $(find "$out" -name '*.whl' | wc -l) wheels in $out for Python $("$python" -c \
