@@ -22,9 +22,11 @@ saving would drop the others' credentials from it.
 With `[fleet]` on, each service is asked of the fleet first, as a starting daemon asks it:
 a credential the fleet holds that is not yet due is adopted with no Azure call, and what
 it lacks is fetched under the service's lease and shared, so a run beside running brokers
-costs Azure nothing. With Redis down the run fetches alone, as without a fleet, and the
-report says so (`fleet: down`). The run does not subscribe to the fleet's notices: a
-broker waiting on another's lease polls, every `lease_s / 10` (at most 1 s).
+costs Azure nothing. A fetch takes the fleet's workspace discovery and describe results,
+and waits out a 429's hold-back that another broker shared. With Redis down the run fetches
+alone, as without a fleet, and the report says so (`fleet: down`). The run does not
+subscribe to the fleet's notices: a broker waiting on another's lease polls, every
+`lease_s / 10` (at most 1 s).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ async def run_once(
     fetches = FirstFetches(store, sleep)
     fleet = new_fleet(config, config.service_identity)
     store.share(fleet)  # each fetch asks the fleet first, and shares what Azure gave
+    sources.join(fleet)  # and the fleet's hold-backs, discoveries and describe results
     try:
         restored: set[str] = set()
         if persisted is not None:

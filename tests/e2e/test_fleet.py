@@ -375,6 +375,45 @@ async def test_the_lease_holder_killed_mid_refresh(
     assert len(await converged(others)) == 1
 
 
+async def test_a_broker_started_during_a_region_outage_serves_the_fleets_token(
+    start_broker: StartBroker, emulator: Emulator
+) -> None:
+    """The workspace's region goes down: a broker started then is ready with the fleet's
+    still-valid token and makes no upstream call; through a refresh cycle of the outage
+    every broker keeps serving that token; when the region is back the fleet refreshes and
+    agrees again."""
+    brokers = await start_fleet(start_broker, 2)
+    fleet_token = await _next_token(brokers, after=(await converged(brokers)).pop())
+    emulator.state.region_down(demo.REGION)  # with the whole lifetime of a new token left
+    joining = await start_broker()
+    await joining.ready()
+    assert (await joining.token())["access_token"] == fleet_token
+    status, metrics = await joining.get("/metrics")  # ready on the fleet's word alone
+    assert status == 200 and "token_broker_upstream_request_duration_seconds_count" not in metrics
+    sources = {e["service"]: e["source"] for e in joining.named("token.refreshed")}
+    assert sources == {"fraud": "fleet", "churn": "fleet"}
+    brokers.append(joining)
+    outage_ends = time.monotonic() + REFRESH_AFTER_S + 1.0  # past the token's refreshAfter
+    while time.monotonic() < outage_ends:
+        for broker in brokers:
+            body = await broker.token()  # never a 5xx, never expired
+            assert body["access_token"] == fleet_token and body["expires_on"] > time.time()
+        await asyncio.sleep(0.2)
+    emulator.state.region_up(demo.REGION)
+    await _next_token(brokers, after=fleet_token)
+
+
+async def _next_token(brokers: list[Broker], after: str) -> str:
+    """Wait until every broker serves one token other than `after`; that token."""
+    deadline = time.monotonic() + LIFETIME_S
+    while True:
+        tokens = await converged(brokers)
+        if len(tokens) == 1 and after not in tokens:
+            return tokens.pop()
+        assert time.monotonic() < deadline, "the fleet never refreshed"
+        await asyncio.sleep(0.1)
+
+
 def _lease_key(redis: RedisServer) -> str:
     keys = redis.command("KEYS", "token-broker:*:credential").split()
     fraud = []
@@ -491,6 +530,30 @@ async def test_once_shares_what_it_fetched(
     await broker.ready()
     assert upstream_calls(emulator) == before
     assert {e["source"] for e in broker.named("token.refreshed")} == {"fleet"}
+
+
+async def test_once_takes_discovery_and_describes_from_the_fleet(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    redis: RedisServer,
+    short_dir: Path,
+    fleet_key: Path,
+) -> None:
+    """A `once` run after the fleet's credentials were evicted fetches them from Azure but
+    asks it no discovery and no describe: the fleet learnt them."""
+    broker = await start_broker()
+    await broker.ready()
+    broker.proc.kill()
+    await broker.proc.wait()
+    for key in redis.command("KEYS", "token-broker:*:credential").split():
+        redis.command("DEL", key)
+    learnt = {route: emulator.state.count(route) for route in METADATA_ROUTES}
+    code, out, events = await run_once(once_config(emulator, short_dir / "once", redis, fleet_key))
+    assert code == 0, out
+    assert [row.split()[-2] for row in out.splitlines()[1:]] == ["azure", "azure"]
+    assert {route: emulator.state.count(route) for route in METADATA_ROUTES} == learnt
+    described = [e for e in events if e.get("event") == "service.described"]
+    assert len(described) == 2 and {e["source"] for e in described} == {"fleet"}, described
 
 
 async def test_once_with_redis_down_fetches_alone_and_says_so(
