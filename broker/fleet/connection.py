@@ -165,11 +165,13 @@ class Connection:
                 await _confirmed(pubsub, len(wanted))
             yield PubSubReader(pubsub, self)
         finally:
-            with _translated("unsubscribe"):
+            async with self._command("unsubscribe"):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     async def close(self) -> None:
-        with _translated("close"):
+        """Drop every connection, within the bound of one command (a TLS peer that stopped
+        answering is not waited for)."""
+        async with self._command("close"):
             await self._client.aclose()
 
     @asynccontextmanager

@@ -206,7 +206,8 @@ class Fleet:
             self._subscriber.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._subscriber
-        await self._connection.close()
+        with contextlib.suppress(FleetUnavailableError):  # nothing is left to do with Redis
+            await self._connection.close()
 
     async def _subscribe(self, listening: asyncio.Event) -> None:
         pause = _RECONNECT_MIN_S

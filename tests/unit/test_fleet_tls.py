@@ -4,6 +4,7 @@ the right CA connects, a wrong one or a plain-text port fails within its bound a
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -103,3 +104,31 @@ async def test_a_port_that_does_not_speak_tls_says_so(make_fleet: MakeFleet) -> 
         await server.wait_closed()
     message = caught.value.message
     assert "TLS connection to Redis failed" in message and "speaks TLS" in message, message
+
+
+async def test_closing_on_a_frozen_redis_is_bounded(
+    make_fleet: MakeFleet, tls_redis: TlsRedis
+) -> None:
+    """A fleet subscribed over TLS to a Redis that stopped answering (SIGSTOP) closes
+    within the bound of one command: neither the subscription's end nor the client's close
+    waits for the peer's TLS close."""
+    fleet = make_fleet()
+    fleet.watch(["fraud"])
+    await asyncio.wait_for(fleet.listening.wait(), 10)
+    await fleet.read("fraud")  # a pooled connection beside the subscription's
+    process = tls_redis.server.process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        await fleet.close()
+        assert time.monotonic() - started < 1.5
+    finally:
+        process.send_signal(signal.SIGCONT)
+    # Redis, woken, ends the TLS sessions that were left to it; the test waits for that so
+    # that no socket outlives its event loop.
+    for _ in range(200):
+        if b"name=token-broker" not in tls_redis.server.command("CLIENT", "LIST"):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0)
