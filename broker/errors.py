@@ -10,7 +10,7 @@
     │   ├── ThrottledError          429: Azure asks us to slow down
     │   ├── UnavailableError        5xx, reset, timeout: worth retrying soon
     │   ├── MalformedResponseError  a body we cannot trust; never half-served
-    │   ├── UnusableCredentialError well-formed, but dead or not yet valid on arrival
+    │   ├── UnusableCredentialError well-formed, but dead, not yet valid or dying first
     │   └── KeyRotationError        Azure's key regeneration ended Failed/Cancelled/TimedOut
     ├── FleetUnavailableError       Redis (fleet mode) did not answer in time, or refused us
     └── LocalRequestError           a local client's request is refused (HTTP status)
@@ -128,8 +128,9 @@ class MalformedResponseError(UpstreamError):
 
 class UnusableCredentialError(UpstreamError):
     """Raised when Azure's answer parses but its credential cannot be served on arrival:
-    already expired, expiring within the clock-skew allowance, not yet valid, or not
-    printable. The credential being served stays in place."""
+    already expired, expiring within the clock-skew allowance, not yet valid, not
+    printable, or a token that would expire before the one being served. The credential
+    being served stays in place."""
 
 
 class KeyRotationError(UpstreamError):

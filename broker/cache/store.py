@@ -509,9 +509,9 @@ class Store:
             entry.budget_waits += 1
 
     def _judge(self, entry: Entry, token: AccessToken) -> None:
-        """Refuse a credential that cannot be served on arrival, so that it never replaces
-        the one being served."""
-        reason = self.policy.unusable_reason(token, self.clock())
+        """Refuse a credential that cannot be served on arrival, or that would be served for
+        less time than the one it replaces, so that it never replaces the one being served."""
+        reason = self.policy.unusable_reason(token, self.clock()) or _outlived(entry, token)
         if reason is not None:
             raise UnusableCredentialError(
                 f"the {token.auth.value} Azure gave for {entry.service!r} cannot be used: "
@@ -598,3 +598,15 @@ def _consume(task: asyncio.Task[AccessToken]) -> None:
     """Mark a fetch's exception as seen: it is recorded on the entry, not lost."""
     if not task.cancelled():
         task.exception()
+
+
+def _outlived(entry: Entry, token: AccessToken) -> str | None:
+    """Why `token` would be served for less time than the token being served, if it would:
+    a token Azure gave that dies first is worse than none (the refresh failed)."""
+    current = entry.token
+    if current is None or current.expires_on is None or token.expires_on is None:
+        return None
+    if token.expires_on >= current.expires_on:
+        return None
+    earlier = current.expires_on - token.expires_on
+    return f"it expires {earlier:.1f} s before the {current.auth.value} being served"

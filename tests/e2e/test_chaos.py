@@ -89,6 +89,9 @@ async def client_loop(
     names = [*EAST_SERVICES, *WEST_SERVICES]
     while not stop.is_set():
         service = rng.choice(names)
+        # What was known before asking: a token another client saw while this request was
+        # answered may be newer than anything the broker had when it answered.
+        known_until = tally.valid_until.get(service, 0.0)
         reply = await client.get(f"/v1/token/{service}")
         now = time.time()
         tally.responses[reply.status] += 1
@@ -100,9 +103,10 @@ async def client_loop(
                     tally.expired_served += 1
                 tally.valid_until[service] = max(tally.valid_until.get(service, 0.0), exp)
         elif reply.status >= 500 and (
-            # A 503 is right only once the last token seen is within the skew allowance
-            # (0.6 s here) of its expiry; a second of slack covers the request's own time.
-            reply.status != 503 or tally.valid_until.get(service, 0.0) - now > 1.6
+            # A 503 is right only once the last token seen before the request is within the
+            # skew allowance (0.6 s here) of its expiry when the answer came; a second of
+            # slack covers `exp`'s rounding to whole seconds.
+            reply.status != 503 or known_until - now > 1.6
         ):
             tally.errors_while_valid += 1
         await asyncio.sleep(CLIENT_PACE_S)

@@ -122,6 +122,7 @@ class DrawnUpstream:
     queue: list[Answer] = field(default_factory=list)
     calls: list[float] = field(default_factory=list)
     last_usable: str | None = None  # the last credential returned that could be served
+    last_expiry: float | None = None  # and its expiry: one that dies first is refused
     failed_last: bool = False
     has_scoring_host: bool = True
     scoring_uri: str | None = None
@@ -141,8 +142,13 @@ class DrawnUpstream:
         if answer.kind == "status":
             raise self._status_error(answer, now)
         token = self._parse(answer, now)
-        if token.unusable_reason(self.time(), CONFIG.clock_skew_s) is None:
-            self.last_usable = token.value
+        dies_first = (
+            token.expires_on is not None
+            and self.last_expiry is not None
+            and token.expires_on < self.last_expiry
+        )
+        if token.unusable_reason(self.time(), CONFIG.clock_skew_s) is None and not dies_first:
+            self.last_usable, self.last_expiry = token.value, token.expires_on
             self.failed_last = False
         return token
 
@@ -345,6 +351,8 @@ class RefreshMachine(RuleBasedStateMachine):
             if token is not None and token is not before:
                 assert entry.obtained_at is not None
                 assert token.unusable_reason(entry.obtained_at, CONFIG.clock_skew_s) is None
+                if before is not None and before.expires_on and token.expires_on:
+                    assert token.expires_on >= before.expires_on  # never one that dies first
             self.held[entry.service] = token
 
     @invariant()

@@ -7,7 +7,12 @@ import asyncio
 import pytest
 
 from broker.cache import Policy, Store
-from broker.errors import NotReadyError, UnavailableError, UnknownServiceError
+from broker.errors import (
+    NotReadyError,
+    UnavailableError,
+    UnknownServiceError,
+    UnusableCredentialError,
+)
 from broker.models import AccessToken, AuthKind, State
 from tests.unit.fakes import FakeClock, FakeProvider
 
@@ -82,6 +87,26 @@ async def test_states_through_a_lifecycle(
     generation = entry.generation
     await store.fetch("svc")
     assert entry.generation == generation + 1
+
+
+async def test_a_token_that_dies_before_the_one_served_is_refused(
+    store: Store, provider: FakeProvider, clock: FakeClock
+) -> None:
+    """A usable token that would expire before the one being served does not replace it:
+    the refresh failed (its reason says why, not the value), the served token stays, and
+    one that lives as long or longer is taken."""
+    provider.gate.set()
+    first = token(clock)
+    shorter = AccessToken("tok-short", AuthKind.TOKEN, clock.now + 40, clock.now + 20)
+    provider.outcomes += [first, shorter, token(clock, "tok-2")]
+    await store.fetch("svc")
+    with pytest.raises(UnusableCredentialError, match=r"expires 60\.0 s before") as refused:
+        await store.fetch("svc")
+    assert "tok-short" not in str(refused.value)
+    entry = await store.credential("svc")
+    assert entry.token is first and store.state(entry) is State.STALE
+    await store.fetch("svc")  # the same expiry: taken
+    assert entry.token is not None and entry.token.value == "tok-2"
 
 
 async def test_unknown_service(store: Store) -> None:
