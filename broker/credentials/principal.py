@@ -15,10 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any, Protocol
-
-import msal
-import requests
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.config import CloudProfile, IdentityConfig
 from broker.credentials.jwt_claims import jwt_times
@@ -32,13 +29,18 @@ from broker.errors import (
 from broker.log import get_logger, register_secret, scrub
 from broker.models import AccessToken, AuthKind, Clock, system_clock, wall_clock
 
+if TYPE_CHECKING:
+    import msal
+    import requests
+
+    from broker.credentials.msal_http import BoundedSession
+
 log = get_logger("broker.credentials")
 
 _AADSTS = re.compile(r"\b(AADSTS\d+)\b")
 # AADSTS codes that a retry can heal (throttling, service trouble, clock skew).
 _TRANSIENT_AADSTS = frozenset({"AADSTS50196", "AADSTS90033", "AADSTS50058", "AADSTS500133"})
 _MSAL_EXPIRY_BUFFER_S = 300  # MSAL treats a cached token this close to expiry as expired
-_MSAL_THROTTLE_S, _MSAL_THROTTLE_MAX_S = 5.0, 3600.0  # how long MSAL replays a 429 itself
 
 
 class Credential(Protocol):
@@ -49,52 +51,6 @@ class Credential(Protocol):
         """Who signs in, for messages: the client id, never a secret."""
 
     async def get_token(self, scope: str) -> AccessToken: ...
-
-
-class _BoundedSession(requests.Session):
-    """A requests session whose every call has a timeout.
-
-    MSAL passes its own timeout to the token request but not to every call (the
-    OpenID discovery in its constructor has none), and a call without one can
-    hang a worker thread forever on a peer that accepted but never answers.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__()
-        self.timeout_s = timeout_s
-        # When Entra's last 429 asked us to wait until, on the wall clock MSAL's own throttle
-        # cache keeps: MSAL answers the same 429 from it until then, without calling, and
-        # without saying it was one.
-        self.throttled_until: float | None = None
-        self.retry_after_s: float | None = None
-
-    def request(self, method: str | bytes, url: str | bytes, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs["timeout"] = self.timeout_s  # ours, so that a reload can change it
-        response = super().request(method, url, **kwargs)
-        if response.status_code == 429:
-            self.retry_after_s = _seconds(response.headers.get("Retry-After"))
-            wait = self.retry_after_s if self.retry_after_s is not None else _MSAL_THROTTLE_S
-            self.throttled_until = wall_clock() + min(wait, _MSAL_THROTTLE_MAX_S)
-        elif method in ("POST", b"POST"):
-            self.throttled_until = None  # Entra answered a sign-in otherwise since
-        return response
-
-    def throttled(self) -> bool:
-        """Whether Entra's last 429 still stands (MSAL would answer it again)."""
-        until = self.throttled_until
-        return until is not None and wall_clock() <= until
-
-
-def http_session(cloud: CloudProfile, timeout_s: float = 30.0) -> requests.Session:
-    """A requests session trusting exactly the cloud profile's CA, with bounded calls.
-
-    `trust_env` is off so REQUESTS_CA_BUNDLE or a proxy variable in the daemon's
-    environment cannot silently replace the CA we were told to trust.
-    """
-    session = _BoundedSession(timeout_s)
-    session.trust_env = False
-    session.verify = str(cloud.ca_bundle) if cloud.ca_bundle else True
-    return session
 
 
 class ServicePrincipalCredential:
@@ -112,7 +68,8 @@ class ServicePrincipalCredential:
         self.identity = identity
         self._clock = clock  # Entra gives lifetimes; they are placed on the broker's clock
         self._cloud = cloud
-        self._session = session or http_session(cloud, timeout_s)
+        self._session = session  # built with MSAL's application, on the first sign-in
+        self._timeout_s = timeout_s
         self._clock_skew_s = clock_skew_s
         self._app: msal.ConfidentialClientApplication | None = None
         self._lock = asyncio.Lock()
@@ -125,13 +82,16 @@ class ServicePrincipalCredential:
 
     def close(self) -> None:
         """Close MSAL's pooled HTTPS connections."""
-        self._session.close()
+        if self._session is not None:
+            self._session.close()
 
     def configure(self, timeout_s: float, clock_skew_s: float) -> None:
         """Apply a reloaded `[refresh]`: later sign-ins are bounded and judged by these."""
         self._clock_skew_s = clock_skew_s
-        if isinstance(self._session, _BoundedSession):
-            self._session.timeout_s = timeout_s
+        self._timeout_s = timeout_s
+        bounded = _bounded(self._session)
+        if bounded is not None:
+            bounded.timeout_s = timeout_s
 
     async def get_token(self, scope: str) -> AccessToken:
         held = self._still_held(scope)
@@ -166,6 +126,8 @@ class ServicePrincipalCredential:
         instead of answering the token just refused from MSAL's cache."""
         if self._app is None:
             return
+        import msal  # loaded already: the application exists
+
         cache = self._app.token_cache
         for item in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
             if scope.lower() in str(item.get("target", "")).lower().split():
@@ -182,7 +144,15 @@ class ServicePrincipalCredential:
         return self._token_from(result, scope), _reusable_s(result)
 
     def _application(self) -> msal.ConfidentialClientApplication:
+        """MSAL's application, built on first use in a worker thread: MSAL and requests are
+        loaded then, not while the broker starts listening (about 50 ms and 6 MiB)."""
         if self._app is None:
+            import msal
+
+            from broker.credentials.msal_http import http_session
+
+            if self._session is None:
+                self._session = http_session(self._cloud, self._timeout_s)
             identity = self.identity
             self._app = msal.ConfidentialClientApplication(
                 identity.client_id,
@@ -238,8 +208,8 @@ class ServicePrincipalCredential:
             f"(client {self.identity.client_id}, tenant {self.identity.tenant_id}) "
             f"for scope {scope} failed: {result.get('error', 'error')}: {first_line}"
         )
-        session = self._session
-        if isinstance(session, _BoundedSession) and session.throttled():
+        session = _bounded(self._session)
+        if session is not None and session.throttled():
             return ThrottledError(
                 f"{message} (HTTP 429)",
                 status=429,
@@ -260,11 +230,13 @@ class ServicePrincipalCredential:
         )
 
 
-def _seconds(value: str | None) -> float | None:
-    """A `Retry-After` in seconds, the only form Entra sends; None when absent or other."""
-    if value is None or not value.strip().isdigit():
+def _bounded(session: requests.Session | None) -> BoundedSession | None:
+    """`session` when it is the broker's own (built once MSAL is loaded), else None."""
+    if session is None:
         return None
-    return float(value.strip())
+    from broker.credentials.msal_http import BoundedSession
+
+    return session if isinstance(session, BoundedSession) else None
 
 
 def _remaining(until: float | None, retry_after_s: float | None) -> float | None:

@@ -1,5 +1,6 @@
 """What an idle broker does not load: redis-py (and the cryptography it imports) without
-[fleet], and the emulator. Each is several MiB of RSS (docs/benchmarks.md, memory)."""
+[fleet], and the emulator. Each is several MiB of RSS (docs/benchmarks.md, memory). MSAL
+and requests wait for the first sign-in, after the broker listens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.timeout(60)
 
 _PROBE = (
     "import sys, broker.cli, broker.daemon; "
-    "print(' '.join(m for m in ('redis', 'cryptography', 'broker.emulator') if m in sys.modules))"
+    "print(' '.join(m for m in ('redis', 'cryptography', 'broker.emulator', 'msal', 'requests') if m in sys.modules))"
 )
 
 
