@@ -100,9 +100,9 @@ async def test_a_key_rotation_holds_the_lease_and_the_fleet_follows_it(
     rotation = asyncio.create_task(rotating.daemon.rotations.rotate("churn", "primary"))
     await serving(other, secondary)  # switched before the primary is regenerated
     assert emulator.state.current_keys(*KEY_COORDINATES)[0] == old_primary
-    with pytest.raises(LeaseBusyError):
-        await other.daemon.rotations.rotate("churn", "secondary")
-    await rotation
+    with pytest.raises(LeaseBusyError):  # within two lease_s
+        await asyncio.wait_for(other.daemon.rotations.rotate("churn", "secondary"), 10)
+    await asyncio.wait_for(rotation, 30)  # the regenerate's 6 s and a fetch on each side
     new_primary, same_secondary = emulator.state.current_keys(*KEY_COORDINATES)
     assert new_primary != old_primary and same_secondary == secondary
     await serving(other, new_primary)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.timeout(60)
 
 _PROBE = (
     "import sys, broker.cli, broker.daemon; "
-    "print(' '.join(m for m in ('redis', 'cryptography', 'broker.emulator', 'msal', 'requests') if m in sys.modules))"
+    "lazy = ('redis', 'cryptography', 'broker.emulator', 'msal', 'requests'); "
+    "print(' '.join(m for m in lazy if m in sys.modules))"
 )
 
 
