@@ -350,8 +350,8 @@ async def test_the_lease_holder_killed_mid_refresh(
     start_broker: StartBroker, emulator: Emulator, redis: RedisServer
 ) -> None:
     """`kill -9` of the broker holding the lease during a slow refresh: another broker
-    refreshes within lease_s plus its poll, and no client meanwhile gets an expired
-    token or an error."""
+    refreshes within lease_s plus its poll (at the most two lease_s, when it stops waiting),
+    and no client meanwhile gets an expired token or an error."""
     brokers = await start_fleet(start_broker, 3)
     emulator.state.fail("mms.token", status=None, delay_s=30.0, times=1)
     lease_key = _lease_key(redis)
@@ -370,7 +370,10 @@ async def test_the_lease_holder_killed_mid_refresh(
         for broker in others:
             body = await broker.token()  # never a 5xx, never expired
             assert body["expires_on"] > time.time()
-        assert time.monotonic() - killed_at < LEASE_S + 3.0, "nobody took over"
+        # The dead holder's lease lapses within lease_s, and a waiter polling every lease_s/10
+        # takes it; a waiter goes alone after two lease_s at the most. The slack is the
+        # fetch's own time, and these clients', on a busy machine.
+        assert time.monotonic() - killed_at < 2 * LEASE_S + 2.0, "nobody took over"
         await asyncio.sleep(0.05)
     assert len(await converged(others)) == 1
 
