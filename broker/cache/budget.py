@@ -5,6 +5,13 @@ subscription it calls Azure as (Azure throttles per principal and subscription).
 takes one token from each; when either is empty it waits for the refill. This is
 defence in depth: the policy already spaces attempts, but if a future bug in the state
 machine asked too often, Azure would still never see a burst.
+
+A fetch that must wait reserves its call: the bucket goes into debt and the fetch sleeps
+once, until the refill has paid for it, so fetches waiting on one bucket leave in the
+order they came, one refill apart. (Each one sleeping until the next token and trying
+again woke every waiter at every refill: a broker starting 10,000 services spent its
+event loop on those wake-ups instead of its clients.) A fetch cancelled while it waits
+gives its reservation back.
 """
 
 from __future__ import annotations
@@ -46,15 +53,16 @@ class Bucket:
         self._tokens = min(float(self.allowance.burst), self._tokens + (now - self._at) * rate)
         self._at = max(self._at, now)
 
-    def wait_s(self, now: float) -> float:
-        """How long until a token is there (0: now)."""
-        self._refill(now)
-        missing = 1.0 - self._tokens
-        return 0.0 if missing <= 1e-9 else missing * 60.0 / self.allowance.per_minute
-
-    def take(self, now: float) -> None:
+    def reserve(self, now: float) -> float:
+        """Take a call now, into debt if need be; how long until the refill pays for it."""
         self._refill(now)
         self._tokens -= 1.0
+        owed = -self._tokens
+        return 0.0 if owed <= 1e-9 else owed * 60.0 / self.allowance.per_minute
+
+    def give_back(self) -> None:
+        """Return a reserved call that was not made."""
+        self._tokens = min(float(self.allowance.burst), self._tokens + 1.0)
 
     def resize(self, allowance: Allowance, now: float) -> None:
         self._refill(now)
@@ -94,31 +102,32 @@ class CallBudget:
         self._exhausted.discard(service)
 
     async def spend(self, service: str, principal: PrincipalKey) -> int:
-        """Take one call from both buckets, waiting while either is empty; the number of
-        waits it took (0 when the budget had room)."""
-        waits = 0
-        while True:
-            now = self._clock()
-            own = self._bucket(self._services, service, self._service, now)
-            shared = self._bucket(self._principals, principal, self._principal, now)
-            wait = max(own.wait_s(now), shared.wait_s(now))
-            if wait <= 0:
-                own.take(now)
-                shared.take(now)
-                if waits == 0:
-                    self._exhausted.discard(service)
-                return waits
-            if service not in self._exhausted:
-                self._exhausted.add(service)
-                log.warning(
-                    "upstream.budget_exhausted",
-                    service=service,
-                    reason="service" if own.wait_s(now) > 0 else "principal",
-                    wait_s=round(wait, 2),
-                    note="a call budget in [refresh] holds this service's calls to Azure back",
-                )
-            waits += 1
+        """Take one call from both buckets, waiting while either is empty: 1 when it
+        waited, 0 when the budget had room."""
+        now = self._clock()
+        own = self._bucket(self._services, service, self._service, now)
+        shared = self._bucket(self._principals, principal, self._principal, now)
+        own_wait, shared_wait = own.reserve(now), shared.reserve(now)
+        wait = max(own_wait, shared_wait)
+        if wait <= 0:
+            self._exhausted.discard(service)
+            return 0
+        if service not in self._exhausted:
+            self._exhausted.add(service)
+            log.warning(
+                "upstream.budget_exhausted",
+                service=service,
+                reason="service" if own_wait >= shared_wait else "principal",
+                wait_s=round(wait, 2),
+                note="a call budget in [refresh] holds this service's calls to Azure back",
+            )
+        try:
             await self._sleep(wait)
+        except BaseException:
+            own.give_back()
+            shared.give_back()
+            raise
+        return 1
 
     @staticmethod
     def _bucket(buckets: dict[_K, Bucket], key: _K, allowance: Allowance, now: float) -> Bucket:

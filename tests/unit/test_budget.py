@@ -98,3 +98,57 @@ async def test_exhaustion_is_logged_once_per_episode(logs: io.StringIO) -> None:
     await time.advance(10.0)
     await task
     assert logs.getvalue().count("upstream.budget_exhausted") == 1
+
+
+async def test_waiters_sleep_once_and_leave_in_order_one_refill_apart() -> None:
+    """A hundred fetches waiting on one principal's bucket each sleep once (not once per
+    refill, which woke every waiter at every token) and leave in the order they came, a
+    refill apart; one cancelled while it waits gives its call back."""
+    time = SimTime()
+    sleeps = 0
+
+    async def counted(seconds: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        await time.sleep(seconds)
+
+    budget = CallBudget(Allowance(100, 6000.0), Allowance(1, 60.0), clock=time, sleep=counted)
+    left: list[tuple[int, float]] = []
+
+    async def fetch(i: int) -> None:
+        await budget.spend(f"s{i}", ("client", "sub"))
+        left.append((i, time()))
+
+    start = time()
+    tasks = [asyncio.create_task(fetch(i)) for i in range(100)]
+    await time.advance(0.0)
+    tasks[50].cancel()
+    await time.advance(200.0)
+    assert sleeps == 99  # the first had the bucket's one call
+    assert [i for i, _ in left] == [i for i in range(100) if i != 50]
+    times = [at - start for _, at in left]
+    assert times[0] == 0.0 and times[-1] == pytest.approx(99.0)
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 1.0 - 1e-6
+
+
+async def test_a_cancelled_waiter_gives_its_call_back() -> None:
+    """A fetch cancelled while it waits for the budget does not leave its call reserved:
+    the next one waits for one refill, not two."""
+    time = SimTime()
+    budget = CallBudget(Allowance(1, 60.0), Allowance(100, 6000.0), clock=time, sleep=time.sleep)
+    await budget.spend("svc", ("c", "s"))  # the bucket's one call
+    waiting = asyncio.create_task(budget.spend("svc", ("c", "s")))
+    await time.advance(0.0)
+    waiting.cancel()
+    await time.advance(0.0)
+    start = time()
+    done_at: list[float] = []
+
+    async def later() -> None:
+        await budget.spend("svc", ("c", "s"))
+        done_at.append(time() - start)
+
+    task = asyncio.create_task(later())
+    await time.advance(5.0)
+    await task
+    assert done_at == [pytest.approx(1.0)]  # 2.0 had the cancelled call kept its place
