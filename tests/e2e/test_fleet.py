@@ -298,10 +298,7 @@ async def test_a_broker_that_must_fetch_takes_discovery_and_describes_from_the_f
     await first.ready()
     learnt = {route: emulator.state.count(route) for route in METADATA_ROUTES}
     assert all(learnt.values()), learnt
-    first.proc.kill()
-    await first.proc.wait()
-    for key in redis.command("KEYS", "token-broker:*:credential").split():
-        redis.command("DEL", key)
+    await _only_facts_left(first, redis)
     fetched = emulator.state.count("mms.token") + emulator.state.count("arm.endpoint_token")
     second = await start_broker(services=ENDPOINTS)
     await second.ready()
@@ -483,6 +480,15 @@ def once_config(emulator: Emulator, directory: Path, redis: RedisServer, fleet_k
     return path
 
 
+async def _only_facts_left(broker: Broker, redis: RedisServer) -> None:
+    """Kill the fleet's only broker and evict its credentials: Redis keeps what it learnt
+    of Azure (discoveries, describe results), and nobody serves a credential."""
+    broker.proc.kill()
+    await broker.proc.wait()
+    for key in redis.command("KEYS", "token-broker:*:credential").split():
+        redis.command("DEL", key)
+
+
 def upstream_calls(emulator: Emulator) -> int:
     """Every request the emulator received: sign-ins, ARM, discovery, describe, tokens, keys."""
     return sum(emulator.state.calls.values())
@@ -546,10 +552,7 @@ async def test_once_takes_discovery_and_describes_from_the_fleet(
     asks it no discovery and no describe: the fleet learnt them."""
     broker = await start_broker()
     await broker.ready()
-    broker.proc.kill()
-    await broker.proc.wait()
-    for key in redis.command("KEYS", "token-broker:*:credential").split():
-        redis.command("DEL", key)
+    await _only_facts_left(broker, redis)
     learnt = {route: emulator.state.count(route) for route in METADATA_ROUTES}
     code, out, events = await run_once(once_config(emulator, short_dir / "once", redis, fleet_key))
     assert code == 0, out
