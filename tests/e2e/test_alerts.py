@@ -39,7 +39,8 @@ DASHBOARD = REPO / "deploy" / "grafana" / "token-broker.json"
 # Grafana's variables as the dashboard's "All" fills them in.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".+", "$instance": ".+", "$service": ".+"}
 JOB = "token-broker"
-LISTENING = re.compile(r'msg="Listening on" address=(127\.0\.0\.1:\d+)')
+# Prometheus logs its bound address and its readiness from two goroutines, in either order.
+LISTENING = re.compile(r'msg="Listening on" address=\[?(127\.0\.0\.1\]?:\d+)')
 READY = "Server is ready to receive web requests."
 POLL_S = 0.2
 
@@ -67,20 +68,29 @@ class Prometheus:
         self._drain: asyncio.Task[None] | None = None
 
     async def started(self, within: float = 20.0) -> None:
-        """Read its log until it listens and is ready; the log is kept for failures."""
+        """Read its log until it has said both where it listens and that it is ready; the log
+        is kept for failures."""
 
         async def read() -> None:
             assert self.proc.stderr is not None
+            ready = False
             async for raw in self.proc.stderr:
                 line = raw.decode(errors="replace")
                 self.lines.append(line)
                 if found := LISTENING.search(line):
-                    self.address = found.group(1)
-                if READY in line:
+                    self.address = found.group(1).replace("]", "")
+                ready = ready or READY in line
+                if ready and self.address:
                     return
             raise AssertionError("prometheus exited:\n" + "".join(self.lines))
 
-        await asyncio.wait_for(read(), within)
+        try:
+            await asyncio.wait_for(read(), within)
+        except TimeoutError:
+            log = "".join(self.lines)
+            raise AssertionError(
+                f"prometheus did not log its address and readiness within {within} s:\n{log}"
+            ) from None
         self._drain = asyncio.create_task(self._keep_reading())
 
     async def _keep_reading(self) -> None:
