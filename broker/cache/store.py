@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -226,6 +227,10 @@ class Store:
     def has(self, service: str) -> bool:
         return service in self._entries
 
+    def find(self, service: str) -> Entry | None:
+        """The service's entry; None when no such service is configured."""
+        return self._entries.get(service)
+
     def entry(self, service: str) -> Entry:
         try:
             return self._entries[service]
@@ -247,6 +252,14 @@ class Store:
         if entry.token is None or entry.obtained_at is None:
             return False
         return self.policy.servable(entry.token, entry.obtained_at, self.clock())
+
+    def serve_until(self, entry: Entry) -> float:
+        """The last moment, on the store's clock, the entry's credential may be served
+        (infinite for keys, which do not expire)."""
+        if entry.token is None or entry.obtained_at is None:
+            return -math.inf
+        until = self.policy.serve_until(entry.token, entry.obtained_at)
+        return math.inf if until is None else until
 
     def refresh_by(self, entry: Entry) -> float | None:
         if entry.token is None or entry.obtained_at is None:

@@ -11,21 +11,29 @@ credential still being fetched (whose answer means waiting) — is aiohttp's, an
 door hands the connection over. Before answering, the request passes `guards.check` and
 `AccessRules.authorize`, the functions aiohttp's middleware and routes call, and a refusal
 is answered with the same JSON body. Each answer is counted in the same request metric.
+
+Clients ask the same thing over and over, byte for byte, on one connection. With each
+answer goes its `Reuse`: what it was decided from (the service's credential and its
+generation, how long that credential may be served, the Date's second, the access rules'
+version). While all of that holds, the front door may send the same bytes again for the
+same request bytes (`Answers.reusable`), counting each answer as it did the first time.
+Refusals are judged (and audited) every time, and `/readyz`, which depends on every
+service, is always answered afresh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Sequence
 from email.utils import formatdate
 from enum import Enum
 from http import HTTPStatus
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import httptools
 from aiohttp import web
 
 from broker.errors import LocalRequestError
-from broker.metrics import Metrics
 from broker.models import wall_clock
 from broker.server import guards, routes
 from broker.server.guards import RawHeaders
@@ -33,6 +41,11 @@ from broker.server.keys import ACCESS, STORE
 from broker.server.metrics_route import METRICS
 from broker.server.peers import Peer
 from broker.server.refusals import error_json, retry_after
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from broker.cache.store import Entry
 
 _TOKEN_ROUTE = "/v1/token/{service}"  # noqa: S105 — a route template, as the metric labels it
 _TOKEN_PREFIX = b"/v1/token/"
@@ -67,6 +80,17 @@ _FIXED = {
 _FORMATS = {None: Kind.JSON, b"format=json": Kind.JSON, b"format=header": Kind.HEADER}
 
 
+class Reuse(NamedTuple):
+    """What one answer was decided from: while it all holds, the same request bytes get
+    the same answer (see `Answers.reusable`)."""
+
+    entry: Entry | None  # the credential's entry, for the token routes
+    generation: int  # the entry's generation when it was answered
+    until: float  # the last moment, on the store's clock, the answer holds (serve_until)
+    second: int  # the Date header's second
+    counter: Counter | None  # the request metric's child it was counted in
+
+
 class DoorRequest:
     """One request as the front door read it: the `RequestView` the guards judge."""
 
@@ -99,14 +123,18 @@ class Answers:
         self._store = app[STORE]
         self._access = app[ACCESS]
         self._rendered = app[routes.RENDERED]
-        metrics = app.get(METRICS)
-        self._count: Callable[[Route, int], None] | None = (
-            None if metrics is None else _counter(metrics)
-        )
+        self._metrics = app.get(METRICS)
         self._routes: dict[bytes, Route] = {}
         self._second = -1
         self._date = b""
         self._health = routes.health_body()
+        # Bumped whenever the access rules change: answers given under older rules are
+        # never sent again.
+        self.rules_version = 0
+        self._access.on_update(self._rules_changed)
+
+    def _rules_changed(self) -> None:
+        self.rules_version += 1
 
     def route(self, target: bytes) -> Route | None:
         """What a request target asks of the front door; None when it is not its to answer."""
@@ -142,9 +170,12 @@ class Answers:
 
     def answer(
         self, route: Route, request: DoorRequest, version: bytes, keep_alive: bool
-    ) -> bytes | None:
-        """The whole response to `request`, or None when aiohttp must answer it."""
+    ) -> tuple[bytes, Reuse | None] | None:
+        """The whole response to `request` and what it was decided from (None for an
+        answer never to be sent again); None when aiohttp must answer it."""
         kind = route.kind
+        entry: Entry | None = None
+        until = math.inf
         try:
             guards.check(request)
             if kind is Kind.HEALTH:
@@ -154,32 +185,65 @@ class Answers:
                 content_type = _JSON_UTF8
                 extra = b"" if wait is None else b"Retry-After: %s\r\n" % wait.encode()
             else:
-                found = self._token(kind, route.service, request)
+                entry = self._store.find(route.service)
+                found = self._token(kind, route.service, request, entry)
                 if found is None:
                     return None
-                status, content_type, body, extra = 200, *found, b""
+                content_type, body, until = found
+                status, extra = 200, b""
         except LocalRequestError as exc:
             status, content_type, body = exc.status, _JSON, error_json(exc.code, exc.message)
             extra = b""
             if exc.retry_after is not None:
                 extra = b"Retry-After: %s\r\n" % retry_after(exc.retry_after).encode()
-        if self._count is not None:
-            self._count(route, status)
+        counter = None
+        if self._metrics is not None:
+            counter = self._metrics.request_count(route.template, status)
+            counter.inc()
         head = request.method == "HEAD"
-        return self._frame(version, status, content_type, extra, body, keep_alive, head)
+        framed = self._frame(version, status, content_type, extra, body, keep_alive, head)
+        if kind is Kind.READY or status != 200:
+            return framed, None  # a refusal is judged, and audited, every time
+        generation = 0 if entry is None else entry.generation
+        return framed, Reuse(entry, generation, until, self._second, counter)
 
-    def _token(self, kind: Kind, service: str, request: DoorRequest) -> tuple[bytes, bytes] | None:
-        self._access.authorize(request, service)
+    def reusable(self, reuses: Sequence[Reuse], rules_version: int) -> bool:
+        """Whether answers decided from `reuses` under `rules_version` may be sent again
+        now, byte for byte; when they may, each is counted as it was the first time."""
+        if rules_version != self.rules_version:
+            return False
         store = self._store
-        if not store.has(service):
+        now = store.clock()
+        second = int(wall_clock())
+        for reuse in reuses:
+            entry = reuse.entry
+            if reuse.second != second or now >= reuse.until:
+                return False
+            if entry is not None and (
+                entry.generation != reuse.generation or store.find(entry.service) is not entry
+            ):
+                return False
+        for reuse in reuses:
+            if reuse.counter is not None:
+                reuse.counter.inc()
+        return True
+
+    def _token(
+        self, kind: Kind, service: str, request: DoorRequest, entry: Entry | None
+    ) -> tuple[bytes, bytes, float] | None:
+        """The content type and body of a servable credential, and until when it may be
+        served; None when aiohttp must answer."""
+        self._access.authorize(request, service)
+        if entry is None:
             return None  # removed by a reload since the route was read: aiohttp's 404
-        entry = store.entry(service)
+        store = self._store
         if not store.usable(entry):
             return None  # a wait for the fetch, or a 503: aiohttp's route does both
+        until = store.serve_until(entry)
         rendered = routes.rendered(self._rendered, store, entry)
         if kind is Kind.HEADER:
-            return _TEXT, rendered.header
-        return _JSON, rendered.json
+            return _TEXT, rendered.header, until
+        return _JSON, rendered.json, until
 
     def _frame(
         self,
@@ -226,10 +290,3 @@ class Answers:
 
 
 _STATUS_LINES = {s.value: b" %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-
-
-def _counter(metrics: Metrics) -> Callable[[Route, int], None]:
-    def count(route: Route, status: int) -> None:
-        metrics.request_count(route.template, status).inc()
-
-    return count

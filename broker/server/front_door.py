@@ -28,14 +28,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 import httptools
 
 from broker.config import ListenConfig
 from broker.log import get_logger
 from broker.server.connections import Connection, Connections, ListenerName
-from broker.server.front_answers import Answers, DoorRequest, Route
+from broker.server.front_answers import Answers, DoorRequest, Reuse, Route
 from broker.server.peers import Peer, peer_of_socket
 from broker.server.refusals import error_json
 
@@ -172,6 +172,17 @@ def end_of(prefix: bytes, data: bytes, completions: int) -> int:
     return len(data)
 
 
+class _Memo(NamedTuple):
+    """A read answered whole by the front door, ending where a request ends, and the
+    answers it was given: the same bytes read again get the same answers while
+    `Answers.reusable` says what they were decided from still holds."""
+
+    read: bytes
+    replies: bytes
+    reuses: tuple[Reuse, ...]
+    rules_version: int
+
+
 class FrontDoor(asyncio.Protocol):
     """One connection: admitted, its requests answered here until one is aiohttp's, then
     handed to aiohttp's protocol with the bytes read since; its request lines followed and
@@ -211,6 +222,8 @@ class FrontDoor(asyncio.Protocol):
         self._hand_off_after: int | None = None
         self._replies: list[bytes] = []  # this read's answers, written once it is judged
         self._replied = 0  # the bytes of this read's answers
+        self._reuses: list[Reuse | None] = []  # what each of them was decided from
+        self._memo: _Memo | None = None  # the last read answered whole, to answer again
         # The request being read.
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -270,9 +283,26 @@ class FrontDoor(asyncio.Protocol):
         line with no version, only the refusal is sent; when llhttp finds any of it
         malformed, all of it goes to aiohttp, which refuses it whole. Either way the answer
         is the one aiohttp's path gives the same read."""
+        memo, answers = self._memo, self._answers
+        if (
+            memo is not None
+            and data == memo.read
+            and not self._in_message
+            and not self._write_paused
+            and answers is not None
+            and answers.reusable(memo.reuses, memo.rules_version)
+        ):
+            # The same bytes, between requests, as the read `memo` answered: llhttp would
+            # read the same requests from them, and they get the same answers.
+            transport.write(memo.replies)
+            self._idle_until = self._loop.time() + self._limits.idle_timeout_s
+            return
+        self._memo = None
         parser = self._parser
-        assert parser is not None
+        assert parser is not None and answers is not None
+        rules_version = answers.rules_version
         self._answered, self._hand_off_after, self._replies, self._replied = 0, None, [], 0
+        self._reuses = []
         parsed = _feed(parser, data)
         if not parsed:
             self._parser = None
@@ -285,7 +315,9 @@ class FrontDoor(asyncio.Protocol):
             self._hand_off(self._after_answers(data, 0))
             return
         if self._replies:
-            transport.write(b"".join(self._replies))
+            replies = b"".join(self._replies)
+            transport.write(replies)
+            self._remember(data, replies, rules_version)
         if self._closing:
             transport.close()
             return
@@ -299,6 +331,21 @@ class FrontDoor(asyncio.Protocol):
             self._hand_off(self._pending)
             return
         self._watch(connection)
+
+    def _remember(self, data: bytes, replies: bytes, rules_version: int) -> None:
+        """Keep `data` and its answers to answer again, when every request in it was
+        answered here, it ends where a request ends, and every answer may be reused."""
+        if (
+            self._closing
+            or self._in_message
+            or self._hand_off_after is not None
+            or self._pending
+            or None in self._reuses
+        ):
+            return
+        reuses = cast(list[Reuse], self._reuses)
+        if all(reuse.second == reuses[0].second for reuse in reuses):
+            self._memo = _Memo(data, replies, tuple(reuses), rules_version)
 
     def _keep(self, reads: list[bytes]) -> None:
         """Keep the reads of the request in progress; a client that trickles it in tiny
@@ -438,11 +485,13 @@ class FrontDoor(asyncio.Protocol):
             self._listener == "unix",
             None if self._connection is None else self._connection.peer,
         )
-        answer = self._safely(answers.answer, route, request, self._version, keep_alive)
-        if answer is None:
+        answered = self._safely(answers.answer, route, request, self._version, keep_alive)
+        if answered is None:
             self._decline()
             return
+        answer, reuse = answered
         self._replies.append(answer)
+        self._reuses.append(reuse)
         self._replied += len(answer)
         self._answered += 1
         if keep_alive:

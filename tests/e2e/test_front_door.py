@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import os
 import time
 from pathlib import Path
 from typing import cast
@@ -18,6 +19,7 @@ import pytest
 
 from broker.config import load_config
 from broker.emulator import Emulator
+from broker.server import front_answers
 from broker.server.front_answers import Answers
 from tests.conftest import config_text
 from tests.e2e.conftest import LISTENERS, Broker, StartBroker
@@ -229,6 +231,89 @@ async def test_front_door_answers_are_counted_by_route(start_broker: StartBroker
         await metric(broker, 'token_broker_requests_total{route="/healthz",status="200"}')
         == health + 1
     )
+
+
+async def token_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(TOKEN)
+    return await answer(reader)
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+async def test_the_same_request_again_is_answered_and_counted_each_time(
+    start_broker: StartBroker, listener: str
+) -> None:
+    """A request sent again and again, byte for byte, on one connection gets the front
+    door's same answer each time, and each is counted."""
+    broker = await start_broker()
+    await broker.settled()
+    route = 'token_broker_requests_total{route="/v1/token/{service}",status="200"}'
+    before = await metric(broker, route)
+    reader, writer = await connect(broker.daemon, listener)
+    replies = [await token_answer(reader, writer) for _ in range(5)]
+    writer.close()
+    bodies = {reply.split(b"\r\n\r\n", 1)[1] for reply in replies}
+    assert len(bodies) == 1 and all(b"\r\nServer: " not in reply for reply in replies)
+    assert await metric(broker, route) == before + 5
+
+
+async def test_the_same_request_again_gets_a_new_credential_at_once(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the credential changes, the same request bytes get the new one: an answer is
+    sent again only while the credential it holds is the one served."""
+    broker = await start_broker()
+    await broker.settled()
+    second = time.time()  # the Date's second stays, so only the credential's change counts
+    monkeypatch.setattr(front_answers, "wall_clock", lambda: second)
+    reader, writer = await connect(broker.daemon, "unix")
+    first = await token_answer(reader, writer)
+    await broker.daemon.store.fetch("fraud")
+    token = broker.daemon.store.entry("fraud").token
+    assert token is not None and token.value.encode() not in first
+    again = await token_answer(reader, writer)
+    writer.close()
+    assert token.value.encode() in again and b"\r\nServer: " not in again
+
+
+async def test_the_same_request_again_is_refused_once_a_reload_takes_access_away(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path
+) -> None:
+    """A reload that no longer lets the connection's user fetch the service refuses the
+    same request bytes on a connection opened before it, at once."""
+    broker = await start_broker(
+        config_text(emulator, short_dir, extra_service_keys=f"allow_users = [{os.getuid()}]")
+    )
+    await broker.settled()
+    reader, writer = await connect(broker.daemon, "unix")
+    assert (await token_answer(reader, writer)).startswith(b"HTTP/1.1 200 OK\r\n")
+    path = short_dir / "broker.toml"
+    path.write_text(
+        config_text(emulator, short_dir, extra_service_keys=f"allow_users = [{os.getuid() + 1}]")
+    )
+    await broker.daemon.reload(load_config(path))
+    refused = await token_answer(reader, writer)
+    writer.close()
+    assert refused.startswith(b"HTTP/1.1 403 Forbidden\r\n"), refused[:200]
+    assert b"\r\nServer: " not in refused
+
+
+async def test_the_same_request_again_is_not_answered_past_its_credentials_life(
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer is never sent again once its credential may no longer be served: with the
+    broker's clock past the credential's last moment, the same request bytes go to
+    aiohttp's route, which fetches a new one."""
+    broker = await start_broker()
+    await broker.settled()
+    store = broker.daemon.store
+    reader, writer = await connect(broker.daemon, "unix")
+    first = await token_answer(reader, writer)
+    ahead = store.serve_until(store.entry("fraud")) - time.time() + 0.001
+    monkeypatch.setattr(store, "clock", lambda: time.time() + ahead)
+    second = await token_answer(reader, writer)
+    writer.close()
+    assert b"\r\nServer: " in second  # aiohttp's: a new credential, or a 503 while none is
+    assert second.split(b"\r\n\r\n", 1)[1] != first.split(b"\r\n\r\n", 1)[1]
 
 
 @pytest.mark.parametrize("listener", LISTENERS)

@@ -373,6 +373,30 @@ async def test_both_paths_answer_the_corpus_alike(
 
 
 @pytest.mark.parametrize("listener", LISTENERS)
+async def test_both_paths_answer_alike_when_the_same_read_comes_again(
+    start_broker: StartBroker,
+    emulator: Emulator,
+    short_dir: Path,
+    listener: str,
+    logs: io.StringIO,
+) -> None:
+    """Each case's bytes sent three times, each time read on its own, then its closing
+    request: the front door sends its earlier answers again for bytes it answered whole,
+    and both paths give the same answers, byte for byte but for Date and Server."""
+    broker = await start_broker(differential_config(emulator, short_dir))
+    await broker.settled()
+    for case in CORPUS:
+        if not case.then:
+            continue  # the case ends the connection: nothing after it is read
+        parts = [case.data] * 3 + [case.then]
+        door, behind = await both_paths(broker.daemon, listener, parts, logs)
+        assert normalized(door) == normalized(behind) or not case.same_body, case.id
+        assert statuses(door) == statuses(behind), (case.id, door[:300])
+        if case.id == "token":
+            assert without_server(door) == 4, door[:300]  # every answer the front door's
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
 async def test_both_paths_answer_alike_however_the_bytes_are_split(
     start_broker: StartBroker,
     emulator: Emulator,
