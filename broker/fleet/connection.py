@@ -217,12 +217,20 @@ class PubSubReader:
         return Notice(channel.decode("utf-8", "replace"), int(data))
 
 
+_LOGIN_REFUSED = (
+    "Redis refused the broker's login (%s): check [fleet] username and password, and that "
+    "the user is enabled"
+)
+
+
 @contextmanager
 def _translated(operation: str) -> Iterator[None]:
     """redis-py's and the socket's failures as the broker's own error."""
     try:
         yield
-    except (AuthenticationError, NoPermissionError) as exc:
+    except AuthenticationError:  # raised as it is from redis-py 8.2, wrapped before
+        raise FleetUnavailableError(_LOGIN_REFUSED % operation, operation=operation) from None
+    except NoPermissionError as exc:
         raise FleetUnavailableError(
             f"Redis refused the broker's {operation}: {_kind(exc)} (check [fleet] username "
             "and password, and the user's ACL)",
@@ -233,12 +241,8 @@ def _translated(operation: str) -> Iterator[None]:
             f"Redis failed the broker's {operation}: {_kind(exc)}", operation=operation
         ) from None
     except (RedisError, OSError, TimeoutError) as exc:
-        if _refused(exc):  # redis-py raises a ConnectionError from a refused login
-            raise FleetUnavailableError(
-                f"Redis refused the broker's login ({operation}): check [fleet] username and "
-                "password, and that the user is enabled",
-                operation=operation,
-            ) from None
+        if _refused(exc):  # redis-py before 8.2 raises a ConnectionError from a refused login
+            raise FleetUnavailableError(_LOGIN_REFUSED % operation, operation=operation) from None
         tls = _tls_problem(exc)
         if tls is not None:
             raise FleetUnavailableError(
