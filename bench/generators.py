@@ -64,18 +64,31 @@ class Target:
     headers: tuple[str, ...] = ()
     method: str = "GET"
     body: bytes = b""
+    # Each request different from the last (an X-Request-Id counting up): wrk only, as
+    # h2load sends the same bytes every time.
+    varied: bool = False
 
 
 def _taskset(cpu: int | None) -> list[str]:
     return [] if cpu is None else ["taskset", "-c", str(cpu)]
 
 
+_VARIED = """\
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, {["X-Request-Id"] = tostring(n)})
+end
+"""
+
+
 def _wrk_script(target: Target, directory: Path) -> list[str]:
-    if target.method == "GET" and not target.body:
+    if target.method == "GET" and not target.body and not target.varied:
         return []
     script = directory / "wrk.lua"
     body = target.body.decode().replace("\\", "\\\\").replace('"', '\\"')
-    script.write_text(f'wrk.method = "{target.method}"\nwrk.body = "{body}"\n')
+    text = f'wrk.method = "{target.method}"\nwrk.body = "{body}"\n'
+    script.write_text(text + (_VARIED if target.varied else ""))
     return ["-s", str(script)]
 
 

@@ -128,6 +128,14 @@ def throughput_lines(t: dict[str, Any], s: dict[str, Any]) -> list[str]:
         "server process's (nginx: master and worker) CPU time from /proc over the window ÷ "
         "requests answered.",
         "",
+        "wrk and h2load send the same bytes on a connection every time, as most clients "
+        "do, and the front door sends its last answer again for them while the credential, "
+        "its serve-until, the Date's second and the access rules are unchanged (README, "
+        "*Which requests the front door answers*). `varied` is the token route with each "
+        "request different from the last (an `X-Request-Id` counting up, from a wrk Lua "
+        "script; TCP only, as h2load cannot): every request is parsed, judged and framed "
+        "afresh, the front door's full path, against the same load on the references.",
+        "",
     ]
     if t["nginx_note"]:
         lines += [f"*No nginx column: {t['nginx_note']}.*", ""]
