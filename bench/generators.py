@@ -73,11 +73,15 @@ def _taskset(cpu: int | None) -> list[str]:
     return [] if cpu is None else ["taskset", "-c", str(cpu)]
 
 
+# wrk.format's headers replace wrk's own (the -H ones): they are copied in first.
 _VARIED = """\
 local n = 0
 request = function()
   n = n + 1
-  return wrk.format(nil, nil, {["X-Request-Id"] = tostring(n)})
+  local headers = {}
+  for name, value in pairs(wrk.headers) do headers[name] = value end
+  headers["X-Request-Id"] = tostring(n)
+  return wrk.format(nil, nil, headers)
 end
 """
 

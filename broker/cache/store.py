@@ -249,6 +249,7 @@ class Store:
         return State.REFRESHING
 
     def usable(self, entry: Entry) -> bool:
+        """Whether the entry's credential may be served now: before `serve_until`."""
         if entry.token is None or entry.obtained_at is None:
             return False
         return self.policy.servable(entry.token, entry.obtained_at, self.clock())

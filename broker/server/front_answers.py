@@ -237,9 +237,9 @@ class Answers:
         if entry is None:
             return None  # removed by a reload since the route was read: aiohttp's 404
         store = self._store
-        if not store.usable(entry):
-            return None  # a wait for the fetch, or a 503: aiohttp's route does both
         until = store.serve_until(entry)
+        if store.clock() >= until:  # not usable (Store.usable, from the same deadline)
+            return None  # a wait for the fetch, or a 503: aiohttp's route does both
         rendered = routes.rendered(self._rendered, store, entry)
         if kind is Kind.HEADER:
             return _TEXT, rendered.header, until

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -124,3 +125,22 @@ async def test_a_crashing_provider_costs_one_refresh(
     with pytest.raises(Exception, match="internal error"):
         await store.fetch("svc")
     assert store.state(store.entry("svc")) is State.FAILED
+
+
+async def test_a_credential_is_usable_exactly_until_its_serve_until(
+    store: Store, provider: FakeProvider, clock: FakeClock
+) -> None:
+    """`serve_until` is the moment `usable` turns false (the front door judges by it):
+    minus infinity before any credential, the policy's deadline for a token."""
+    entry = store.entry(provider.service)
+    assert store.serve_until(entry) == -math.inf and not store.usable(entry)
+    provider.outcomes.append(token(clock))
+    provider.gate.set()
+    await store.credential(provider.service)
+    until = store.serve_until(entry)
+    assert entry.token is not None and entry.obtained_at is not None
+    assert until == store.policy.serve_until(entry.token, entry.obtained_at) < math.inf
+    clock.now = until - 0.001
+    assert store.usable(entry)
+    clock.now = until
+    assert not store.usable(entry)
