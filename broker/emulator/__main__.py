@@ -30,6 +30,7 @@ fault SPECs (--fault ROUTE=SPEC[@SERVICE], repeatable, applied in order):
   hang                      never answer (until the client gives up or the emulator stops)
   malformed                 200 with an HTML body labelled application/json
   partial                   200 with the real JSON answer cut in half
+  cut                       the real answer's headers, half its body, then the connection closed
   missing_fields            200 with the real answer minus its essential fields
   slow:SECS                 the real answer, SECS seconds late
   @SERVICE                  (suffix) only for that web service, e.g. mms.token=503@fraud-aks

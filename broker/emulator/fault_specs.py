@@ -3,7 +3,7 @@
     ROUTE=SPEC[@SERVICE]      SPEC is one of
         STATUS                    answer STATUS (100-599) with Azure's error body
         STATUS:retry-after=SECS   the same, with `Retry-After: SECS`
-        reset | hang | malformed | partial | missing_fields
+        reset | hang | malformed | partial | cut | missing_fields
         slow:SECS                 answer normally, SECS seconds late
     REGION[=HOW]              HOW is reset (the default), hang, malformed or a STATUS
 
@@ -19,7 +19,7 @@ from broker.emulator.faults import KINDS, ROUTES, Fault, Outage
 
 FAULT_FORMS: Final = (
     "ROUTE=STATUS, ROUTE=STATUS:retry-after=SECONDS, ROUTE=slow:SECONDS or "
-    "ROUTE=KIND with KIND one of reset, hang, malformed, partial, missing_fields, expired, "
+    "ROUTE=KIND with KIND one of reset, hang, malformed, partial, cut, missing_fields, expired, "
     "expiring, not_yet_valid; "
     "optionally @SERVICE at the end (e.g. mms.token=503@fraud-aks)"
 )

@@ -45,6 +45,7 @@ KINDS: Final = (
     "slow",
     "malformed",
     "partial",
+    "cut",
     "missing_fields",
     *VALIDITY_KINDS,
 )

@@ -7,6 +7,8 @@ region or a broken proxy between it and the broker would:
 - "slow": the real answer, `delay_s` late;
 - "malformed": 200, an HTML page (or the fault's `str` body) labelled application/json;
 - "partial": the real answer cut in half, with a `Content-Length` that matches the cut;
+- "cut": the real answer's status and headers, its whole `Content-Length`, half its body,
+  then the connection closed: an answer that breaks off while it is read;
 - "missing_fields": the real answer without the fields a client needs (`ESSENTIAL`);
   `{}` (200) for routes that have none;
 - "expired", "expiring", "not_yet_valid": the real answer, its token shaped by the
@@ -73,6 +75,8 @@ async def apply(
         return malformed(fault)
     if fault.kind == "partial":
         return truncated(await answer())
+    if fault.kind == "cut":
+        return await cut_short(request, await answer())
     if fault.kind == "missing_fields":
         return await without_essentials(route, answer)
     if fault.kind in VALIDITY_KINDS:
@@ -144,6 +148,20 @@ def truncated(response: web.StreamResponse) -> web.StreamResponse:
     if body is None:
         return response
     return _with_body(response, body[: len(body) // 2])
+
+
+async def cut_short(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send the response's headers and the first half of its body, then close."""
+    body = _body_of(response)
+    if body is None:
+        return response
+    stream = web.StreamResponse(status=response.status, headers=response.headers.copy())
+    stream.content_length = len(body)
+    await stream.prepare(request)
+    await stream.write(body[: len(body) // 2])
+    if request.transport is not None:
+        request.transport.close()
+    return stream
 
 
 async def without_essentials(route: str, answer: Answer) -> web.StreamResponse:

@@ -224,8 +224,22 @@ async def _hold(answer: Answer, limit: int) -> tuple[bytes, bool]:
 async def _relay(
     request: web.Request, answer: Answer, prefix: bytes, service: str
 ) -> web.StreamResponse:
+    """The scoring host's answer to the client: read whole and sent in one write when it
+    declares a length of at most 64 KiB (a scoring answer, mostly), streamed otherwise."""
+    headers = returned_headers(answer.headers)
+    declared = _declared_length(request, answer)
+    if declared is not None:
+        held, complete = await _hold(answer, _READ_CHUNK - len(prefix))
+        prefix += held
+        if complete and len(prefix) == declared:
+            whole = web.Response(status=answer.status, reason=answer.reason, body=prefix)
+            for name, value in headers:
+                if name.lower() != "content-length":  # the body's own, the same number
+                    whole.headers.add(name, value)
+            return whole
+        # Cut, or not the length it declared: relayed as it came, and cut as it was.
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
-    for name, value in returned_headers(answer.headers):
+    for name, value in headers:
         response.headers.add(name, value)
     await response.prepare(request)
     chunk = prefix
@@ -243,6 +257,18 @@ async def _relay(
             break
     await response.write_eof()
     return response
+
+
+def _declared_length(request: web.Request, answer: Answer) -> int | None:
+    """The answer's Content-Length when its body can be read whole first: at most 64 KiB,
+    and a body there is (not an answer to HEAD, nor a 1xx, 204 or 304)."""
+    if request.method == "HEAD" or answer.status < 200 or answer.status in (204, 304):
+        return None
+    values = answer.headers.getall(hdrs.CONTENT_LENGTH, ())
+    if len(values) != 1 or not values[0].isdigit():
+        return None
+    length = int(values[0])
+    return length if length <= _READ_CHUNK else None
 
 
 def _cut(

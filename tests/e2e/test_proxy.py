@@ -365,6 +365,30 @@ async def test_an_upstream_reset_is_502(
     assert answer.status == 502 and answer.json()["error"] == "upstream_unreachable"
 
 
+async def test_an_answer_cut_while_it_is_read_is_relayed_cut(
+    start_broker: StartBroker, emulator: Emulator, short_dir: Path, caller: Any
+) -> None:
+    """A scoring answer that breaks off before its Content-Length reaches the client as it
+    came: the status, the whole length declared, the bytes that came, then the connection
+    closed, so that it cannot pass for a whole answer."""
+    broker = await start_broker(proxy_config(emulator, short_dir))
+    emulator.state.fail("score", kind="cut", times=1, service=demo.TOKEN_SERVICE)
+    reader, writer = await asyncio.open_unix_connection(str(broker.daemon.unix_path))
+    writer.write(
+        b"POST /v1/proxy/fraud HTTP/1.1\r\nHost: localhost\r\nMetadata: true\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    received = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    declared = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+    assert 0 < len(body) < declared
+    whole = await caller(broker).call("POST", "/v1/proxy/fraud", data=b"{}")
+    assert whole.status == 200 and len(whole.body) == declared
+    assert whole.body.startswith(body)
+
+
 async def test_sub_paths_resolve_in_the_scoring_directory(
     start_broker: StartBroker, emulator: Emulator, short_dir: Path, caller: Any
 ) -> None:

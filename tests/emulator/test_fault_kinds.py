@@ -158,6 +158,21 @@ async def test_partial_cuts_the_real_answer_in_half(
         assert len(await resp.read()) in range(2 * len(body), 2 * len(body) + 2)
 
 
+async def test_cut_breaks_the_real_answer_off_while_it_is_read(
+    http: aiohttp.ClientSession, arm_token: str, state: EmulatorState
+) -> None:
+    """kind="cut" declares the real answer's whole length, sends half of it and closes:
+    the client's read fails."""
+    state.fail("mms.token", kind="cut", times=1)
+    async with http.post(TOKEN_PATH, headers=bearer(arm_token)) as resp:
+        assert resp.status == 200
+        declared = int(resp.headers["Content-Length"])
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    async with http.post(TOKEN_PATH, headers=bearer(arm_token)) as resp:
+        assert len(await resp.read()) == declared
+
+
 def _essential_requests(arm_token: str) -> dict[str, tuple[str, str, dict[str, Any]]]:
     auth = {"headers": bearer(arm_token)}
     form = {
