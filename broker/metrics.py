@@ -279,6 +279,7 @@ class Metrics:
         ).labels(version, platform.python_version()).set(1)
         # Children by label values: the request path then skips `labels()`'s validation.
         self._request_counts: dict[tuple[str, int], Counter] = {}
+        self._proxied_counts: dict[tuple[str, int | None], Counter] = {}
         self._fleet: _FleetMetrics | None = None
         store.on_result(self.observe_refresh)
 
@@ -333,7 +334,11 @@ class Metrics:
 
     def observe_proxy(self, service: str, status: int | None) -> None:
         """Count one proxied call; `status` None when the scoring host gave no answer."""
-        self._proxied.labels(service, TRANSPORT_ERROR if status is None else str(status)).inc()
+        child = self._proxied_counts.get((service, status))
+        if child is None:
+            label = TRANSPORT_ERROR if status is None else str(status)
+            child = self._proxied_counts[(service, status)] = self._proxied.labels(service, label)
+        child.inc()
 
     def connection_refused(self, listener: str, reason: str) -> None:
         self._refused.labels(listener, reason).inc()
