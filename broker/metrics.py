@@ -110,7 +110,21 @@ def reason_of(error: UpstreamError | None) -> str:
 
 def region_of(url: str) -> str:
     """The Azure region a regional URL is served by (Azure's host or the emulator's
-    `/regions/{region}/` path), else `global`."""
+    `/regions/{region}/` path), else `global`; remembered per URL (each service calls
+    the same few), since every Azure call is labelled with it."""
+    region = _regions.get(url)
+    if region is None:
+        if len(_regions) >= _REGIONS_KEPT:
+            _regions.clear()
+        region = _regions[url] = _region_of(url)
+    return region
+
+
+_REGIONS_KEPT = 8192
+_regions: dict[str, str] = {}
+
+
+def _region_of(url: str) -> str:
     parts = urlsplit(url)
     found = _REGIONAL_HOST.search(parts.hostname or "")
     if found is not None:
