@@ -469,6 +469,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 LONG_REFRESH = "max_concurrency = 64"
+OPEN_PRINCIPAL = "\nprincipal_calls_burst = 100000\nprincipal_calls_per_minute = 6000000"
 
 
 FRONT_DOOR_OFF = "broker-aiohttp"
@@ -782,11 +783,17 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
                 "ready_timeout_s": READY_TIMEOUT_S,
                 "services_waiting_at_timeout": starts[-1]["waiting_at_timeout"],
             }
+        # Req/s is compared once the 10,000-service broker holds every credential: under
+        # the default call budget its start-up takes minutes (that broker's start is the
+        # figure above), so this one has the principal's budget opened.
+        assert big is not None
+        await big.stop()
+        big = Broker(emu, [bench_name(i) for i in range(BIG)], LONG_REFRESH + OPEN_PRINCIPAL)
+        await big.start(ready_poll_s=0.1)
+        log(f"{BIG} services, principal's budget open: ready {big.ready_s:.2f} s")
         one = Broker(emu, [bench_name(0)], LONG_REFRESH)
         await one.start()
-        assert big is not None
-        # Only services already fetched can be asked for if start-up has not finished;
-        # one path, so wrk (TCP) measures it like the throughput phase.
+        # One path, so wrk (TCP) measures it like the throughput phase.
         paths_big = [f"/v1/token/{bench_name(0)}"]
         runs: dict[str, list[dict[str, Any]]] = {"1": [], str(BIG): []}
         for rnd in range(ROUNDS):
@@ -799,8 +806,9 @@ async def scale(emu: Emulator, work: Path) -> dict[str, Any]:
         scaling: dict[str, Any] = {k: summary(v) for k, v in runs.items()}
         scaling["ratio"] = scaling[str(BIG)]["rps"] / scaling["1"]["rps"]
         scaling["transport"], scaling["connections"] = "tcp", 16
-        scaling["note"] = f"both are asked for {bench_name(0)}; the {BIG}-service broker was " + (
-            "ready"
+        scaling["ready_s"] = big.ready_s
+        scaling["note"] = f"both are asked for {bench_name(0)}; the {BIG}-service broker " + (
+            f"(the principal's call budget opened) was ready after {big.ready_s:.1f} s"
             if big.waiting_at_timeout is None
             else f"still fetching ({big.waiting_at_timeout} services waiting at "
             f"{READY_TIMEOUT_S:g} s), so its start-up work competes with the requests"
