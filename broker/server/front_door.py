@@ -49,6 +49,9 @@ _LONGEST_TARGET = 256  # the longest target it answers is under 100 bytes
 _REPLAY_STEP = 512
 _READS_KEPT = 16
 _WRITE_BOUND = 262144  # answers to one read: past this, the rest of the read is aiohttp's
+# A read and its answers kept to answer again: a few requests' worth, so that what every
+# connection keeps stays small (a pipelined burst is answered, and not kept).
+_MEMO_BOUND = 16384
 
 
 def _json_refusal(status: str, code: str, message: str) -> bytes:
@@ -340,6 +343,7 @@ class FrontDoor(asyncio.Protocol):
             or self._in_message
             or self._hand_off_after is not None
             or self._pending
+            or len(data) + len(replies) > _MEMO_BOUND
             or None in self._reuses
         ):
             return

@@ -21,6 +21,7 @@ from broker.config import load_config
 from broker.emulator import Emulator
 from broker.server import front_answers
 from broker.server.front_answers import Answers
+from broker.server.front_door import FrontDoor
 from tests.conftest import config_text
 from tests.e2e.conftest import LISTENERS, Broker, StartBroker
 from tests.e2e.wire import admitted, connect, exchange, statuses, without_server
@@ -254,6 +255,24 @@ async def test_the_same_request_again_is_answered_and_counted_each_time(
     bodies = {reply.split(b"\r\n\r\n", 1)[1] for reply in replies}
     assert len(bodies) == 1 and all(b"\r\nServer: " not in reply for reply in replies)
     assert await metric(broker, route) == before + 5
+
+
+async def test_a_pipelined_burst_is_answered_and_not_kept(start_broker: StartBroker) -> None:
+    """A read of 20 pipelined token requests (about 20 KiB of answers) is answered whole
+    and not kept to answer again: what a connection keeps for that stays small."""
+    broker = await start_broker()
+    await broker.settled()
+    before = set(broker.daemon.listeners.connections)
+    reader, writer = await connect(broker.daemon, "unix")
+    connection = await admitted(broker.daemon, before)
+    door = cast(FrontDoor, connection.transport.get_protocol())
+    writer.write(TOKEN * 20)
+    replies = [await answer(reader) for _ in range(20)]
+    assert all(b"\r\nServer: " not in reply for reply in replies)
+    assert door._memo is None
+    await token_answer(reader, writer)
+    writer.close()
+    assert door._memo is not None and door._memo.read == TOKEN  # one request is kept
 
 
 async def test_the_same_request_again_gets_a_new_credential_at_once(
