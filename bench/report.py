@@ -345,7 +345,9 @@ def unready(x: dict[str, Any]) -> str:
     seen = x.get("unready")
     if not seen:
         return "—"
-    return f"{seen['unready_samples']} of {seen['samples']} (at most {seen['most_unready']})"
+    lag = seen.get("most_lag_s")
+    lags = "" if lag is None else f"; loop lag up to {lag:.2f} s"
+    return f"{seen['unready_samples']} of {seen['samples']} (at most {seen['most_unready']}{lags})"
 
 
 def fleet_lines(f: dict[str, Any]) -> list[str]:

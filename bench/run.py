@@ -1084,7 +1084,13 @@ async def fleet_size(
         f"{per_minute:.1f} token calls per service per minute "
         f"({tokens['second_calls']} of {tokens['calls']} a second for one token), "
         f"{sum(delta(commands1, commands0).values()) / (t1 - t0):.0f} Redis commands/s"
-        + (f", unready in {seen['unready_samples']} of {seen['samples']} looks" if seen else "")
+        + (
+            f", unready in {seen['unready_samples']} of {seen['samples']} looks "
+            f"(loop lag up to {seen.get('most_lag_s', 0):.2f} s, "
+            f"{seen.get('lag_when_unready_s', 0):.2f} s when unready)"
+            if seen
+            else ""
+        )
     )
     return {
         "brokers": brokers,

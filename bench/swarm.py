@@ -15,7 +15,9 @@ Prints one JSON line once every instance has a usable credential for every servi
 (`{"ready_s": …, "instances": …}`), or when the timeout passes (`"waiting"`: how many
 instances are not ready), then runs until SIGTERM or SIGINT, looking every half second for
 instances without a usable credential for some service, and stops every instance; a last
-JSON line says what it saw (`{"samples": …, "unready_samples": …, "most_unready": …}`).
+JSON line says what it saw (`{"samples": …, "unready_samples": …, "most_unready": …,
+"most_lag_s": …, "lag_when_unready_s": …}`: the lags are how late a look woke, the shared
+event loop's delay).
 """
 
 from __future__ import annotations
@@ -92,14 +94,26 @@ async def run(config_path: Path, count: int, ramp_s: float, ready_timeout_s: flo
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     samples = unready_samples = most_unready = 0
+    most_lag_s = lag_when_unready_s = 0.0  # how late the look woke: the shared loop's lag
     while not stop.is_set():
+        asked = loop.time()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), _SAMPLE_S)
+        lag_s = max(0.0, loop.time() - asked - _SAMPLE_S) if not stop.is_set() else 0.0
         unready = sum(not i.ready() for i in instances)
         samples += 1
         unready_samples += unready > 0
         most_unready = max(most_unready, unready)
-    seen = {"samples": samples, "unready_samples": unready_samples, "most_unready": most_unready}
+        most_lag_s = max(most_lag_s, lag_s)
+        if unready:
+            lag_when_unready_s = max(lag_when_unready_s, lag_s)
+    seen = {
+        "samples": samples,
+        "unready_samples": unready_samples,
+        "most_unready": most_unready,
+        "most_lag_s": round(most_lag_s, 3),
+        "lag_when_unready_s": round(lag_when_unready_s, 3),
+    }
     print(json.dumps(seen), flush=True)
     await asyncio.gather(*(instance.stop() for instance in instances))
 
