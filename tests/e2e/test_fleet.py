@@ -44,6 +44,7 @@ class Broker:
         self.directory = directory
         self.proc = proc
         self.events: list[dict[str, Any]] = []
+        self.logged = asyncio.Event()  # set at every event; cleared by whoever waits for one
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -53,6 +54,7 @@ class Broker:
                 self.events.append(json.loads(line))
             except ValueError:
                 self.events.append({"event": "unparsed", "line": line.decode(errors="replace")})
+            self.logged.set()
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == name]
@@ -196,6 +198,17 @@ async def start_broker(
             await broker.proc.wait()
 
 
+async def next_event(brokers: list[Broker], within: float) -> None:
+    """Wait until one of `brokers` logs an event after its `logged` was last cleared, or
+    `within` seconds pass."""
+    waits = [asyncio.create_task(b.logged.wait()) for b in brokers]
+    try:
+        await asyncio.wait(waits, timeout=max(within, 0.0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 async def start_fleet(start_broker: StartBroker, count: int) -> list[Broker]:
     """`count` brokers, started one after another's readiness, as a rollout would."""
     brokers = []
@@ -239,11 +252,13 @@ async def test_a_fleet_makes_one_token_call_per_lifetime(
     # flight (the emulator counts a call before its broker logs the token it got).
     deadline = time.monotonic() + 5.0
     while True:
+        for broker in brokers:
+            broker.logged.clear()  # before the counts: an event logged after wakes the wait
         calls = emulator.state.count("mms.token", demo.TOKEN_SERVICE)
         fetched = sum(e["source"] == "azure" for b in brokers for e in b.named("token.refreshed"))
         if fetched == calls + 1 or time.monotonic() > deadline:
             break
-        await asyncio.sleep(0.05)
+        await next_event(brokers, deadline - time.monotonic())
     assert fetched == calls + 1, (fetched, calls)
     assert len(await converged(brokers)) == 1
     for broker in brokers:
