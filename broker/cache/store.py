@@ -250,9 +250,7 @@ class Store:
 
     def usable(self, entry: Entry) -> bool:
         """Whether the entry's credential may be served now: before `serve_until`."""
-        if entry.token is None or entry.obtained_at is None:
-            return False
-        return self.policy.servable(entry.token, entry.obtained_at, self.clock())
+        return self.clock() < self.serve_until(entry)
 
     def serve_until(self, entry: Entry) -> float:
         """The last moment, on the store's clock, the entry's credential may be served
